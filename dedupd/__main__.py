@@ -1,0 +1,7 @@
+"""python -m dedupd"""
+
+import sys
+
+from dedupd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,509 @@
+"""Command line: ``dedupd [--config PATH] COMMAND``. Exit 0 ok, 1 duplicate found, 2 error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dedupd import __version__
+from dedupd.config import Config, ConfigError, load_config
+from dedupd.hashing import (
+    ALGOS,
+    DECODES,
+    SIZES,
+    ImageError,
+    ImageHash,
+    Recipe,
+    hash_file,
+    hash_to_hex,
+)
+from dedupd.store import ImageRecord, Match, StoreError, open_store
+
+EXIT_OK, EXIT_DUPLICATE, EXIT_ERROR = 0, 1, 2
+
+DESCRIPTION = """\
+dedupd keeps image datasets free of duplicates. It hashes images with a perceptual
+difference hash (dHash), keeps the hashes in a persistent dictionary, and treats any
+image within a policy's Hamming distance of a known one as a duplicate.
+"""
+
+EPILOG = """\
+commands:
+  run          watch the configured roots and apply their policies (the daemon)
+  demo         run the daemon on a throwaway folder with generated images
+  hash         print the dHash of image files
+  scan         index existing images under PATHs and report duplicate groups
+  check        is FILE a duplicate of something already indexed?
+  stats        what the dictionary holds
+  validate     check the configuration file and exit
+  quarantine   list or purge quarantined duplicates
+  restore      move a quarantined file back and allow it
+  db           store maintenance (migrate, export, import)
+
+exit status:
+  0  success (check: the image is unique)
+  1  check: the image is a duplicate; scan: duplicates were found
+  2  error: bad arguments, bad configuration, unreadable input, store failure
+
+files:
+  /etc/dedupd/dedupd.yaml   configuration used when --config and $DEDUPD_CONFIG are unset
+  $STATE_DIRECTORY or ~/.local/state/dedupd/index.sqlite   default embedded store
+
+environment:
+  DEDUPD_CONFIG   configuration file when --config is not given
+  NOTIFY_SOCKET   set by systemd; enables READY/STATUS/WATCHDOG notifications
+
+See `dedupd COMMAND --help` for each command's options.
+"""
+
+
+class UsageError(Exception):
+    """Bad command line or input detected by a command; exit 2 with one line."""
+
+
+# ---------------------------------------------------------------- output helpers
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=None, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _err(message: str) -> None:
+    print(f"dedupd: {message}", file=sys.stderr)
+
+
+class Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None = None) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = self.last = time.monotonic()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.1 or self.done == self.total):
+            self.last = now
+            frac = self.done / self.total if self.total else 1.0
+            bar = "#" * int(frac * 30)
+            rate = self.done / max(now - self.start, 1e-9)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} "
+                             f"{rate:,.0f}/s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+# ---------------------------------------------------------------- hashing in parallel
+
+
+@dataclass(frozen=True)
+class HashOutcome:
+    path: str
+    result: ImageHash | None
+    error: ImageError | None
+    mtime_ns: int
+
+
+def hash_one(job: tuple[str, Recipe, int]) -> HashOutcome:
+    """Process-pool entry point: never raises for bad input."""
+    path, recipe, max_pixels = job
+    try:
+        mtime = os.stat(path).st_mtime_ns
+        return HashOutcome(path, hash_file(path, recipe, max_pixels), None, mtime)
+    except ImageError as exc:
+        return HashOutcome(path, None, exc, 0)
+    except OSError as exc:
+        return HashOutcome(path, None, ImageError("unreadable", exc.strerror or str(exc)), 0)
+
+
+def hash_many(paths: Sequence[str], recipe: Recipe, max_pixels: int, workers: int
+              ) -> Iterator[HashOutcome]:
+    """Hash paths on `workers` processes, yielding outcomes in input order."""
+    jobs = ((p, recipe, max_pixels) for p in paths)
+    if workers <= 1 or len(paths) < 8:
+        yield from map(hash_one, jobs)
+        return
+    chunk = max(1, min(64, len(paths) // (workers * 8)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(hash_one, jobs, chunksize=chunk)
+
+
+def default_workers(config: Config) -> int:
+    return config.workers or len(os.sched_getaffinity(0))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _recipe_from_args(args: argparse.Namespace, config: Config) -> Recipe:
+    return Recipe(
+        algo=args.algo or config.recipe.algo,
+        size=args.size or config.recipe.size,
+        decode=args.decode or config.recipe.decode,
+    )
+
+
+def cmd_hash(args: argparse.Namespace, config: Config) -> int:
+    recipe = _recipe_from_args(args, config)
+    status = EXIT_OK
+    out = []
+    for o in hash_many(args.files, recipe, config.max_pixels, args.workers or 1):
+        if o.result is not None:
+            if args.json:
+                out.append({"path": o.path, "hash": o.result.hex, "recipe": recipe.key,
+                            "width": o.result.width, "height": o.result.height,
+                            "digest": o.result.digest, "format": o.result.format})
+            else:
+                print(f"{o.result.hex}  {o.path}")
+        else:
+            assert o.error is not None
+            status = EXIT_ERROR
+            if args.json:
+                out.append({"path": o.path, "error": o.error.kind, "reason": o.error.reason})
+            else:
+                _err(f"{o.path}: {o.error.kind}: {o.error.reason}")
+    if args.json:
+        _print_json(out)
+    return status
+
+
+def iter_image_files(roots: Iterable[Path], config: Config) -> Iterator[Path]:
+    """Regular image files under roots; never follows symlinks, skips ignored names."""
+    from fnmatch import fnmatch
+
+    exts = {e for p in config.policies.values() for e in p.extensions}
+    for root in roots:
+        if root.is_file():
+            yield root
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames
+                                 if not any(fnmatch(d, pat) for pat in config.ignore))
+            for name in sorted(filenames):
+                if any(fnmatch(name, pat) for pat in config.ignore):
+                    continue
+                if name.rsplit(".", 1)[-1].lower() not in exts:
+                    continue
+                path = Path(dirpath, name)
+                if path.is_symlink():
+                    continue
+                yield path
+
+
+def _scope_and_distance(config: Config, path: Path, fallback_scope: str) -> tuple[str, int, str]:
+    watch = config.watch_for(path)
+    if watch is None:
+        return fallback_scope, config.policies["default"].max_distance, "default"
+    policy = config.policy_for(watch)
+    return watch.scope, policy.max_distance, policy.name
+
+
+def _record_from(o: HashOutcome, scope: str) -> ImageRecord:
+    r = o.result
+    assert r is not None
+    return ImageRecord(scope=scope, path=o.path, recipe=r.recipe.key, hash=r.hash,
+                       digest=r.digest, file_size=r.file_size, mtime_ns=o.mtime_ns,
+                       width=r.width, height=r.height)
+
+
+def _match_json(m: Match, size: int) -> dict[str, Any]:
+    return {"path": m.record.path, "distance": m.distance, "identical": m.identical,
+            "hash": hash_to_hex(m.record.hash, size), "id": m.record.id,
+            "status": m.record.status}
+
+
+def cmd_scan(args: argparse.Namespace, config: Config) -> int:
+    roots = [Path(p).resolve() for p in args.paths]
+    for r in roots:
+        if not r.exists():
+            raise UsageError(f"{r}: no such file or directory")
+    files = [str(p) for p in iter_image_files(roots, config)]
+    store = open_store(config.index)
+    recipe = config.recipe
+    workers = args.workers or default_workers(config)
+    progress = Progress(len(files), "scan", enabled=None if not args.json else False)
+    counts = {"files": len(files), "indexed": 0, "known": 0, "duplicates": 0, "errors": 0}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    errors: list[dict[str, str]] = []
+    pending: list[ImageRecord] = []
+    started = time.monotonic()
+    # Dry run: compare against the store plus what this run has seen, write nothing.
+    from dedupd.store.hamming import HammingIndex
+
+    seen_index: dict[str, HammingIndex] = {}
+    seen: dict[int, ImageRecord] = {}
+
+    def flush() -> None:
+        if pending:
+            store.insert_many(pending)
+            pending.clear()
+
+    try:
+        for o in hash_many(files, recipe, config.max_pixels, workers):
+            progress.step()
+            if o.error is not None:
+                counts["errors"] += 1
+                errors.append({"path": o.path, "error": o.error.kind, "reason": o.error.reason})
+                continue
+            path = Path(o.path)
+            fallback = str(next(r for r in roots if r == path or r in path.parents))
+            scope, max_distance, _policy = _scope_and_distance(config, path, fallback)
+            known = store.get_by_path(o.path)
+            if known is not None and known.digest == o.result.digest:  # type: ignore[union-attr]
+                counts["known"] += 1
+                continue
+            flush()
+            record = _record_from(o, scope)
+            matches = store.find_matches(scope, recipe.key, record.hash, record.digest,
+                                         max_distance, limit=1)
+            if not matches and args.dry_run:
+                idx = seen_index.setdefault(scope, HammingIndex(recipe.bits))
+                hits = idx.query(record.hash, max_distance, 1)
+                if hits:
+                    prior = seen[hits[0][0]]
+                    matches = [Match(prior, hits[0][1], prior.digest == record.digest)]
+            if matches:
+                counts["duplicates"] += 1
+                m = matches[0]
+                groups.setdefault(m.record.path, []).append(
+                    {"path": o.path, "distance": m.distance, "identical": m.identical})
+                continue
+            if args.dry_run:
+                fake = record.with_(id=len(seen) + 1)
+                seen[fake.id] = fake  # type: ignore[index]
+                idx = seen_index.setdefault(scope, HammingIndex(recipe.bits))
+                idx.add(fake.id, fake.hash)  # type: ignore[arg-type]
+            elif known is None:
+                pending.append(record)
+                counts["indexed"] += 1
+                if len(pending) >= 500:
+                    flush()
+        flush()
+    finally:
+        progress.close()
+        store.close()
+    elapsed = time.monotonic() - started
+    summary = {**counts, "dry_run": args.dry_run, "seconds": round(elapsed, 3),
+               "workers": workers,
+               "groups": [{"original": k, "duplicates": v} for k, v in groups.items()],
+               "errors_detail": errors}
+    if args.json:
+        _print_json(summary)
+    else:
+        for original, dups in groups.items():
+            print(original)
+            for d in dups:
+                print(f"  {d['distance']:>3}  {d['path']}")
+        for e in errors:
+            _err(f"{e['path']}: {e['error']}: {e['reason']}")
+        rate = len(files) / elapsed if elapsed > 0 else 0.0
+        print(f"{counts['files']} files, {counts['indexed']} indexed, {counts['known']} already "
+              f"known, {counts['duplicates']} duplicates, {counts['errors']} errors "
+              f"in {elapsed:.1f} s ({rate:,.0f}/s){' [dry run]' if args.dry_run else ''}",
+              file=sys.stderr)
+    return EXIT_DUPLICATE if counts["duplicates"] else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    path = Path(args.file).resolve()
+    try:
+        result = hash_file(path, config.recipe, config.max_pixels)
+    except ImageError as exc:
+        if args.json:
+            _print_json({"path": str(path), "error": exc.kind, "reason": exc.reason})
+        else:
+            _err(f"{path}: {exc.kind}: {exc.reason}")
+        return EXIT_ERROR
+    store = open_store(config.index)
+    try:
+        watch = config.watch_for(path)
+        if args.scope:
+            scopes = [args.scope]
+        elif watch is not None:
+            scopes = [watch.scope]
+        else:
+            scopes = list(store.stats()["scopes"])  # type: ignore[call-overload]
+        max_distance = args.max_distance
+        if max_distance is None:
+            policy = config.policy_for(watch) if watch else config.policies["default"]
+            max_distance = policy.max_distance
+        matches: list[Match] = []
+        for scope in scopes:
+            matches += store.find_matches(scope, config.recipe.key, result.hash, result.digest,
+                                          max_distance, limit=args.limit)
+        matches = [m for m in matches if m.record.path != str(path)]
+        matches.sort(key=lambda m: (m.distance, not m.identical))
+        matches = matches[: args.limit]
+    finally:
+        store.close()
+    if args.json:
+        _print_json({"path": str(path), "hash": result.hex, "max_distance": max_distance,
+                     "duplicate": bool(matches),
+                     "matches": [_match_json(m, config.recipe.size) for m in matches]})
+    elif matches:
+        for m in matches:
+            print(f"{m.distance:>3}  {m.record.path}{'  (identical)' if m.identical else ''}")
+    else:
+        print(f"unique  {path}")
+    return EXIT_DUPLICATE if matches else EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace, config: Config) -> int:
+    store = open_store(config.index)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    if args.json:
+        _print_json(stats)
+    else:
+        for key, value in stats.items():
+            print(f"{key}: {value}")
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    if args.json:
+        _print_json({"config": config.source, "valid": True, "watches": len(config.watches),
+                     "policies": sorted(config.policies)})
+    else:
+        print(f"{config.source}: ok ({len(config.watches)} watches, "
+              f"{len(config.policies)} policies)")
+    return EXIT_OK
+
+
+def _lazy(module: str, func: str) -> Callable[[argparse.Namespace, Config], int]:
+    """Commands whose code lives with its concern (daemon, quarantine, db)."""
+
+    def run(args: argparse.Namespace, config: Config) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), func)(args, config))
+
+    return run
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dedupd", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", "-c", metavar="PATH",
+                        help="YAML configuration (default: $DEDUPD_CONFIG, then "
+                        "/etc/dedupd/dedupd.yaml, else built-in defaults)")
+    parser.add_argument("--log", choices=("auto", "journald", "stderr", "json"),
+                        help="where logs go (default: config log.mode, auto = journald under "
+                        "systemd, stderr otherwise)")
+    parser.add_argument("--version", action="version", version=f"dedupd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace, Config], int], help: str,
+            description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description or help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = add("hash", cmd_hash, "print the dHash of image files",
+            "Print one line per FILE: the hash in lowercase hex, two spaces, the path.\n"
+            "Unreadable files are reported on stderr and make the exit status 2.")
+    p.add_argument("--algo", choices=ALGOS,
+                   help="dhash (area resize, default) or dhash-seed (the seed's bilinear recipe)")
+    p.add_argument("--size", type=int, choices=SIZES, help="hash grid size (8 = 64-bit)")
+    p.add_argument("--decode", choices=DECODES,
+                   help="fast (reduced JPEG decode, default) or full")
+    p.add_argument("--workers", "-j", type=int, default=1, help="processes (default 1)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+
+    p = add("scan", cmd_scan, "index existing images and report duplicates",
+            "Hash every image under PATHs on all cores, add new ones to the dictionary and\n"
+            "report duplicates grouped by the image they duplicate. Exit 1 if any.")
+    p.add_argument("--dry-run", "-n", action="store_true",
+                   help="report only; the dictionary is not changed")
+    p.add_argument("--workers", "-j", type=int, default=0,
+                   help="processes (default: config workers, else all cores)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+
+    p = add("check", cmd_check, "is FILE a duplicate of an indexed image?",
+            "Print the nearest indexed images within the policy's distance.\n"
+            "Exit 0 unique, 1 duplicate, 2 error.")
+    p.add_argument("--max-distance", "-d", type=int, help="Hamming threshold (default: policy)")
+    p.add_argument("--scope", help="compare within this group (default: the watch of FILE, "
+                   "else every group)")
+    p.add_argument("--limit", type=int, default=5, help="matches to show (default 5)")
+    p.add_argument("file", metavar="FILE")
+
+    add("stats", cmd_stats, "show what the dictionary holds")
+    add("validate", cmd_validate, "check the configuration and exit (2 if invalid)")
+
+    p = add("run", _lazy("dedupd.daemon", "cmd_run"), "run the daemon",
+            "Watch every configured root, hash images once fully written, and apply each\n"
+            "root's policy. SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config.")
+    p = add("demo", _lazy("dedupd.daemon", "cmd_demo"),
+            "run the daemon on a throwaway folder with generated images")
+    p.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
+
+    p = add("quarantine", _lazy("dedupd.quarantine", "cmd_quarantine"),
+            "list or purge quarantined duplicates")
+    qsub = p.add_subparsers(dest="quarantine_command", metavar="ACTION", required=True)
+    q = qsub.add_parser("list", help="list quarantined files")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q = qsub.add_parser("purge", help="delete quarantined files older than DAYS")
+    q.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--dry-run", "-n", action="store_true", help="only list what would go")
+
+    p = add("restore", _lazy("dedupd.quarantine", "cmd_restore"),
+            "move a quarantined file back and mark it allowed")
+    p.add_argument("target", metavar="ID|PATH")
+
+    p = add("db", _lazy("dedupd.store.admin", "cmd_db"), "store maintenance")
+    dsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    d = dsub.add_parser("migrate", help="create or upgrade the schema")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("export", help="copy this store's records into URL")
+    d.add_argument("url", metavar="URL")
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("import", help="copy records from URL into this store")
+    d.add_argument("url", metavar="URL")
+    d.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return args.handler(args, config)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    except (UsageError, StoreError) as exc:
+        _err(str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

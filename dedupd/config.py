@@ -1,0 +1,337 @@
+"""YAML configuration: parsed once into frozen dataclasses, every mistake named by key.
+
+A bad file raises ConfigError whose message is one line: ``FILE: KEY: why``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dedupd.hashing import ALGOS, DECODES, DEFAULT_MAX_PIXELS, SIZES, Recipe
+
+ACTIONS = ("quarantine", "log", "delete")
+KEEPS = ("first", "largest")
+LOG_MODES = ("auto", "journald", "stderr", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+DEFAULT_IGNORE = (".*", "*.tmp", "*.part", "*.crdownload", "*.partial", "*~", "*.swp")
+SYSTEM_CONFIG = "/etc/dedupd/dedupd.yaml"
+
+
+class ConfigError(Exception):
+    """One-line, user-facing: which file, which key, what is wrong."""
+
+    def __init__(self, source: str, key: str, why: str) -> None:
+        super().__init__(f"{source}: {key}: {why}" if key else f"{source}: {why}")
+        self.source, self.key, self.why = source, key, why
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    max_distance: int = 4
+    action: str = "quarantine"
+    keep: str = "first"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    min_width: int = 0
+    min_height: int = 0
+
+
+@dataclass(frozen=True)
+class Watch:
+    path: Path
+    policy: str = "default"
+    recursive: bool = True
+    group: str = ""  # roots sharing a group share one dictionary; "" = the root's own path
+
+    @property
+    def scope(self) -> str:
+        return self.group or str(self.path)
+
+
+@dataclass(frozen=True)
+class CircuitBreaker:
+    window: int = 200  # last N decisions of a root
+    threshold: float = 0.5  # trip when more than this share would be quarantined/deleted
+    min_decisions: int = 20  # don't judge on fewer
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    mode: str = "auto"
+    level: str = "info"
+    summary_interval: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    index: str
+    quarantine_dir: Path
+    rejected_dir: Path | None = None
+    recipe: Recipe = Recipe()
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int = 0
+    queue_size: int = 1024
+    settle_seconds: float = 2.0
+    reconcile_interval: float = 3600.0
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    follow_symlinks: bool = False
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
+    log: LogConfig = LogConfig()
+    watches: tuple[Watch, ...] = ()
+    policies: Mapping[str, Policy] = field(default_factory=dict)
+
+    def policy_for(self, watch: Watch) -> Policy:
+        return self.policies[watch.policy]
+
+    def watch_for(self, path: str | os.PathLike[str]) -> Watch | None:
+        """The most specific watch root containing path, or None."""
+        p = Path(path)
+        best: Watch | None = None
+        for w in self.watches:
+            if (p == w.path or w.path in p.parents) and (
+                best is None or len(w.path.parts) > len(best.path.parts)
+            ):
+                best = w
+        return best
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Pops typed keys off a mapping and reports leftovers as unknown keys."""
+
+    def __init__(self, source: str, prefix: str, data: Any) -> None:
+        self.source, self.prefix = source, prefix
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(source, prefix or "(top level)", "must be a mapping")
+        self.data = dict(data)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, why: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), why)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if name not in self.data:
+            return default
+        value = self.data.pop(name)
+        if value is None and default is None:
+            return None
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if bool not in kinds and isinstance(value, bool):
+            raise self.fail(name, f"expected {_names(kinds)}, got a boolean")
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds):
+            raise self.fail(name, f"expected {_names(kinds)}, got {type(value).__name__}")
+        return value
+
+    def choice(self, name: str, choices: tuple[Any, ...], default: Any) -> Any:
+        value = self.get(name, type(default), default)
+        if value not in choices:
+            raise self.fail(name, f"{value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+
+    def number(self, name: str, kind: type, default: Any, low: float, high: float | None = None):
+        value = self.get(name, kind, default)
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise self.fail(name, f"{value} is out of range (must be {bound})")
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(name, list, None)
+        if value is None:
+            return default
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise self.fail(f"{name}[{i}]", "expected a non-empty string")
+        return tuple(value)
+
+    def path(self, name: str, default: Path | None, base: Path) -> Path | None:
+        value = self.get(name, str, None if default is None else str(default))
+        if value is None:
+            return None
+        if not value:
+            raise self.fail(name, "must not be empty")
+        return (base / os.path.expanduser(value)).resolve()
+
+    def done(self) -> None:
+        if self.data:
+            unknown = sorted(map(str, self.data))[0]
+            raise self.fail(unknown, "unknown key")
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    words = {str: "a string", int: "an integer", float: "a number", bool: "true/false",
+             list: "a list", dict: "a mapping"}
+    return " or ".join(words.get(k, k.__name__) for k in kinds)
+
+
+def default_state_dir() -> Path:
+    """Where the embedded store lives when no config names one."""
+    if os.environ.get("STATE_DIRECTORY"):  # set by systemd StateDirectory=
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "dedupd"
+
+
+def parse_config(data: Any, source: str = "<config>", base: Path | None = None) -> Config:
+    """Validate a loaded YAML document; relative paths resolve against base."""
+    base = base or Path.cwd()
+    top = _Reader(source, "", data)
+    state = default_state_dir()
+    index = top.get("index", str, str(state / "index.sqlite"))
+    if not index:
+        raise top.fail("index", "must not be empty")
+    if "://" not in index:
+        index = str((base / os.path.expanduser(index)).resolve())
+    elif not index.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise top.fail("index", f"unsupported store {index.split('://')[0]!r} "
+                       "(use a path, sqlite:///PATH or postgresql://...)")
+    quarantine_dir = top.path("quarantine_dir", state / "quarantine", base)
+    rejected_dir = top.path("rejected_dir", None, base)
+
+    hash_r = _Reader(source, "hash", top.get("hash", dict, None))
+    try:
+        recipe = Recipe(
+            algo=hash_r.choice("algo", ALGOS, "dhash"),
+            size=hash_r.choice("size", SIZES, 8),
+            decode=hash_r.choice("decode", DECODES, "fast"),
+        )
+    except ValueError as exc:  # pragma: no cover - choices already checked
+        raise hash_r.fail("algo", str(exc)) from None
+    max_pixels = hash_r.number("max_pixels", int, DEFAULT_MAX_PIXELS, 1)
+    hash_r.done()
+
+    cb = _Reader(source, "circuit_breaker", top.get("circuit_breaker", dict, None))
+    breaker = CircuitBreaker(
+        window=cb.number("window", int, 200, 1),
+        threshold=cb.number("threshold", float, 0.5, 0.0, 1.0),
+        min_decisions=cb.number("min_decisions", int, 20, 1),
+    )
+    cb.done()
+
+    lg = _Reader(source, "log", top.get("log", dict, None))
+    log = LogConfig(
+        mode=lg.choice("mode", LOG_MODES, "auto"),
+        level=lg.choice("level", LOG_LEVELS, "info"),
+        summary_interval=lg.number("summary_interval", float, 60.0, 1.0),
+    )
+    lg.done()
+
+    policies = _parse_policies(source, top.get("policies", dict, None))
+    watches = _parse_watches(source, top.get("watches", list, None), policies, base)
+
+    config = Config(
+        source=source,
+        index=index,
+        quarantine_dir=quarantine_dir,  # type: ignore[arg-type]
+        rejected_dir=rejected_dir,
+        recipe=recipe,
+        max_pixels=max_pixels,
+        workers=top.number("workers", int, 0, 0, 256),
+        queue_size=top.number("queue_size", int, 1024, 1),
+        settle_seconds=top.number("settle_seconds", float, 2.0, 0.0),
+        reconcile_interval=top.number("reconcile_interval", float, 3600.0, 0.0),
+        ignore=top.strings("ignore", DEFAULT_IGNORE),
+        follow_symlinks=top.get("follow_symlinks", bool, False),
+        circuit_breaker=breaker,
+        log=log,
+        watches=watches,
+        policies=policies,
+    )
+    top.done()
+    for i, w in enumerate(watches):
+        q = config.quarantine_dir
+        if q == w.path or w.path in q.parents:
+            raise ConfigError(source, f"watches[{i}].path",
+                              f"{w.path} contains quarantine_dir {q}; keep them apart")
+    return config
+
+
+def _parse_policies(source: str, raw: Any) -> dict[str, Policy]:
+    policies: dict[str, Policy] = {}
+    raw = {"default": {}} if raw is None else raw
+    if "default" not in raw:
+        raw = {"default": {}, **raw}
+    for name, body in raw.items():
+        r = _Reader(source, f"policies.{name}", body)
+        exts = r.strings("extensions", DEFAULT_EXTENSIONS)
+        policies[str(name)] = Policy(
+            name=str(name),
+            max_distance=r.number("max_distance", int, 4, 0, 64),
+            action=r.choice("action", ACTIONS, "quarantine"),
+            keep=r.choice("keep", KEEPS, "first"),
+            include=r.strings("include", ("*",)),
+            exclude=r.strings("exclude", ()),
+            extensions=tuple(e.lower().lstrip(".") for e in exts),
+            min_width=r.number("min_width", int, 0, 0),
+            min_height=r.number("min_height", int, 0, 0),
+        )
+        r.done()
+    return policies
+
+
+def _parse_watches(
+    source: str, raw: Any, policies: Mapping[str, Policy], base: Path
+) -> tuple[Watch, ...]:
+    watches = []
+    seen: set[Path] = set()
+    for i, body in enumerate(raw or []):
+        if isinstance(body, str):
+            body = {"path": body}
+        r = _Reader(source, f"watches[{i}]", body)
+        if "path" not in r.data:
+            raise r.fail("path", "missing (every watch needs a path)")
+        path = r.path("path", None, base)
+        assert path is not None
+        if path in seen:
+            raise r.fail("path", f"{path} is watched twice")
+        seen.add(path)
+        policy = r.get("policy", str, "default")
+        if policy not in policies:
+            raise r.fail("policy", f"unknown policy {policy!r} (defined: "
+                         f"{', '.join(sorted(policies))})")
+        watches.append(Watch(path=path, policy=policy, recursive=r.get("recursive", bool, True),
+                             group=r.get("group", str, "")))
+        r.done()
+    return tuple(watches)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load PATH; with None, the system config if present, else built-in defaults."""
+    if path is None:
+        path = os.environ.get("DEDUPD_CONFIG") or (
+            SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
+        )
+    if path is None:
+        return parse_config({}, "<defaults>")
+    source = str(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(source, "", "no such file") from None
+    except OSError as exc:
+        raise ConfigError(source, "", exc.strerror or str(exc)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(source, "", f"invalid YAML: {where}{problem}") from None
+    return parse_config(data, source, Path(source).resolve().parent)

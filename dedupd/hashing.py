@@ -1,0 +1,351 @@
+"""Perceptual difference hash (dHash) of image files and bytes.
+
+This module knows images, not policy: it turns bytes into a hash plus the facts
+needed to trust it (size, digest), or into a typed ImageError saying why not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# Bump when anything that changes hash bits changes (decoder choice, resize, bit order).
+PIPELINE_VERSION = 1
+ALGOS = ("dhash", "dhash-seed")
+DECODES = ("fast", "full")
+SIZES = (8, 16)
+DEFAULT_MAX_PIXELS = 200_000_000
+FORMATS = ("jpeg", "png", "webp", "bmp", "tiff")
+
+# OpenCV prints libjpeg warnings ("Premature end of JPEG file") itself; we report
+# truncation through our own checks instead.
+if hasattr(cv2, "setLogLevel"):
+    cv2.setLogLevel(0)
+
+
+class ImageError(Exception):
+    """A file that cannot be hashed; ``kind`` is stable for scripts, ``reason`` is for people."""
+
+    KINDS = (
+        "empty", "truncated", "unsupported", "corrupt", "too_large", "unreadable",
+        "vanished", "not_regular",
+    )
+
+    def __init__(self, kind: str, reason: str) -> None:
+        assert kind in self.KINDS, kind
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the bits; hashes of different recipes are never compared."""
+
+    algo: str = "dhash"
+    size: int = 8
+    decode: str = "fast"
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"unknown algo {self.algo!r} (choose from {', '.join(ALGOS)})")
+        if self.size not in SIZES:
+            raise ValueError(f"unsupported hash size {self.size} (choose from 8, 16)")
+        if self.decode not in DECODES:
+            raise ValueError(f"unknown decode {self.decode!r} (choose fast or full)")
+        if self.algo == "dhash-seed" and self.decode != "full":
+            # The seed recipe is a full colour decode by definition.
+            object.__setattr__(self, "decode", "full")
+
+    @property
+    def resize(self) -> str:
+        return "linear" if self.algo == "dhash-seed" else "area"
+
+    @property
+    def bits(self) -> int:
+        return self.size * self.size
+
+    @property
+    def key(self) -> str:
+        """Stable identifier stored next to every hash, e.g. ``dhash:8:fast:area:v1``."""
+        return f"{self.algo}:{self.size}:{self.decode}:{self.resize}:v{PIPELINE_VERSION}"
+
+    @classmethod
+    def from_key(cls, key: str) -> Recipe:
+        algo, size, decode, _resize, _version = key.split(":")
+        return cls(algo=algo, size=int(size), decode=decode)
+
+
+@dataclass(frozen=True)
+class ImageHash:
+    """The result of hashing one image."""
+
+    hash: int
+    recipe: Recipe
+    width: int
+    height: int
+    digest: str  # BLAKE2b-256 of the file bytes: byte-identical copies match with no threshold
+    file_size: int
+    format: str
+
+    @property
+    def hex(self) -> str:
+        return hash_to_hex(self.hash, self.recipe.size)
+
+
+# ---------------------------------------------------------------- hash values
+
+
+def hash_to_hex(value: int, size: int = 8) -> str:
+    """Lowercase hex, zero-padded to size*size/4 digits."""
+    return format(value, f"0{size * size // 4}x")
+
+
+def hex_to_hash(text: str) -> int:
+    return int(text, 16)
+
+
+def hash_to_bytes(value: int, size: int = 8) -> bytes:
+    """Little-endian bytes: word 0 holds bits 0..63, so numpy can view it as uint64 words."""
+    return value.to_bytes(size * size // 8, "little")
+
+
+def bytes_to_hash(data: bytes) -> int:
+    return int.from_bytes(data, "little")
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def dhash_bits(gray: np.ndarray, size: int = 8, interpolation: int = cv2.INTER_AREA) -> int:
+    """dHash of a grayscale image: bit i = i-th flattened row-major (left > right) pixel pair."""
+    small = cv2.resize(gray, (size + 1, size), interpolation=interpolation)
+    grid = small[:, 1:] > small[:, :-1]
+    packed = np.packbits(grid.ravel(), bitorder="little")
+    return int.from_bytes(packed.tobytes(), "little")
+
+
+# ---------------------------------------------------------------- headers
+
+
+def sniff_format(head: bytes) -> str | None:
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+_SOF_MARKERS = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker in _SOF_MARKERS:
+            if pos + 9 > end:
+                return None
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return width, height
+        if marker == 0xDA or length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = "<" if data[:2] == b"II" else ">"
+    (ifd,) = struct.unpack_from(order + "I", data, 4)
+    if ifd + 2 > len(data):
+        return None
+    (count,) = struct.unpack_from(order + "H", data, ifd)
+    found: dict[int, int] = {}
+    for i in range(min(count, 512)):
+        off = ifd + 2 + 12 * i
+        if off + 12 > len(data):
+            return None
+        tag, typ, _n = struct.unpack_from(order + "HHI", data, off)
+        if tag in (256, 257):
+            fmt = "H" if typ == 3 else "I"
+            (found[tag],) = struct.unpack_from(order + fmt, data, off + 8)
+    if 256 in found and 257 in found:
+        return found[256], found[257]
+    return None
+
+
+def image_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) from the header alone, before any decoding (bomb check)."""
+    try:
+        if fmt == "jpeg":
+            return _jpeg_size(data)
+        if fmt == "png":
+            if data[12:16] != b"IHDR":
+                return None
+            return struct.unpack_from(">II", data, 16)
+        if fmt == "webp":
+            chunk = data[12:16]
+            if chunk == b"VP8 ":
+                w, h = struct.unpack_from("<HH", data, 26)
+                return w & 0x3FFF, h & 0x3FFF
+            if chunk == b"VP8L":
+                (bits,) = struct.unpack_from("<I", data, 21)
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8X":
+                w = int.from_bytes(data[24:27], "little") + 1
+                h = int.from_bytes(data[27:30], "little") + 1
+                return w, h
+            return None
+        if fmt == "bmp":
+            (dib,) = struct.unpack_from("<I", data, 14)
+            if dib == 12:
+                return struct.unpack_from("<HH", data, 18)
+            w, h = struct.unpack_from("<ii", data, 18)
+            return abs(w), abs(h)
+        if fmt == "tiff":
+            return _tiff_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def truncation_reason(data: bytes, fmt: str) -> str | None:
+    """Why a file looks cut short, or None. Decoders happily return half an image."""
+    if fmt == "jpeg":
+        last_scan = data.rfind(b"\xff\xda")
+        if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
+            return "JPEG has no end-of-image marker after its last scan"
+    elif fmt == "png":
+        if b"IEND" not in data[-4096:]:
+            return "PNG has no IEND chunk"
+    elif fmt == "webp":
+        (riff,) = struct.unpack_from("<I", data, 4)
+        if len(data) < riff + 8:
+            return f"WebP is {len(data)} bytes, its header says {riff + 8}"
+    elif fmt == "bmp":
+        (declared,) = struct.unpack_from("<I", data, 2)
+        if declared and len(data) < declared:
+            return f"BMP is {len(data)} bytes, its header says {declared}"
+    return None  # TIFF: libtiff refuses missing strips at decode time
+
+
+# ---------------------------------------------------------------- decoding
+
+_REDUCED = ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+            (2, cv2.IMREAD_REDUCED_GRAYSCALE_2))
+
+
+def decode_flag(fmt: str, width: int, height: int, recipe: Recipe) -> int:
+    """The cheapest decode that still leaves >= 8 source pixels per hash cell each way.
+
+    Only JPEG gets a reduced decode: libjpeg scales in the DCT domain, so 1/8 costs
+    a fraction of a full decode. Other formats decode fully and OpenCV would just
+    resize afterwards.
+    """
+    if recipe.decode == "full" or fmt != "jpeg":
+        return cv2.IMREAD_GRAYSCALE
+    short_side = min(width, height)
+    for factor, flag in _REDUCED:
+        if short_side // factor >= 8 * (recipe.size + 1):
+            return flag
+    return cv2.IMREAD_GRAYSCALE
+
+
+def hash_bytes(
+    data: bytes, recipe: Recipe = Recipe(), max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageHash:
+    """Hash an image held in memory; raises ImageError for anything that isn't one."""
+    if not data:
+        raise ImageError("empty", "file is empty (0 bytes)")
+    fmt = sniff_format(data[:16])
+    if fmt is None:
+        raise ImageError("unsupported", "not a JPEG, PNG, WebP, BMP or TIFF image")
+    dims = image_size(data, fmt)
+    if dims is None:
+        if len(data) < 64:
+            raise ImageError("truncated", f"{fmt.upper()} header is cut short")
+        raise ImageError("corrupt", f"{fmt.upper()} header is unreadable")
+    width, height = int(dims[0]), int(dims[1])
+    if width <= 0 or height <= 0:
+        raise ImageError("corrupt", f"{fmt.upper()} header declares {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise ImageError(
+            "too_large",
+            f"header declares {width}x{height} = {width * height / 1e6:.0f} MP, "
+            f"over the {max_pixels / 1e6:.0f} MP limit (decompression bomb?)",
+        )
+    cut = truncation_reason(data, fmt)
+    if cut:
+        raise ImageError("truncated", cut)
+    buf = np.frombuffer(data, np.uint8)
+    if recipe.algo == "dhash-seed":
+        colour = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        if colour is None:
+            raise ImageError("corrupt", f"{fmt.upper()} data could not be decoded")
+        gray = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
+        value = dhash_bits(gray, recipe.size, cv2.INTER_LINEAR)
+    else:
+        gray = cv2.imdecode(buf, decode_flag(fmt, width, height, recipe))
+        if gray is None:
+            raise ImageError("corrupt", f"{fmt.upper()} data could not be decoded")
+        value = dhash_bits(gray, recipe.size, cv2.INTER_AREA)
+    digest = hashlib.blake2b(data, digest_size=32).hexdigest()
+    return ImageHash(value, recipe, width, height, digest, len(data), fmt)
+
+
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """Read a regular file whole, mapping OS failures to ImageError kinds."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ImageError("vanished", "file disappeared before it could be read") from None
+    except PermissionError:
+        raise ImageError("unreadable", "permission denied") from None
+    except OSError as exc:
+        raise ImageError("unreadable", exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not_regular", "not a regular file")
+        chunks = []
+        while True:
+            chunk = os.read(fd, max(st.st_size, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ImageError("unreadable", exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+
+
+def hash_file(
+    path: str | os.PathLike[str], recipe: Recipe = Recipe(), max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageHash:
+    """Hash an image file; raises ImageError with a one-line reason on bad input."""
+    return hash_bytes(read_image_file(path), recipe, max_pixels)

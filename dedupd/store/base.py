@@ -1,0 +1,142 @@
+"""The hash dictionary's interface: what the daemon and CLI may ask of any backend.
+
+Backends (SQLite embedded, PostgreSQL shared) implement Store; callers never
+see SQL. Nothing here knows about watching files or policies.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+
+KEPT, QUARANTINED, ALLOWED, DELETED = "kept", "quarantined", "allowed", "deleted"
+STATUSES = (KEPT, QUARANTINED, ALLOWED, DELETED)
+# Records in these states are part of a dataset and count as "already seen".
+LIVE_STATUSES = (KEPT, ALLOWED)
+
+# Quarantine journal states: intent is written before any rename (crash safety).
+PENDING, DONE, RESTORED = "pending", "done", "restored"
+PURGED, ROLLED_BACK = "purged", "rolled_back"
+
+
+class StoreError(Exception):
+    """The store cannot be used (unreachable, corrupt, wrong schema)."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    scope: str  # watch group: only records of one scope are compared
+    path: str
+    recipe: str  # Recipe.key: only hashes of one recipe are compared
+    hash: int
+    digest: str
+    file_size: int
+    mtime_ns: int
+    width: int
+    height: int
+    first_seen: float = field(default_factory=time.time)
+    status: str = KEPT
+    id: int | None = None
+
+    def with_(self, **changes: object) -> ImageRecord:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Match:
+    record: ImageRecord
+    distance: int
+    identical: bool  # same content digest: a byte-for-byte copy
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    original_path: str
+    quarantine_path: str
+    matched_path: str
+    distance: int
+    hash: str
+    policy: str
+    image_id: int | None = None
+    reason: str = "duplicate"
+    created: float = field(default_factory=time.time)
+    state: str = PENDING
+    id: int | None = None
+
+
+class Store(ABC):
+    """Persistent hash dictionary with near-duplicate search."""
+
+    url: str
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- images
+    @abstractmethod
+    def insert(self, record: ImageRecord) -> ImageRecord:
+        """Add a record (path must be new); returns it with its id."""
+
+    def insert_many(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        """Bulk insert in one transaction where the backend can."""
+        return [self.insert(r) for r in records]
+
+    @abstractmethod
+    def get(self, record_id: int) -> ImageRecord | None: ...
+
+    @abstractmethod
+    def get_by_path(self, path: str) -> ImageRecord | None: ...
+
+    @abstractmethod
+    def update(self, record: ImageRecord) -> None:
+        """Rewrite every field of an existing record (by id), e.g. a new path or status."""
+
+    @abstractmethod
+    def delete(self, record_id: int) -> None: ...
+
+    @abstractmethod
+    def iter_records(self, scope: str | None = None, prefix: str | None = None
+                     ) -> Iterator[ImageRecord]:
+        """All records, optionally of one scope and/or with paths under a directory prefix."""
+
+    @abstractmethod
+    def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
+                     max_distance: int, limit: int = 10) -> list[Match]:
+        """Live records within max_distance (and byte-identical ones), nearest first."""
+
+    @abstractmethod
+    def locked(self, scope: str) -> AbstractContextManager[None]:
+        """Serialise check-then-insert within a scope (across threads, and hosts if shared)."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, object]: ...
+
+    # -- quarantine journal
+    @abstractmethod
+    def add_quarantine(self, entry: QuarantineEntry) -> QuarantineEntry: ...
+
+    @abstractmethod
+    def update_quarantine(self, entry: QuarantineEntry) -> None: ...
+
+    @abstractmethod
+    def get_quarantine(self, entry_id: int) -> QuarantineEntry | None: ...
+
+    @abstractmethod
+    def list_quarantine(self, states: tuple[str, ...] | None = None) -> list[QuarantineEntry]: ...
+
+
+def open_store(url: str, *, create: bool = True) -> Store:
+    """Open the backend named by url: a path or sqlite:///PATH, or postgresql://..."""
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from dedupd.store.postgres import PostgresStore
+        except ImportError as exc:  # psycopg missing
+            raise StoreError(f"PostgreSQL store needs psycopg 3: {exc}") from None
+        return PostgresStore(url)
+    from dedupd.store.sqlite import SQLiteStore
+
+    path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url
+    return SQLiteStore(path, create=create)

@@ -1,0 +1,327 @@
+"""Embedded hash dictionary: one SQLite file in WAL mode plus an in-memory Hamming index.
+
+Durability: WAL with synchronous=NORMAL. A killed process never corrupts or loses a
+committed transaction; a power cut may lose the last few commits, which start-up
+reconciliation repairs from the disk (files are the truth, the index follows them).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+import numpy as np
+
+from dedupd.hashing import Recipe, bytes_to_hash
+from dedupd.store.base import (
+    LIVE_STATUSES,
+    ImageRecord,
+    Match,
+    QuarantineEntry,
+    Store,
+    StoreError,
+)
+from dedupd.store.hamming import HammingIndex
+
+_IMAGE_COLS = ("id, scope, path, recipe, hash, digest, file_size, mtime_ns, width, height, "
+               "first_seen, status")
+_QUAR_COLS = ("id, image_id, original_path, quarantine_path, matched_path, distance, hash, "
+              "policy, reason, created, state")
+
+# Each entry migrates user_version i -> i+1. Never edit a released entry; append.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY,
+        scope TEXT NOT NULL,
+        path TEXT NOT NULL UNIQUE,
+        recipe TEXT NOT NULL,
+        hash BLOB NOT NULL,
+        digest TEXT NOT NULL,
+        file_size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        first_seen REAL NOT NULL,
+        status TEXT NOT NULL
+    );
+    CREATE INDEX images_digest ON images (scope, digest);
+    CREATE INDEX images_hash ON images (scope, recipe, hash);
+    CREATE TABLE quarantine (
+        id INTEGER PRIMARY KEY,
+        image_id INTEGER,
+        original_path TEXT NOT NULL,
+        quarantine_path TEXT NOT NULL,
+        matched_path TEXT NOT NULL,
+        distance INTEGER NOT NULL,
+        hash TEXT NOT NULL,
+        policy TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created REAL NOT NULL,
+        state TEXT NOT NULL
+    );
+    CREATE INDEX quarantine_state ON quarantine (state);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _hash_blob(record: ImageRecord) -> bytes:
+    return record.hash.to_bytes(Recipe.from_key(record.recipe).bits // 8, "little")
+
+
+def _record(row: tuple) -> ImageRecord:
+    (rid, scope, path, recipe, blob, digest, size, mtime, w, h, seen, status) = row
+    return ImageRecord(scope, path, recipe, bytes_to_hash(blob), digest, size, mtime, w, h,
+                       seen, status, rid)
+
+
+def _entry(row: tuple) -> QuarantineEntry:
+    (qid, image_id, orig, qpath, matched, dist, hexhash, policy, reason, created, state) = row
+    return QuarantineEntry(orig, qpath, matched, dist, hexhash, policy, image_id, reason,
+                           created, state, qid)
+
+
+class SQLiteStore(Store):
+    """Store in one SQLite file; safe to share between threads of one process."""
+
+    def __init__(self, path: str, *, create: bool = True) -> None:
+        self.path = os.path.abspath(path)
+        self.url = f"sqlite://{self.path}"
+        if not create and not os.path.exists(self.path):
+            raise StoreError(f"{self.path}: no such index (run a scan or the daemon first)")
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False,
+                                       isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+        self._lock = threading.RLock()
+        self._scope_locks: dict[str, threading.RLock] = {}
+        self._indexes: dict[tuple[str, str], HammingIndex] = {}
+
+    # -- plumbing
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {version} is newer than this "
+                             f"dedupd ({SCHEMA_VERSION}); upgrade dedupd")
+        for target in range(version, SCHEMA_VERSION):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {target + 1}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- in-memory index, loaded per (scope, recipe) on first use
+    def _index(self, scope: str, recipe: str) -> HammingIndex:
+        key = (scope, recipe)
+        with self._lock:
+            index = self._indexes.get(key)
+            if index is None:
+                bits = Recipe.from_key(recipe).bits
+                index = HammingIndex(bits)
+                rows = self._db.execute(
+                    "SELECT id, hash FROM images WHERE scope = ? AND recipe = ? "
+                    f"AND status IN ({','.join('?' * len(LIVE_STATUSES))})",
+                    (scope, recipe, *LIVE_STATUSES),
+                ).fetchall()
+                if rows:
+                    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+                    hashes = np.frombuffer(b"".join(r[1] for r in rows), "<u8")
+                    index.add_many(ids, hashes.reshape(len(rows), bits // 64))
+                self._indexes[key] = index
+            return index
+
+    def _index_sync(self, old: ImageRecord | None, new: ImageRecord | None) -> None:
+        """Keep loaded indexes equal to the live rows after a write."""
+        if old is not None and old.status in LIVE_STATUSES:
+            loaded = self._indexes.get((old.scope, old.recipe))
+            if loaded is not None:
+                loaded.remove(old.id)  # type: ignore[arg-type]
+        if new is not None and new.status in LIVE_STATUSES:
+            loaded = self._indexes.get((new.scope, new.recipe))
+            if loaded is not None:
+                loaded.add(new.id, new.hash)  # type: ignore[arg-type]
+
+    # -- images
+    def insert(self, record: ImageRecord) -> ImageRecord:
+        return self.insert_many([record])[0]
+
+    def insert_many(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        out = []
+        try:
+            with self._tx() as db:
+                for r in records:
+                    cur = db.execute(
+                        f"INSERT INTO images ({_IMAGE_COLS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?,?)",
+                        (r.scope, r.path, r.recipe, _hash_blob(r), r.digest, r.file_size,
+                         r.mtime_ns, r.width, r.height, r.first_seen, r.status),
+                    )
+                    out.append(r.with_(id=cur.lastrowid))
+                for r in out:
+                    self._index_sync(None, r)
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"insert failed: {exc}") from None
+        return out
+
+    def get(self, record_id: int) -> ImageRecord | None:
+        rows = self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (record_id,))
+        return _record(rows[0]) if rows else None
+
+    def get_by_path(self, path: str) -> ImageRecord | None:
+        rows = self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE path = ?", (path,))
+        return _record(rows[0]) if rows else None
+
+    def update(self, record: ImageRecord) -> None:
+        with self._tx() as db:
+            old = self.get(record.id)  # type: ignore[arg-type]
+            if old is None:
+                raise StoreError(f"no image record {record.id}")
+            db.execute(
+                "UPDATE images SET scope=?, path=?, recipe=?, hash=?, digest=?, file_size=?, "
+                "mtime_ns=?, width=?, height=?, first_seen=?, status=? WHERE id=?",
+                (record.scope, record.path, record.recipe, _hash_blob(record), record.digest,
+                 record.file_size, record.mtime_ns, record.width, record.height,
+                 record.first_seen, record.status, record.id),
+            )
+            self._index_sync(old, record)
+
+    def delete(self, record_id: int) -> None:
+        with self._tx() as db:
+            old = self.get(record_id)
+            db.execute("DELETE FROM images WHERE id = ?", (record_id,))
+            self._index_sync(old, None)
+
+    def iter_records(self, scope: str | None = None, prefix: str | None = None
+                     ) -> Iterator[ImageRecord]:
+        sql, args = f"SELECT {_IMAGE_COLS} FROM images WHERE 1=1", []
+        if scope is not None:
+            sql += " AND scope = ?"
+            args.append(scope)
+        if prefix is not None:
+            base = prefix.rstrip("/") + "/"
+            # Range scan instead of LIKE: paths may contain % and _.
+            sql += " AND path >= ? AND path < ?"
+            args += [base, base[:-1] + "0"]
+        for row in self._query(sql + " ORDER BY id", tuple(args)):
+            yield _record(row)
+
+    def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
+                     max_distance: int, limit: int = 10) -> list[Match]:
+        live = ",".join("?" * len(LIVE_STATUSES))
+        found: dict[int, Match] = {}
+        if digest:
+            for row in self._query(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE scope = ? AND digest = ? "
+                f"AND status IN ({live}) ORDER BY id LIMIT ?",
+                (scope, digest, *LIVE_STATUSES, limit),
+            ):
+                rec = _record(row)
+                found[rec.id] = Match(rec, 0, True)  # type: ignore[index]
+        hits = self._index(scope, recipe).query(hash, max_distance, limit)
+        missing = [i for i, _ in hits if i not in found]
+        if missing:
+            rows = self._query(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE id IN ({','.join('?' * len(missing))})",
+                tuple(missing),
+            )
+            by_id = {r[0]: _record(r) for r in rows}
+            for i, dist in hits:
+                if i in by_id:
+                    rec = by_id[i]
+                    found[i] = Match(rec, dist, bool(digest) and rec.digest == digest)
+        ordered = sorted(found.values(),
+                         key=lambda m: (m.distance, not m.identical, m.record.id))
+        return ordered[:limit]
+
+    def locked(self, scope: str) -> AbstractContextManager[None]:
+        with self._lock:
+            lock = self._scope_locks.setdefault(scope, threading.RLock())
+
+        @contextmanager
+        def hold() -> Iterator[None]:
+            with lock:
+                yield
+
+        return hold()
+
+    def stats(self) -> dict[str, object]:
+        by_status = dict(self._query("SELECT status, count(*) FROM images GROUP BY status"))
+        scopes = self._query("SELECT scope, count(*) FROM images GROUP BY scope ORDER BY scope")
+        quarantine = dict(self._query("SELECT state, count(*) FROM quarantine GROUP BY state"))
+        size = sum(os.path.getsize(p) for p in (self.path, self.path + "-wal")
+                   if os.path.exists(p))
+        return {
+            "backend": "sqlite",
+            "url": self.url,
+            "schema_version": SCHEMA_VERSION,
+            "images": sum(by_status.values()),
+            "by_status": by_status,
+            "scopes": dict(scopes),
+            "quarantine": quarantine,
+            "bytes": size,
+        }
+
+    # -- quarantine journal
+    def add_quarantine(self, entry: QuarantineEntry) -> QuarantineEntry:
+        with self._tx() as db:
+            cur = db.execute(
+                f"INSERT INTO quarantine ({_QUAR_COLS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?)",
+                (entry.image_id, entry.original_path, entry.quarantine_path, entry.matched_path,
+                 entry.distance, entry.hash, entry.policy, entry.reason, entry.created,
+                 entry.state),
+            )
+        return QuarantineEntry(**{**entry.__dict__, "id": cur.lastrowid})
+
+    def update_quarantine(self, entry: QuarantineEntry) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE quarantine SET image_id=?, original_path=?, quarantine_path=?, "
+                "matched_path=?, distance=?, hash=?, policy=?, reason=?, created=?, state=? "
+                "WHERE id=?",
+                (entry.image_id, entry.original_path, entry.quarantine_path, entry.matched_path,
+                 entry.distance, entry.hash, entry.policy, entry.reason, entry.created,
+                 entry.state, entry.id),
+            )
+
+    def get_quarantine(self, entry_id: int) -> QuarantineEntry | None:
+        rows = self._query(f"SELECT {_QUAR_COLS} FROM quarantine WHERE id = ?", (entry_id,))
+        return _entry(rows[0]) if rows else None
+
+    def list_quarantine(self, states: tuple[str, ...] | None = None) -> list[QuarantineEntry]:
+        sql, args = f"SELECT {_QUAR_COLS} FROM quarantine", ()
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            args = tuple(states)
+        return [_entry(r) for r in self._query(sql + " ORDER BY id", args)]

@@ -1,0 +1,75 @@
+"""Shared fixtures: real images generated on disk, deterministic by seed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def photo(seed: int, width: int = 640, height: int = 480) -> np.ndarray:
+    """A photo-like BGR image: smooth random structure plus edges and mild noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    for _ in range(6):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(min(width, height) // 12, min(width, height) // 3))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cv2.circle(img, (x, y), r, color, -1)
+    img += rng.normal(0, 6, img.shape).astype(np.int16)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, img: np.ndarray, quality: int = 92) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ext = path.suffix.lower()
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(ext, img, params)
+    assert ok
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+@pytest.fixture
+def make_photo(tmp_path: Path):
+    """make_photo(name, seed, width, height, quality) -> path of a real encoded image."""
+
+    def make(name: str, seed: int = 0, width: int = 640, height: int = 480,
+             quality: int = 92, root: Path | None = None) -> Path:
+        return write_image((root or tmp_path) / name, photo(seed, width, height), quality)
+
+    return make
+
+
+@pytest.fixture
+def config_file(tmp_path: Path):
+    """config_file(dict) -> path of a YAML config with index/quarantine in tmp_path."""
+    import yaml
+
+    def make(body: dict | None = None) -> Path:
+        data = {"index": str(tmp_path / "state" / "index.sqlite"),
+                "quarantine_dir": str(tmp_path / "state" / "quarantine")}
+        data.update(body or {})
+        path = tmp_path / "dedupd.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the developer's real state or /etc config from tests."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    monkeypatch.delenv("DEDUPD_CONFIG", raising=False)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    os.environ.setdefault("PYTHONHASHSEED", "0")
