@@ -134,7 +134,7 @@ def test_truncated_jpeg_is_reported_as_truncated() -> None:
 
 def test_corrupt_jpeg_body() -> None:
     data = bytearray(encoded(".jpg"))
-    data[2:400] = b"\x00" * 398  # smash the marker segments after SOI
+    data[4:400] = b"\x00" * 396  # smash the marker segments after SOI
     assert kind_of(bytes(data)) == "corrupt"
 
 
