@@ -1,0 +1,82 @@
+"""Configuration: the example parses, every mistake is one line naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dedupd.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(ROOT / "config" / "dedupd.yaml")
+    assert [w.scope for w in config.watches] == ["cats", "cats", "/srv/incoming"]
+    assert config.policies["strict"].action == "log"
+    assert config.watch_for("/srv/datasets/cats/test/a/b.jpg").path == Path(
+        "/srv/datasets/cats/test")
+    assert config.watch_for("/srv/elsewhere/x.jpg") is None
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    config = load_config(None)
+    assert config.index == str(tmp_path / "xdg-state" / "dedupd" / "index.sqlite")
+    assert config.policies["default"].max_distance == 4
+    assert config.watches == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "why"),
+    [
+        ("watches:\n  - path: /x\n    policy: nope\n", "watches[0].policy", "unknown policy"),
+        ("watches:\n  - recursive: true\n", "watches[0].path", "missing"),
+        ("policies:\n  default:\n    max_distance: -1\n", "policies.default.max_distance",
+         "out of range"),
+        ("policies:\n  default:\n    action: shred\n", "policies.default.action", "not one of"),
+        ("policies:\n  p:\n    colour: red\n", "policies.p.colour", "unknown key"),
+        ("hash:\n  size: 12\n", "hash.size", "not one of"),
+        ("hash:\n  algo: phash\n", "hash.algo", "not one of"),
+        ("workers: two\n", "workers", "expected an integer"),
+        ("settle_seconds: true\n", "settle_seconds", "boolean"),
+        ("index: mysql://db\n", "index", "unsupported store"),
+        ("bogus: 1\n", "bogus", "unknown key"),
+        ("watches: {path: /x}\n", "watches", "expected a list"),
+        ("ignore: [1]\n", "ignore[0]", "non-empty string"),
+        ("quarantine_dir: /srv/d/q\nwatches: [/srv/d]\n", "watches[0].path", "quarantine_dir"),
+        ("watches: [/srv/a, /srv/a]\n", "watches[1].path", "watched twice"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str, why: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {key}: "), message
+    assert why in message
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("watches:\n  - path: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "invalid YAML: line" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_relative_paths_resolve_against_the_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    path = tmp_path / "etc" / "d.yaml"
+    path.write_text("index: state/i.sqlite\nquarantine_dir: q\nwatches: [data]\n")
+    config = load_config(path)
+    assert config.index == str(tmp_path / "etc" / "state" / "i.sqlite")
+    assert config.watches[0].path == tmp_path / "etc" / "data"
+    assert config.watches[0].scope == str(tmp_path / "etc" / "data")
