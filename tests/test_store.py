@@ -1,0 +1,152 @@
+"""The embedded SQLite store: persistence, migrations, queries, crash survival."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dedupd.store import ImageRecord, QuarantineEntry, StoreError, open_store
+from dedupd.store.base import ALLOWED, DONE, QUARANTINED
+from dedupd.store.sqlite import SCHEMA_VERSION
+
+RECIPE = "dhash:8:fast:area:v1"
+
+
+def rec(path: str, h: int, scope: str = "s", digest: str | None = None, **kw) -> ImageRecord:
+    return ImageRecord(scope=scope, path=path, recipe=RECIPE, hash=h,
+                       digest=digest or f"d-{path}", file_size=1, mtime_ns=1, width=10,
+                       height=10, **kw)
+
+
+def test_persists_and_migrates(tmp_path: Path) -> None:
+    db = tmp_path / "i.sqlite"
+    store = open_store(str(db))
+    inserted = store.insert(rec("/a", 0xFFFF_0000_FFFF_0000))
+    store.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    store = open_store(f"sqlite://{db}")
+    assert store.get_by_path("/a") == inserted
+    assert store.get(inserted.id).hash == 0xFFFF_0000_FFFF_0000
+    store.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "i.sqlite"
+    open_store(str(db)).close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 999")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer"):
+        open_store(str(db))
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    db = tmp_path / "i.sqlite"
+    db.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError):
+        open_store(str(db))
+
+
+def test_find_matches_scope_recipe_status_and_order(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "i.sqlite"))
+    base = 0x0123_4567_89AB_CDEF
+    a = store.insert(rec("/a", base ^ 0b111))  # distance 3
+    b = store.insert(rec("/b", base ^ 0b1))  # distance 1
+    store.insert(rec("/c", base, scope="other"))  # other scope: never
+    store.insert(rec("/d", base).with_(recipe="dhash-seed:8:full:linear:v1"))  # other recipe
+    q = store.insert(rec("/q", base, status=QUARANTINED))  # not live
+    same = store.insert(rec("/same", base ^ (0xFFFF << 48), digest="D"))  # same bytes, far hash
+    got = store.find_matches("s", RECIPE, base, "D", max_distance=4)
+    assert [(m.record.path, m.distance, m.identical) for m in got] == [
+        ("/same", 0, True), ("/b", 1, False), ("/a", 3, False)]
+    assert store.find_matches("s", RECIPE, base, None, 0) == []
+    # Status changes keep the in-memory index in step.
+    store.update(q.with_(status=ALLOWED))
+    assert store.find_matches("s", RECIPE, base, None, 0)[0].record.path == "/q"
+    store.update(b.with_(path="/b2"))
+    assert store.find_matches("s", RECIPE, base, None, 1)[-1].record.path == "/b2"
+    store.delete(a.id)
+    assert [m.record.path for m in store.find_matches("s", RECIPE, base, None, 4)] == [
+        "/q", "/b2"]
+    assert same.id and store.stats()["images"] == 5
+    store.close()
+
+
+def test_queries_equal_brute_force(tmp_path: Path) -> None:
+    rnd = random.Random(7)
+    store = open_store(str(tmp_path / "i.sqlite"))
+    values = [rnd.getrandbits(64) for _ in range(3000)]
+    values += [v ^ (1 << rnd.randrange(64)) for v in values[:300]]
+    store.insert_many([rec(f"/{i}", v) for i, v in enumerate(values)])
+    for q in values[:50] + [rnd.getrandbits(64) for _ in range(20)]:
+        for d in (0, 2, 6, 12):
+            want = sorted(((v ^ q).bit_count(), i) for i, v in enumerate(values)
+                          if (v ^ q).bit_count() <= d)[:10]
+            got = [(m.distance, int(m.record.path[1:]))
+                   for m in store.find_matches("s", RECIPE, q, None, d, limit=10)]
+            assert got == want
+    store.close()
+
+
+def test_prefix_listing_is_literal(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "i.sqlite"))
+    for p in ("/d/a.jpg", "/d/sub/b.jpg", "/d_x/c.jpg", "/d%/e.jpg", "/dd/f.jpg"):
+        store.insert(rec(p, 1))
+    assert [r.path for r in store.iter_records(prefix="/d")] == ["/d/a.jpg", "/d/sub/b.jpg"]
+    store.close()
+
+
+def test_quarantine_journal(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "i.sqlite"))
+    e = store.add_quarantine(QuarantineEntry("/a", "/q/a", "/b", 2, "00ff", "default"))
+    assert e.id and store.list_quarantine(("pending",)) == [e]
+    done = QuarantineEntry(**{**e.__dict__, "state": DONE})
+    store.update_quarantine(done)
+    assert store.get_quarantine(e.id) == done and store.list_quarantine(("pending",)) == []
+    store.close()
+
+
+def test_sigkill_mid_batch_keeps_committed_rows(tmp_path: Path) -> None:
+    """A writer killed mid-stream: every committed batch survives, the file opens cleanly."""
+    db = tmp_path / "i.sqlite"
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(f"""
+        import itertools
+        from pathlib import Path
+        from dedupd.store import ImageRecord, open_store
+        s = open_store({str(db)!r})
+        for batch in itertools.count():
+            s.insert_many([ImageRecord("s", f"/{{batch}}/{{i}}", {RECIPE!r}, batch * 1000 + i,
+                                       "d", 1, 1, 1, 1) for i in range(100)])
+            if batch == 20:
+                Path({str(ready)!r}).write_text("go")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script],
+                            env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    store = open_store(str(db))
+    n = store.stats()["images"]
+    assert n >= 2100 and n % 100 == 0  # whole transactions only
+    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store.close()
