@@ -80,8 +80,9 @@ class Config:
     recipe: Recipe = Recipe()
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 0
-    queue_size: int = 1024
+    queue_size: int = 10000
     settle_seconds: float = 2.0
+    stall_seconds: float = 120.0
     reconcile_interval: float = 3600.0
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     follow_symlinks: bool = False
@@ -245,8 +246,9 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
         recipe=recipe,
         max_pixels=max_pixels,
         workers=top.number("workers", int, 0, 0, 256),
-        queue_size=top.number("queue_size", int, 1024, 1),
+        queue_size=top.number("queue_size", int, 10000, 1),
         settle_seconds=top.number("settle_seconds", float, 2.0, 0.0),
+        stall_seconds=top.number("stall_seconds", float, 120.0, 1.0),
         reconcile_interval=top.number("reconcile_interval", float, 3600.0, 0.0),
         ignore=top.strings("ignore", DEFAULT_IGNORE),
         follow_symlinks=top.get("follow_symlinks", bool, False),

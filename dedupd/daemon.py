@@ -1,0 +1,615 @@
+"""The long-running service: watch, settle, hash, decide, act — and never lose a file.
+
+Threads: the watchdog observer feeds a deduplicating, time-ordered work queue; a pool
+of hashing threads (OpenCV decodes outside the GIL) takes paths from it; a scanner
+thread reconciles roots against the store (at start, periodically, after an inotify
+overflow); the main thread handles signals, STATUS, summaries and reloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from dedupd.config import Config, ConfigError, Watch, load_config
+from dedupd.events import Event, emit, emit_summary, setup_logging
+from dedupd.hashing import ImageError, hash_file, hash_to_hex
+from dedupd.policy import ACCEPT, REPLACE, Breaker, big_enough, decide, wanted
+from dedupd.quarantine import Quarantine, QuarantineError, move_no_replace
+from dedupd.service import Notifier, WatchdogPinger
+from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError, open_store
+from dedupd.store.base import LIVE_STATUSES
+from dedupd.watcher import Root, Watcher, WatchError, is_ignored
+
+log = logging.getLogger("dedupd.daemon")
+
+# Kinds of bad input moved to rejected_dir (when set). Truncated files stay: a slow
+# writer may still be finishing them, and a later close event brings them back.
+MOVABLE_REJECTS = ("empty", "corrupt", "unsupported", "too_large")
+
+
+class WorkQueue:
+    """Paths waiting to be hashed: deduplicated, each due at a time (settle delay).
+
+    Bounded: `put(block=False)` refuses past `limit` (the caller rescans later), and
+    `put(block=True)` (the scanner) waits for room, which is the backpressure.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._due: dict[Path, float] = {}
+        self._heap: list[tuple[float, int, Path]] = []
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._due)
+
+    def put(self, path: Path, delay: float = 0.0, *, block: bool = False) -> bool:
+        with self._cond:
+            while block and len(self._due) >= self.limit and not self._closed:
+                self._cond.wait(0.5)
+            if self._closed:
+                return False
+            now = time.monotonic()
+            old = self._due.get(path)
+            if old is None and len(self._due) >= self.limit:
+                return False
+            # A close/rename makes a file due now; a modification postpones it.
+            due = now + delay if delay > 0 else min(old if old is not None else now, now)
+            self._due[path] = due
+            self._seq += 1
+            heapq.heappush(self._heap, (due, self._seq, path))
+            self._cond.notify()
+            return True
+
+    def discard(self, path: Path) -> None:
+        with self._cond:
+            self._due.pop(path, None)
+
+    def get(self, timeout: float = 0.5) -> Path | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:
+                    heapq.heappop(self._heap)  # superseded entry
+                if self._heap and self._heap[0][0] <= now:
+                    _, _, path = heapq.heappop(self._heap)
+                    del self._due[path]
+                    self._cond.notify_all()  # room for blocked producers
+                    return path
+                if now >= deadline:
+                    return None
+                wait = deadline - now
+                if self._heap:
+                    wait = min(wait, self._heap[0][0] - now)
+                self._cond.wait(max(wait, 0.001))
+            return None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Daemon:
+    """One dedupd service instance. `start()`, then `run()` until a signal, or `stop()`."""
+
+    def __init__(self, config: Config, *, config_path: str | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.store: Store = open_store(config.index)
+        self.quarantine = Quarantine(self.store, config.quarantine_dir)
+        self.queue = WorkQueue(config.queue_size)
+        self.watcher = Watcher(self, config.ignore)
+        self.breakers = {w.path: Breaker(config.circuit_breaker) for w in config.watches}
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._scan_requests: set[Path] = set()
+        self._scan_cond = threading.Condition()
+        self._scanning = 0
+        self._busy: dict[int, float] = {}  # worker thread id -> time its current file started
+        self._rejected: set[tuple[str, int, int]] = set()
+        self._threads: list[threading.Thread] = []
+        self._tick = time.monotonic()
+        self.counts = {"processed": 0, "accepted": 0, "duplicates": 0, "quarantined": 0,
+                       "rejected": 0}
+        self._counts_lock = threading.Lock()
+        self.pinger = WatchdogPinger(self.notifier, self.healthy)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Repair half-done moves, arm watches (then READY), start workers and the scan."""
+        done = self.quarantine.reconcile(self._rehash_entry)
+        if any(done.values()):
+            log.warning("quarantine journal repaired after an unclean stop: %s", done)
+        self.watcher.arm(self._roots())
+        workers = self.config.workers or len(os.sched_getaffinity(0))
+        for i in range(workers):
+            self._spawn(self._work, f"dedupd-worker-{i}")
+        self._spawn(self._scan_loop, "dedupd-scanner")
+        self.request_scan(*(w.path for w in self.config.watches))
+        emit(Event.STARTED, f"watching {len(self.config.watches)} roots with {workers} workers",
+             roots=",".join(str(w.path) for w in self.config.watches), index=self.store.url)
+        self.notifier.ready(self.status_line())
+        self.pinger.start()
+
+    def _spawn(self, target: object, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        t.start()
+        self._threads.append(t)
+
+    def _roots(self) -> list[Root]:
+        return [Root(w.path, w.recursive) for w in self.config.watches]
+
+    def run(self) -> int:
+        """Main loop: signals, STATUS, summaries, periodic reconciliation; returns exit code."""
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+        last_status = last_summary = last_reconcile = time.monotonic()
+        while not self._stop.is_set():
+            self._stop.wait(0.25)
+            now = self._tick = time.monotonic()
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if now - last_status >= 2.0:
+                self.notifier.status(self.status_line())
+                last_status = now
+            if now - last_summary >= self.config.log.summary_interval:
+                emit_summary()
+                last_summary = now
+            interval = self.config.reconcile_interval
+            if interval and now - last_reconcile >= interval:
+                self.request_scan(*(w.path for w in self.config.watches))
+                last_reconcile = now
+        self.stop()
+        return 0
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop watching, let in-flight files finish, close the store."""
+        self.notifier.stopping()
+        self._stop.set()
+        self.pinger.stop()
+        self.watcher.stop()
+        self.queue.close()
+        with self._scan_cond:
+            self._scan_cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        emit_summary()
+        emit(Event.STOPPED, "stopped", **self._count_fields())
+        if not any(t.is_alive() for t in self._threads):
+            self.store.close()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; keep the old one if the new one is bad."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            if new.index != self.config.index:
+                raise ConfigError(new.source, "index", "cannot change while running; restart")
+            self.watcher.ignore = new.ignore
+            self.config = new
+            self.breakers = {w.path: Breaker(new.circuit_breaker) for w in new.watches}
+            self.quarantine.directory = new.quarantine_dir
+            self.watcher.arm(self._roots())
+        except (ConfigError, WatchError) as exc:
+            emit(Event.RELOAD_FAILED, f"reload failed, keeping the previous config: {exc}",
+                 reason=str(exc))
+            with contextlib.suppress(WatchError):
+                self.watcher.arm(self._roots())
+        else:
+            emit(Event.RELOADED, f"configuration reloaded from {new.source}",
+                 roots=",".join(str(w.path) for w in new.watches))
+            # After re-arming, anything that changed meanwhile is found by a rescan.
+            self.request_scan(*(w.path for w in new.watches))
+        self.notifier.ready(self.status_line())
+
+    # ------------------------------------------------------------ health and status
+
+    def healthy(self) -> bool:
+        """Progress, for the systemd watchdog: main loop alive, no worker wedged."""
+        now = time.monotonic()
+        if now - self._tick > 10 or not self.watcher.alive():
+            return False
+        return all(now - started < self.config.stall_seconds
+                   for started in list(self._busy.values()))
+
+    def idle(self) -> bool:
+        with self._scan_cond:
+            scanning = self._scanning or self._scan_requests
+        return not scanning and len(self.queue) == 0 and not self._busy
+
+    def wait_idle(self, timeout: float) -> bool:
+        """For the demo and tests: wait until nothing is queued, scanning or in flight."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.idle():
+                return True
+            time.sleep(0.05)
+        return self.idle()
+
+    def status_line(self) -> str:
+        c = self.counts
+        scan = " (scanning)" if self._scanning else ""
+        return (f"{len(self.config.watches)} roots{scan}; {c['processed']} processed, "
+                f"{c['accepted']} accepted, {c['quarantined']} quarantined, "
+                f"{c['rejected']} rejected; queue {len(self.queue)}")
+
+    def _count(self, key: str) -> None:
+        with self._counts_lock:
+            self.counts[key] += 1
+
+    def _count_fields(self) -> dict[str, object]:
+        return {f"count_{k}": v for k, v in self.counts.items()}
+
+    # ------------------------------------------------------------ watcher sink
+
+    def file_ready(self, path: Path) -> None:
+        if not self.queue.put(path):
+            self._queue_full(path)
+
+    def file_changing(self, path: Path) -> None:
+        if not self.queue.put(path, self.config.settle_seconds):
+            self._queue_full(path)
+
+    def _queue_full(self, path: Path) -> None:
+        watch = self.config.watch_for(path)
+        if watch is not None:
+            self.request_scan(watch.path)
+
+    def file_deleted(self, path: Path) -> None:
+        self.queue.discard(path)
+        watch = self.config.watch_for(path)
+        if watch is None:
+            return
+        with self.store.locked(watch.scope):
+            rec = self.store.get_by_path(str(path))
+            if rec is not None and rec.status in LIVE_STATUSES and not path.exists():
+                self.store.delete(rec.id)  # type: ignore[arg-type]
+
+    def file_moved(self, src: Path, dst: Path) -> None:
+        old, new = self.config.watch_for(src), self.config.watch_for(dst)
+        if old is None or new is None or old.scope != new.scope:
+            self.file_deleted(src)
+            self.file_ready(dst)
+            return
+        with self.store.locked(new.scope):
+            rec = self.store.get_by_path(str(src))
+            if rec is not None and self.store.get_by_path(str(dst)) is None:
+                self.store.update(rec.with_(path=str(dst)))
+        self.file_ready(dst)  # a no-op if the record now matches the file
+
+    def dir_moved(self, src: Path, dst: Path) -> None:
+        new = self.config.watch_for(dst)
+        for rec in list(self.store.iter_records(prefix=str(src))):
+            moved = dst / Path(rec.path).relative_to(src)
+            if new is not None and rec.scope == new.scope and rec.status in LIVE_STATUSES:
+                with self.store.locked(rec.scope):
+                    if self.store.get_by_path(str(moved)) is None:
+                        self.store.update(rec.with_(path=str(moved)))
+        self.request_scan(dst)
+
+    def dir_arrived(self, path: Path) -> None:
+        self.request_scan(path)
+
+    def dir_deleted(self, path: Path) -> None:
+        self.request_scan(path)
+
+    def overflow(self) -> None:
+        roots = [w.path for w in self.config.watches]
+        emit(Event.OVERFLOW_RESCAN, "inotify queue overflowed: events were lost; rescanning "
+             f"{len(roots)} roots (raise fs.inotify.max_queued_events if this recurs)",
+             roots=",".join(map(str, roots)))
+        self.request_scan(*roots)
+
+    # ------------------------------------------------------------ scanning
+
+    def request_scan(self, *paths: Path) -> None:
+        with self._scan_cond:
+            self._scan_requests.update(paths)
+            self._scan_cond.notify()
+
+    def _scan_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._scan_cond:
+                while not self._scan_requests and not self._stop.is_set():
+                    self._scan_cond.wait(1.0)
+                if self._stop.is_set():
+                    return
+                path = min(self._scan_requests, key=lambda p: len(p.parts))
+                # A root scan covers every request below it.
+                self._scan_requests = {p for p in self._scan_requests
+                                       if p != path and path not in p.parents}
+                self._scanning += 1
+            try:
+                self.reconcile(path)
+            except StoreError as exc:
+                emit(Event.STORE_UNAVAILABLE, f"reconciliation of {path} failed: {exc}",
+                     root=str(path), reason=str(exc))
+                time.sleep(1.0)
+                self.request_scan(path)
+            except Exception:
+                log.exception("reconciliation of %s failed", path)
+            finally:
+                with self._scan_cond:
+                    self._scanning -= 1
+
+    def reconcile(self, top: Path) -> dict[str, int]:
+        """Bring the store in line with the disk under `top`: queue new or changed files,
+        forget records whose files are gone. Runs while watching, so nothing is missed."""
+        counts = {"queued": 0, "forgotten": 0, "seen": 0}
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            if self._stop.is_set():
+                return counts
+            base = Path(dirpath)
+            watch = self.config.watch_for(base)
+            if watch is None:
+                dirnames.clear()
+                continue
+            if not watch.recursive and base != watch.path:
+                dirnames.clear()
+                continue
+            dirnames[:] = [d for d in dirnames
+                           if not is_ignored(base / d, watch.path, self.config.ignore)]
+            policy = self.config.policy_for(watch)
+            for name in filenames:
+                path = base / name
+                if is_ignored(path, watch.path, self.config.ignore):
+                    continue
+                if not wanted(policy, str(path.relative_to(watch.path))):
+                    continue
+                counts["seen"] += 1
+                try:
+                    st = path.lstat()
+                except FileNotFoundError:
+                    continue
+                rec = self.store.get_by_path(str(path))
+                if rec is None or (rec.file_size, rec.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    if (str(path), st.st_size, st.st_mtime_ns) in self._rejected:
+                        continue
+                    self.queue.put(path, block=True)
+                    counts["queued"] += 1
+        for rec in list(self.store.iter_records(prefix=str(top))):
+            if rec.status in LIVE_STATUSES and not os.path.lexists(rec.path):
+                with self.store.locked(rec.scope):
+                    again = self.store.get(rec.id)  # type: ignore[arg-type]
+                    if again is not None and again.path == rec.path and \
+                            not os.path.lexists(rec.path):
+                        self.store.delete(rec.id)  # type: ignore[arg-type]
+                        counts["forgotten"] += 1
+        log.debug("reconciled %s: %s", top, counts)
+        return counts
+
+    # ------------------------------------------------------------ workers
+
+    def _work(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.is_set():
+            path = self.queue.get(0.5)
+            if path is None:
+                continue
+            self._busy[me] = time.monotonic()
+            try:
+                self.process(path)
+            except StoreError as exc:
+                emit(Event.STORE_UNAVAILABLE, f"store unavailable, {path} will be retried: {exc}",
+                     path=str(path), reason=str(exc))
+                self.notifier.status(f"store unavailable: {exc}")
+                self._stop.wait(2.0)
+                self.queue.put(path, block=False)
+            except Exception:
+                log.exception("processing %s failed; it stays where it is", path)
+            finally:
+                self._busy.pop(me, None)
+
+    def process(self, path: Path) -> None:
+        """Hash one file and carry out its policy's decision."""
+        config = self.config
+        watch = config.watch_for(path)
+        if watch is None or is_ignored(path, watch.path, config.ignore):
+            return
+        if not watch.recursive and path.parent != watch.path:
+            return
+        policy = config.policy_for(watch)
+        if not wanted(policy, str(path.relative_to(watch.path))):
+            return
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            if not self._symlink_allowed(path):
+                self._reject(path, watch, ImageError(
+                    "not_regular", "symlink pointing out of the watched roots (not followed)"),
+                    st)
+                return
+            st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            return
+        known = self.store.get_by_path(str(path))
+        if known is not None and (known.file_size, known.mtime_ns) == (st.st_size,
+                                                                       st.st_mtime_ns):
+            return
+        try:
+            h = hash_file(path, config.recipe, config.max_pixels)
+        except ImageError as exc:
+            self._reject(path, watch, exc, st)
+            return
+        self._count("processed")
+        if not big_enough(policy, h.width, h.height):
+            log.debug("%s: %dx%d is below the policy's minimum size; ignored",
+                      path, h.width, h.height)
+            return
+        record = ImageRecord(scope=watch.scope, path=str(path), recipe=h.recipe.key,
+                             hash=h.hash, digest=h.digest, file_size=h.file_size,
+                             mtime_ns=st.st_mtime_ns, width=h.width, height=h.height)
+        with self.store.locked(watch.scope):
+            if not path.exists():
+                return
+            if known is not None:  # rewritten in place: same record, new content
+                record = record.with_(id=known.id, first_seen=known.first_seen,
+                                      status=known.status)
+                self.store.update(record)
+            matches = [m for m in self.store.find_matches(
+                watch.scope, record.recipe, record.hash, record.digest, policy.max_distance,
+                limit=8) if m.record.path != record.path]
+            gone = [m for m in matches if not os.path.lexists(m.record.path)]
+            if known is None:
+                moved = next((m for m in gone if m.identical), None)
+                if moved is not None:  # moved while we were not watching
+                    self.store.update(moved.record.with_(path=record.path,
+                                                         mtime_ns=record.mtime_ns))
+                    return
+            matches = [m for m in matches if m not in gone]
+            self._decide_and_act(path, watch, record, matches)
+
+    def _decide_and_act(self, path: Path, watch: Watch, record: ImageRecord,
+                        matches: list) -> None:
+        policy = self.config.policy_for(watch)
+        breaker = self.breakers.setdefault(watch.path, Breaker(self.config.circuit_breaker))
+        decision = decide(policy, record, matches, breaker_open=breaker.open)
+        removes = decision.verdict != ACCEPT and decision.action in ("quarantine", "delete")
+        if breaker.record(removes):
+            emit(Event.CIRCUIT_OPEN, f"{watch.path}: {breaker.share:.0%} of the last "
+                 f"{self.config.circuit_breaker.window} decisions would remove files; this "
+                 "root is now log-only until the config is reloaded. Check max_distance!",
+                 root=str(watch.path), policy=policy.name)
+            decision = replace(decision, action="log")
+        size = self.config.recipe.size
+        if decision.verdict == ACCEPT:
+            self._keep(record)
+            self._count("accepted")
+            emit(Event.IMAGE_ACCEPTED, f"{path}: accepted", path=str(path),
+                 hash=hash_to_hex(record.hash, size), root=str(watch.path), policy=policy.name)
+            return
+        assert decision.match is not None
+        self._count("duplicates")
+        if decision.verdict == REPLACE:  # the newcomer is larger: the older copy goes
+            loser, winner = decision.match.record, record
+            self._keep(winner)
+        else:
+            loser, winner = record, decision.match.record
+        fields = dict(path=loser.path, match=winner.path, distance=decision.match.distance,
+                      hash=hash_to_hex(loser.hash, size), policy=policy.name,
+                      root=str(watch.path), action=decision.action,
+                      identical=decision.match.identical)
+        if decision.action == "log":
+            self._keep(loser)
+            emit(Event.DUPLICATE_LOGGED, f"{loser.path}: duplicate of {winner.path} "
+                 f"(distance {decision.match.distance}); left in place (log only)", **fields)
+        elif decision.action == "delete":
+            os.unlink(loser.path)
+            if loser.id is not None:
+                self.store.delete(loser.id)
+            emit(Event.DUPLICATE_DELETED, f"{loser.path}: duplicate of {winner.path} "
+                 f"(distance {decision.match.distance}); deleted", **fields)
+        else:
+            loser_watch = self.config.watch_for(loser.path)
+            try:
+                entry = self.quarantine.move_in(
+                    Path(loser.path), loser_watch.path if loser_watch else None, record=loser,
+                    matched_path=winner.path, distance=decision.match.distance,
+                    hash_hex=fields["hash"], policy=policy.name)  # type: ignore[arg-type]
+            except QuarantineError as exc:
+                self._keep(loser)
+                emit(Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but {exc}; left in place",
+                     path=loser.path, reason=str(exc), kind="quarantine_failed",
+                     root=str(watch.path))
+                return
+            self._count("quarantined")
+            emit(Event.DUPLICATE_QUARANTINED, f"{loser.path}: duplicate of {winner.path} "
+                 f"(distance {decision.match.distance}); moved to {entry.quarantine_path}",
+                 quarantine_path=entry.quarantine_path, **fields)
+
+    def _keep(self, record: ImageRecord) -> None:
+        if record.id is None:
+            self.store.insert(record)
+        elif record.status not in LIVE_STATUSES:
+            self.store.update(record.with_(status="kept"))
+
+    def _symlink_allowed(self, path: Path) -> bool:
+        if not self.config.follow_symlinks:
+            return False
+        target = Path(os.path.realpath(path))
+        return any(target == w.path or w.path in target.parents for w in self.config.watches)
+
+    def _reject(self, path: Path, watch: Watch, exc: ImageError, st: os.stat_result) -> None:
+        if exc.kind == "vanished":
+            return
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in self._rejected:
+            return
+        if len(self._rejected) > 100_000:
+            self._rejected.clear()
+        self._rejected.add(key)
+        self._count("rejected")
+        moved_to = None
+        rejected_dir = self.config.rejected_dir
+        if rejected_dir is not None and exc.kind in MOVABLE_REJECTS:
+            target = Quarantine(self.store, rejected_dir).target_for(path, watch.path)
+            try:
+                move_no_replace(path, target, rejected_dir / f".dedupd-partial-{os.getpid()}")
+                moved_to = str(target)
+            except OSError as err:
+                log.warning("%s: cannot move to %s: %s", path, rejected_dir, err)
+        emit(Event.IMAGE_REJECTED, f"{path}: {exc.kind}: {exc.reason}"
+             + (f"; moved to {moved_to}" if moved_to else "; left in place"),
+             path=str(path), reason=exc.reason, kind=exc.kind, root=str(watch.path),
+             quarantine_path=moved_to)
+
+    def _rehash_entry(self, entry: QuarantineEntry) -> ImageRecord | None:
+        """Rebuild the record of a file a crash left in quarantine without one."""
+        dst = Path(entry.quarantine_path)
+        watch = self.config.watch_for(entry.original_path)
+        try:
+            h = hash_file(dst, self.config.recipe, self.config.max_pixels)
+        except ImageError:
+            return None
+        st = dst.stat()
+        return ImageRecord(scope=watch.scope if watch else str(dst.parent), path=str(dst),
+                           recipe=h.recipe.key, hash=h.hash, digest=h.digest,
+                           file_size=h.file_size, mtime_ns=st.st_mtime_ns, width=h.width,
+                           height=h.height)
+
+
+# ---------------------------------------------------------------- CLI entry points
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    setup_logging(args.log or config.log.mode, config.log.level)
+    if not config.watches:
+        raise ConfigError(config.source, "watches", "nothing to watch (add at least one root)")
+    notifier = Notifier()
+    try:
+        daemon = Daemon(config, config_path=args.config, notifier=notifier)
+        daemon.start()
+    except (WatchError, StoreError) as exc:
+        emit(Event.STOPPED, f"cannot start: {exc}", reason=str(exc))
+        notifier.status(f"failed: {exc}")
+        return 2
+    return daemon.run()
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from dedupd.demo import run_demo
+
+    return run_demo(keep=args.keep, json_output=args.json, log_mode=args.log)

@@ -1,0 +1,101 @@
+"""`dedupd demo`: the daemon on a throwaway folder, fed with generated photos.
+
+Shows the whole path a user cares about — files landing, near-duplicates caught and
+quarantined, a corrupt file rejected — with the embedded SQLite store, in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dedupd.config import parse_config
+from dedupd.daemon import Daemon
+from dedupd.events import setup_logging
+from dedupd.store import QuarantineEntry
+
+
+def synthetic_photo(seed: int, width: int = 800, height: int = 600) -> np.ndarray:
+    """A photo-like BGR picture: smooth colour fields, a few shapes, sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    for _ in range(6):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        radius = int(rng.integers(min(width, height) // 12, min(width, height) // 3))
+        cv2.circle(img, centre, radius, tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
+    img += rng.normal(0, 6, img.shape).astype(np.int16)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _jpeg(img: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+def _drop(path: Path, data: bytes, *, via_tmp: bool = False) -> None:
+    """Write like a well-behaved producer: directly, or to a temp name then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = path.with_name(path.name + ".tmp") if via_tmp else path
+    target.write_bytes(data)
+    if via_tmp:
+        os.rename(target, path)
+
+
+def run_demo(keep: bool = False, json_output: bool = False, log_mode: str | None = None) -> int:
+    base = Path(tempfile.mkdtemp(prefix="dedupd-demo-"))
+    train, test = base / "dataset" / "train", base / "dataset" / "test"
+    train.mkdir(parents=True)
+    test.mkdir(parents=True)
+    config = parse_config({
+        "index": str(base / "state" / "index.sqlite"),
+        "quarantine_dir": str(base / "quarantine"),
+        "settle_seconds": 0.5,
+        "watches": [{"path": str(train), "group": "demo"},
+                    {"path": str(test), "group": "demo"}],
+    }, "<demo>")
+    setup_logging(log_mode or ("json" if json_output else "stderr"), "info")
+    print(f"demo folder: {base}", file=sys.stderr)
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        originals = [synthetic_photo(seed) for seed in range(12)]
+        for i, img in enumerate(originals):
+            _drop(train / f"photo_{i:02d}.jpg", _jpeg(img))
+        daemon.wait_idle(30)
+        # Near-duplicates: re-encoded, resized, a byte copy, and a train/test leak.
+        _drop(train / "incoming" / "photo_03_small.jpg",
+              _jpeg(cv2.resize(originals[3], (400, 300), interpolation=cv2.INTER_AREA), 60),
+              via_tmp=True)
+        _drop(train / "photo_05_copy.jpg", (train / "photo_05.jpg").read_bytes(), via_tmp=True)
+        _drop(test / "photo_07_q50.jpg", _jpeg(originals[7], 50))
+        _drop(test / "new_scene.jpg", _jpeg(synthetic_photo(100)))
+        _drop(train / "broken.jpg", _jpeg(synthetic_photo(200))[:5000])
+        daemon.wait_idle(30)
+        entries: list[QuarantineEntry] = daemon.store.list_quarantine(("done",))
+        stats = daemon.store.stats()
+    finally:
+        daemon.stop()
+    if json_output:
+        json.dump({"folder": str(base), "kept": stats["by_status"].get("kept", 0),
+                   "quarantined": [e.__dict__ for e in entries]}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"\n{stats['by_status'].get('kept', 0)} images kept, {len(entries)} duplicates "
+              "quarantined:")
+        for e in entries:
+            print(f"  {Path(e.original_path).relative_to(base)}  (distance {e.distance} from "
+                  f"{Path(e.matched_path).relative_to(base)})")
+    if keep:
+        print(f"kept the demo folder: {base}", file=sys.stderr)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0

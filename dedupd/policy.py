@@ -1,0 +1,89 @@
+"""What to do with an image: pure decisions from a policy, a candidate and its matches.
+
+Nothing here touches files or the store; the daemon carries decisions out. Keeping the
+rules pure makes them easy to test and to reason about when a threshold is wrong.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import PurePosixPath
+
+from dedupd.config import CircuitBreaker, Policy
+from dedupd.store import ImageRecord, Match
+
+ACCEPT, DUPLICATE, REPLACE = "accept", "duplicate", "replace"
+
+
+def wanted(policy: Policy, relative: str) -> bool:
+    """Does the policy cover this path (relative to its watch root)?"""
+    name = PurePosixPath(relative).name
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if ext not in policy.extensions:
+        return False
+    if not any(fnmatchcase(relative, pat) or fnmatchcase(name, pat) for pat in policy.include):
+        return False
+    return not any(fnmatchcase(relative, pat) or fnmatchcase(name, pat)
+                   for pat in policy.exclude)
+
+
+def big_enough(policy: Policy, width: int, height: int) -> bool:
+    return width >= policy.min_width and height >= policy.min_height
+
+
+@dataclass(frozen=True)
+class Decision:
+    """verdict: accept (keep the newcomer), duplicate (act on the newcomer), or
+    replace (keep the newcomer, act on the older copy in `match`)."""
+
+    verdict: str
+    action: str  # the policy's action, or "log" when the circuit breaker is open
+    match: Match | None = None
+
+
+def decide(policy: Policy, candidate: ImageRecord, matches: list[Match],
+           *, breaker_open: bool = False) -> Decision:
+    """Apply keep=first|largest to the nearest live match."""
+    action = "log" if breaker_open else policy.action
+    if not matches:
+        return Decision(ACCEPT, action)
+    best = matches[0]
+    if policy.keep == "largest" and not best.identical:
+        old = best.record
+        if candidate.width * candidate.height > old.width * old.height:
+            return Decision(REPLACE, action, best)
+    return Decision(DUPLICATE, action, best)
+
+
+class Breaker:
+    """Per-root circuit breaker: trips when too many recent decisions would remove files.
+
+    Once open it stays open until the config is reloaded or the daemon restarts: an
+    operator must look at the threshold before files move again.
+    """
+
+    def __init__(self, settings: CircuitBreaker) -> None:
+        self.settings = settings
+        self._recent: deque[bool] = deque(maxlen=settings.window)
+        self._lock = threading.Lock()
+        self.open = False
+
+    def record(self, removes: bool) -> bool:
+        """Note one decision; returns True exactly when this decision trips the breaker."""
+        with self._lock:
+            self._recent.append(removes)
+            if self.open or len(self._recent) < self.settings.min_decisions:
+                return False
+            share = sum(self._recent) / len(self._recent)
+            if share > self.settings.threshold:
+                self.open = True
+                return True
+            return False
+
+    @property
+    def share(self) -> float:
+        with self._lock:
+            return sum(self._recent) / len(self._recent) if self._recent else 0.0

@@ -1,0 +1,185 @@
+"""inotify (through watchdog) turned into a few plain callbacks about image files.
+
+A file is worth looking at once it is complete: closed after writing, or renamed into
+a root (the drop-folder convention: write `name.tmp`, then rename). Creations and
+modifications only start a settle timer, for writers that never close cleanly.
+watchdog drops the kernel's queue-overflow event before handlers see it, so the
+inotify reader is wrapped to report it: events were lost and the roots need a rescan.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Protocol
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+
+log = logging.getLogger("dedupd.watcher")
+
+SYSCTL_HINT = ("raise the limit: sysctl fs.inotify.max_user_watches=524288 (persist it in "
+               "/etc/sysctl.d/, deploy/install.sh writes one)")
+
+
+class WatchError(Exception):
+    """A root cannot be watched (missing, a limit reached); the message says what to do."""
+
+
+class Sink(Protocol):
+    """What the watcher reports. Called from the observer's thread: keep it quick."""
+
+    def file_ready(self, path: Path) -> None: ...
+    def file_changing(self, path: Path) -> None: ...
+    def file_moved(self, src: Path, dst: Path) -> None: ...
+    def file_deleted(self, path: Path) -> None: ...
+    def dir_arrived(self, path: Path) -> None: ...
+    def dir_moved(self, src: Path, dst: Path) -> None: ...
+    def dir_deleted(self, path: Path) -> None: ...
+    def overflow(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Root:
+    path: Path
+    recursive: bool = True
+
+
+def is_ignored(path: Path, root: Path, patterns: Iterable[str]) -> bool:
+    """True if any component below the root matches an ignore pattern (temp files, dotfiles)."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        return True
+    pats = tuple(patterns)
+    return any(fnmatchcase(part, pat) for part in parts for pat in pats)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, root: Root, sink: Sink, ignore: tuple[str, ...]) -> None:
+        self.root, self.sink, self.ignore = root, sink, ignore
+
+    def _inside(self, raw: str | bytes) -> Path | None:
+        path = Path(os.fsdecode(raw))
+        if is_ignored(path, self.root.path, self.ignore):
+            return None
+        return path
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:  # a bug here must not kill the observer thread
+            log.exception("watcher: cannot handle %r", event)
+
+    def _dispatch(self, event: FileSystemEvent) -> None:
+        src = self._inside(event.src_path)
+        if isinstance(event, FileMovedEvent):
+            dst = self._inside(event.dest_path)
+            if src is not None and dst is not None:
+                self.sink.file_moved(src, dst)
+            elif dst is not None:  # renamed from a temp name, or moved in from outside
+                self.sink.file_ready(dst)
+            elif src is not None:  # renamed to an ignored name or moved out
+                self.sink.file_deleted(src)
+        elif isinstance(event, DirMovedEvent):
+            dst = self._inside(event.dest_path)
+            if src is not None and dst is not None:
+                self.sink.dir_moved(src, dst)
+            elif dst is not None:
+                self.sink.dir_arrived(dst)
+            elif src is not None:
+                self.sink.dir_deleted(src)
+        elif src is None:
+            return
+        elif isinstance(event, FileClosedEvent):
+            self.sink.file_ready(src)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            self.sink.file_changing(src)
+        elif isinstance(event, FileDeletedEvent):
+            self.sink.file_deleted(src)
+        elif isinstance(event, DirCreatedEvent):
+            if not event.is_synthetic:
+                self.sink.dir_arrived(src)  # files may land before its watch is armed
+        elif isinstance(event, DirDeletedEvent):
+            self.sink.dir_deleted(src)
+
+
+def _make_observer(on_overflow: Callable[[], None]) -> BaseObserver:
+    """An inotify observer whose reader also tells us about IN_Q_OVERFLOW."""
+    try:
+        from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
+        from watchdog.observers.inotify_c import InotifyFD
+    except ImportError:  # older watchdog: the periodic reconciliation is the safety net
+        from watchdog.observers import Observer
+
+        return Observer()
+
+    class _ReportingFD(InotifyFD):
+        def handle_event(self, event):  # type: ignore[no-untyped-def]
+            if event.is_queue_overflow:
+                on_overflow()
+            super().handle_event(event)
+
+    class _Observer(InotifyObserver):
+        def __init__(self) -> None:
+            fd = _ReportingFD()
+            fd.start()
+            BaseObserver.__init__(self, InotifyEmitter, timeout=1.0, inotify_fd=fd)
+            self._inotify_fd = fd
+
+    return _Observer()
+
+
+class Watcher:
+    """Watches a set of roots; `arm()` may be called again to change them (reload)."""
+
+    def __init__(self, sink: Sink, ignore: tuple[str, ...]) -> None:
+        self.sink, self.ignore = sink, ignore
+        self._observer: BaseObserver | None = None
+
+    def arm(self, roots: Iterable[Root]) -> None:
+        """(Re)start watching exactly these roots; raises WatchError naming the fix."""
+        self.stop()
+        observer = _make_observer(self.sink.overflow)
+        try:
+            for root in roots:
+                if not root.path.is_dir():
+                    raise WatchError(f"{root.path}: not a directory (create it or fix the "
+                                     "watch path)")
+                observer.schedule(_Handler(root, self.sink, self.ignore), str(root.path),
+                                  recursive=root.recursive, follow_symlink=False)
+            observer.start()
+        except OSError as exc:
+            observer.stop()
+            if exc.errno == errno.ENOSPC:
+                raise WatchError(f"inotify watch limit reached; {SYSCTL_HINT}") from None
+            if exc.errno == errno.EMFILE:
+                raise WatchError("inotify instance limit reached; raise "
+                                 "fs.inotify.max_user_instances") from None
+            raise WatchError(f"cannot watch: {exc.strerror or exc}") from None
+        self._observer = observer
+
+    def alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def stop(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
