@@ -47,6 +47,7 @@ class WorkQueue:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._due: dict[Path, float] = {}
+        self._taken: set[Path] = set()  # handed to a worker, not yet done()
         self._heap: list[tuple[float, int, Path]] = []
         self._seq = 0
         self._cond = threading.Condition()
@@ -74,6 +75,15 @@ class WorkQueue:
             self._cond.notify()
             return True
 
+    def __contains__(self, path: object) -> bool:
+        """Waiting or being processed."""
+        with self._cond:
+            return path in self._due or path in self._taken
+
+    def done(self, path: Path) -> None:
+        with self._cond:
+            self._taken.discard(path)
+
     def discard(self, path: Path) -> None:
         with self._cond:
             self._due.pop(path, None)
@@ -88,6 +98,7 @@ class WorkQueue:
                 if self._heap and self._heap[0][0] <= now:
                     _, _, path = heapq.heappop(self._heap)
                     del self._due[path]
+                    self._taken.add(path)
                     self._cond.notify_all()  # room for blocked producers
                     return path
                 if now >= deadline:
@@ -357,6 +368,7 @@ class Daemon:
         """Bring the store in line with the disk under `top`: queue new or changed files,
         forget records whose files are gone. Runs while watching, so nothing is missed."""
         counts = {"queued": 0, "forgotten": 0, "seen": 0}
+        queued: set[Path] = set()
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
             if self._stop.is_set():
                 return counts
@@ -387,7 +399,13 @@ class Daemon:
                     if (str(path), st.st_size, st.st_mtime_ns) in self._rejected:
                         continue
                     self.queue.put(path, block=True)
+                    queued.add(path)
                     counts["queued"] += 1
+        # Files queued above may be records that moved: let them be matched first.
+        while queued and not self._stop.is_set():
+            queued = {p for p in queued if p in self.queue}
+            if queued:
+                self._stop.wait(0.1)
         for rec in list(self.store.iter_records(prefix=str(top))):
             if rec.status in LIVE_STATUSES and not os.path.lexists(rec.path):
                 with self.store.locked(rec.scope):
@@ -420,6 +438,7 @@ class Daemon:
                 log.exception("processing %s failed; it stays where it is", path)
             finally:
                 self._busy.pop(me, None)
+                self.queue.done(path)
 
     def process(self, path: Path) -> None:
         """Hash one file and carry out its policy's decision."""
