@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -77,3 +79,24 @@ class DaemonProcess:
         code = self.proc.wait(timeout)
         self._fh.close()
         return code
+
+
+def records(db: Path) -> dict[str, str]:
+    """path -> status, read straight from the daemon's SQLite file."""
+    if not db.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(conn.execute("SELECT path, status FROM images"))
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        conn.close()
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".json")}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -14,30 +14,9 @@ from pathlib import Path
 import cv2
 import pytest
 from conftest import photo, write_image
-from daemonproc import DaemonProcess, wait_for, write_config
+from daemonproc import DaemonProcess, files_under, records, sha, wait_for, write_config
 
 from dedupd.hashing import Recipe, hamming, hash_file
-
-
-def records(db: Path) -> dict[str, str]:
-    """path -> status, read straight from the daemon's SQLite file."""
-    if not db.exists():
-        return {}
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return dict(conn.execute("SELECT path, status FROM images"))
-    except sqlite3.OperationalError:
-        return {}
-    finally:
-        conn.close()
-
-
-def files_under(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".json")}
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture

@@ -1,0 +1,194 @@
+"""Quarantine moves: every half-done state a crash can leave is finished or undone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import photo, write_image
+
+from dedupd.quarantine import PARTIAL_PREFIX, Quarantine, QuarantineError
+from dedupd.store import ImageRecord, QuarantineEntry, open_store
+from dedupd.store.base import ALLOWED, DONE, PENDING, PURGED, QUARANTINED, RESTORED, ROLLED_BACK
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    root = tmp_path / "root"
+    store = open_store(str(tmp_path / "i.sqlite"))
+    q = Quarantine(store, tmp_path / "q")
+    yield root, store, q
+    store.close()
+
+
+def record(path: Path, **kw) -> ImageRecord:
+    return ImageRecord(scope="s", path=str(path), recipe="dhash:8:fast:area:v1", hash=5,
+                       digest="d" + path.name, file_size=path.stat().st_size, mtime_ns=1,
+                       width=10, height=10, **kw)
+
+
+def no_rehash(entry: QuarantineEntry) -> ImageRecord | None:
+    raise AssertionError("rehash not expected")
+
+
+def test_move_in_keeps_relative_origin_sidecar_and_record(env) -> None:
+    root, store, q = env
+    src = write_image(root / "a" / "b" / "x.jpg", photo(1, 64, 48))
+    entry = q.move_in(src, root, record=record(src), matched_path="/m.jpg", distance=2,
+                      hash_hex="0000000000000005", policy="default")
+    dst = Path(entry.quarantine_path)
+    assert not src.exists() and dst.exists()
+    assert dst.relative_to(q.directory.resolve()).parts[-3:] == ("a", "b", "x.jpg")
+    side = json.loads(dst.with_name("x.jpg.json").read_text())
+    assert side["original_path"] == str(src) and side["matched_path"] == "/m.jpg"
+    assert store.get_by_path(str(dst)).status == QUARANTINED
+    assert entry.state == DONE
+    # A second file of the same name does not overwrite the first.
+    src2 = write_image(root / "a" / "b" / "x.jpg", photo(2, 64, 48))
+    entry2 = q.move_in(src2, root, record=record(src2), matched_path="/m.jpg", distance=1,
+                       hash_hex="0", policy="default")
+    assert entry2.quarantine_path != entry.quarantine_path and dst.exists()
+
+
+def test_names_cannot_escape_the_quarantine_dir(env, tmp_path: Path) -> None:
+    root, store, q = env
+    q.directory.mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    # An attacker-made symlink inside the quarantine dir must not redirect moves.
+    os.symlink(outside, q.directory / str(root).lstrip("/").split("/")[0])
+    src = write_image(root / "evil.jpg", photo(3, 32, 32))
+    with pytest.raises(QuarantineError, match="escapes"):
+        q.move_in(src, root, record=record(src), matched_path="/m", distance=0,
+                  hash_hex="0", policy="p")
+    assert src.exists() and not list(outside.rglob("*.jpg"))
+    odd = write_image(root / "$(touch pwned); rm -rf ~ .jpg", photo(4, 32, 32))
+    (q.directory / str(root).lstrip("/").split("/")[0]).unlink()
+    entry = q.move_in(odd, root, record=record(odd), matched_path="/m", distance=0,
+                      hash_hex="0", policy="p")
+    assert Path(entry.quarantine_path).name == odd.name  # names are data
+
+
+def pending(store, src: Path, dst: Path, image_id: int | None = None) -> QuarantineEntry:
+    return store.add_quarantine(QuarantineEntry(
+        original_path=str(src), quarantine_path=str(dst), matched_path="/m", distance=1,
+        hash="05", policy="p", image_id=image_id))
+
+
+def test_reconcile_rolls_back_when_the_move_never_happened(env) -> None:
+    root, store, q = env
+    src = write_image(root / "x.jpg", photo(1, 32, 32))
+    entry = pending(store, src, q.directory / "x.jpg")
+    assert q.reconcile(no_rehash)["rolled_back"] == 1
+    assert src.exists() and store.get_quarantine(entry.id).state == ROLLED_BACK
+
+
+def test_reconcile_completes_a_finished_rename(env) -> None:
+    root, store, q = env
+    src = write_image(root / "x.jpg", photo(1, 32, 32))
+    dst = q.directory / "x.jpg"
+    dst.parent.mkdir(parents=True)
+    entry = pending(store, src, dst)
+    os.rename(src, dst)  # the crash came after the rename, before the journal said DONE
+    rebuilt = record(dst)
+    assert q.reconcile(lambda e: rebuilt)["completed"] == 1
+    assert store.get_quarantine(entry.id).state == DONE
+    assert store.get_by_path(str(dst)).status == QUARANTINED
+    assert dst.with_name("x.jpg.json").exists()
+
+
+def test_reconcile_resolves_two_names_for_one_file(env) -> None:
+    root, store, q = env
+    src = write_image(root / "x.jpg", photo(1, 32, 32))
+    kept = store.insert(record(src))
+    dst = q.directory / "x.jpg"
+    dst.parent.mkdir(parents=True)
+    entry = pending(store, src, dst, image_id=kept.id)
+    os.link(src, dst)  # crash between link and unlink
+    (q.directory / f"{PARTIAL_PREFIX}9").write_bytes(b"half a copy")
+    q.reconcile(no_rehash)
+    assert dst.exists() and not src.exists()
+    assert not list(q.directory.glob(f"{PARTIAL_PREFIX}*"))
+    assert store.get(kept.id).path == str(dst)
+    assert store.get_quarantine(entry.id).state == DONE
+
+
+def test_reconcile_keeps_the_original_if_the_copies_differ(env) -> None:
+    root, store, q = env
+    src = write_image(root / "x.jpg", photo(1, 32, 32))
+    dst = q.directory / "x.jpg"
+    dst.parent.mkdir(parents=True)
+    dst.write_bytes(b"not the same bytes")
+    entry = pending(store, src, dst)
+    q.reconcile(no_rehash)
+    assert src.exists() and not dst.exists()
+    assert store.get_quarantine(entry.id).state == ROLLED_BACK
+
+
+def test_restore_and_crash_during_restore(env) -> None:
+    root, store, q = env
+    src = write_image(root / "x.jpg", photo(1, 32, 32))
+    entry = q.move_in(src, root, record=record(src), matched_path="/m", distance=1,
+                      hash_hex="05", policy="p")
+    back = q.restore(q.find(str(src)))
+    assert back == src and src.exists() and not Path(entry.quarantine_path).exists()
+    assert store.get_by_path(str(src)).status == ALLOWED
+    with pytest.raises(QuarantineError):
+        q.restore(store.get_quarantine(entry.id))
+    # Crash after the journal said RESTORED but before the rename: reconcile finishes it.
+    y = write_image(root / "y.jpg", photo(2, 32, 32))
+    e2 = q.move_in(y, root, record=record(y), matched_path="/m", distance=1, hash_hex="05",
+                   policy="p")
+    store.update_quarantine(replace(e2, state=RESTORED))
+    assert q.reconcile(no_rehash)["restored"] == 1
+    assert y.exists() and not Path(e2.quarantine_path).exists()
+
+
+def test_purge_and_files_removed_by_hand(env) -> None:
+    root, store, q = env
+    a = write_image(root / "a.jpg", photo(1, 32, 32))
+    b = write_image(root / "b.jpg", photo(2, 32, 32))
+    ea = q.move_in(a, root, record=record(a), matched_path="/m", distance=1, hash_hex="0",
+                   policy="p")
+    eb = q.move_in(b, root, record=record(b), matched_path="/m", distance=1, hash_hex="0",
+                   policy="p")
+    assert q.purge(1, dry_run=True) == []
+    assert [e.id for e in q.purge(-1, dry_run=True)] == [ea.id, eb.id]
+    assert Path(ea.quarantine_path).exists()
+    Path(eb.quarantine_path).unlink()  # an operator cleaned up by hand
+    assert q.reconcile(no_rehash)["purged"] == 1
+    assert store.get_by_path(eb.quarantine_path) is None
+    q.purge(-1)
+    assert not Path(ea.quarantine_path).exists()
+    assert store.get_quarantine(ea.id).state == PURGED
+    assert store.list_quarantine((DONE, PENDING)) == []
+
+
+def dedupd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dedupd", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_quarantine_cli_list_restore_purge(tmp_path: Path, config_file) -> None:
+    cfg = config_file()
+    store = open_store(str(tmp_path / "state" / "index.sqlite"))
+    q = Quarantine(store, tmp_path / "state" / "quarantine")
+    src = write_image(tmp_path / "root" / "x.jpg", photo(1, 32, 32))
+    entry = q.move_in(src, tmp_path / "root", record=record(src), matched_path="/m",
+                      distance=3, hash_hex="05", policy="p")
+    store.close()
+    listed = json.loads(dedupd("--config", str(cfg), "quarantine", "list", "--json").stdout)
+    assert [e["original_path"] for e in listed] == [str(src)]
+    assert dedupd("--config", str(cfg), "restore", "999").returncode == 2
+    out = dedupd("--config", str(cfg), "restore", str(entry.id))
+    assert out.returncode == 0, out.stderr
+    assert src.exists()
+    assert json.loads(dedupd("--config", str(cfg), "quarantine", "list", "--json").stdout) == []
+    purge = dedupd("--config", str(cfg), "quarantine", "purge", "--older-than", "0", "--json")
+    assert purge.returncode == 0 and json.loads(purge.stdout)["purged"] == []
+    assert src.exists()
