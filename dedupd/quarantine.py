@@ -327,6 +327,12 @@ def cmd_restore(args: argparse.Namespace, config: object) -> int:
         except (QuarantineError, OSError, StoreError) as exc:
             print(f"dedupd: {exc}", file=sys.stderr)
             return 2
+        from dedupd.events import Event, emit, setup_logging
+
+        setup_logging(args.log or "auto", "info")
+        emit(Event.RESTORED, f"{back}: restored from quarantine and allowed",
+             path=str(back), quarantine_path=entry.quarantine_path, match=entry.matched_path,
+             distance=entry.distance, policy=entry.policy)
         if args.json:
             json.dump({"id": entry.id, "restored": str(back)}, sys.stdout)
             sys.stdout.write("\n")

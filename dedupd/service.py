@@ -1,23 +1,95 @@
-"""Placeholder for sd_notify integration (replaced by the systemd-python implementation)."""
+"""systemd service protocol (sd_notify through systemd-python): READY, STATUS, WATCHDOG,
+RELOADING and STOPPING. Without NOTIFY_SOCKET every call is a no-op, so the same code
+runs in a terminal, in tests and under systemd.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("dedupd.service")
 
 
 class Notifier:
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        self.enabled = False
-        self.watchdog_interval: float | None = None
+    """Talks to the service manager named by $NOTIFY_SOCKET (path or @abstract).
 
-    def ready(self, status: str | None = None) -> None: ...
-    def status(self, text: str) -> None: ...
-    def reloading(self) -> None: ...
-    def stopping(self) -> None: ...
-    def watchdog(self) -> None: ...
+    libsystemd reads the variables from the process environment, so this does too.
+    """
+
+    def __init__(self) -> None:
+        env = os.environ
+        self.socket = env.get("NOTIFY_SOCKET") or None
+        self.enabled = self.socket is not None
+        self.watchdog_interval: float | None = None
+        usec, pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
+        if usec and usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.watchdog_interval = int(usec) / 2 / 1e6  # ping at half the timeout
+        self._lock = threading.Lock()
+
+    def send(self, *lines: str) -> None:
+        if not self.enabled:
+            return
+        from systemd import daemon
+
+        with self._lock:
+            try:
+                daemon.notify("\n".join(lines))
+            except OSError as exc:  # the manager went away: keep running, say so once
+                log.warning("sd_notify failed: %s", exc)
+
+    def ready(self, status: str | None = None) -> None:
+        self.send("READY=1", *([f"STATUS={status}"] if status else []))
+
+    def status(self, text: str) -> None:
+        self.send(f"STATUS={text}")
+
+    def reloading(self) -> None:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading configuration")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1", "STATUS=stopping: finishing files in flight")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
 
 
 class WatchdogPinger:
-    def __init__(self, notifier: Notifier, is_healthy: Callable[[], bool]) -> None: ...
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
+    """Sends WATCHDOG=1 every half-timeout, but only while `is_healthy()` says the pipeline
+    makes progress: a wedged worker stops the pings and systemd restarts the service."""
+
+    def __init__(self, notifier: Notifier, is_healthy: Callable[[], bool]) -> None:
+        self.notifier, self.is_healthy = notifier, is_healthy
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.notifier.watchdog_interval is None or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="dedupd-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.notifier.watchdog_interval
+        assert interval is not None
+        while True:
+            try:
+                healthy = self.is_healthy()
+            except Exception:  # a broken health check is an unhealthy service
+                healthy = False
+            if healthy:
+                self.notifier.watchdog()
+            else:
+                log.warning("pipeline not making progress: withholding watchdog ping")
+            if self._stop.wait(interval):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None

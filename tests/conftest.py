@@ -71,5 +71,7 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
     monkeypatch.delenv("DEDUPD_CONFIG", raising=False)
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
+                "JOURNAL_STREAM"):
+        monkeypatch.delenv(var, raising=False)
     os.environ.setdefault("PYTHONHASHSEED", "0")
