@@ -149,6 +149,8 @@ class Daemon:
         done = self.quarantine.reconcile(self._rehash_entry)
         if any(done.values()):
             log.warning("quarantine journal repaired after an unclean stop: %s", done)
+        for scope in {w.scope for w in self.config.watches}:
+            self.store.warm(scope, self.config.recipe.key)  # the first file must not wait
         self.watcher.arm(self._roots())
         workers = self.config.workers or len(os.sched_getaffinity(0))
         for i in range(workers):

@@ -107,6 +107,10 @@ class Store(ABC):
                      max_distance: int, limit: int = 10) -> list[Match]:
         """Live records within max_distance (and byte-identical ones), nearest first."""
 
+    def warm(self, scope: str, recipe: str) -> None:
+        """Load whatever makes the first query of (scope, recipe) fast (a cheap query)."""
+        self.find_matches(scope, recipe, 0, None, 0, limit=1)
+
     @abstractmethod
     def locked(self, scope: str) -> AbstractContextManager[None]:
         """Serialise check-then-insert within a scope (across threads, and hosts if shared)."""

@@ -1,0 +1,176 @@
+"""Hash dictionary benchmark: dedupd's multi-index HammingIndex vs a brute-force numpy
+scan vs a BK-tree, at several sizes, plus SQLite bulk insert and index load.
+
+    ./dev bench bench_store [--sizes 100000,1000000,10000000] [--queries 300]
+
+Hashes are uniformly random 64-bit values; half of the queries are planted neighbours
+(1-8 bits away from a stored hash) so near-duplicate queries return something.
+Latencies are one thread, per query, p50/p99 in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from dedupd.store import ImageRecord  # noqa: E402
+from dedupd.store.hamming import HammingIndex  # noqa: E402
+from dedupd.store.sqlite import SQLiteStore  # noqa: E402
+
+RECIPE = "dhash:8:fast:area:v1"
+DISTANCES = (0, 4, 8, 10)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class BKTree:
+    """The classic metric tree for Hamming distance (nodes as [hash, id, {dist: child}])."""
+
+    def __init__(self) -> None:
+        self.root: list | None = None
+
+    def add(self, h: int, i: int) -> None:
+        if self.root is None:
+            self.root = [h, i, {}]
+            return
+        node = self.root
+        while True:
+            d = (node[0] ^ h).bit_count()
+            child = node[2].get(d)
+            if child is None:
+                node[2][d] = [h, i, {}]
+                return
+            node = child
+
+    def query(self, h: int, k: int) -> list[tuple[int, int]]:
+        out, stack = [], [self.root] if self.root else []
+        while stack:
+            node = stack.pop()
+            d = (node[0] ^ h).bit_count()
+            if d <= k:
+                out.append((node[1], d))
+            for dist, child in node[2].items():
+                if d - k <= dist <= d + k:
+                    stack.append(child)
+        return sorted(out, key=lambda t: (t[1], t[0]))
+
+
+def brute(hashes: np.ndarray, q: int, d: int) -> np.ndarray:
+    dist = np.bitwise_count(hashes ^ np.uint64(q))
+    return np.flatnonzero(dist <= d)
+
+
+def percentiles(fn, queries: list[int], d: int) -> tuple[float, float]:
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        fn(q, d)
+        times.append(time.perf_counter() - t)
+    a = np.array(times) * 1e6
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def make_queries(hashes: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
+    picks = hashes[rng.integers(0, len(hashes), n)]
+    out = []
+    for i, h in enumerate(picks):
+        h = int(h)
+        if i % 2:
+            for b in rng.choice(64, 1 + i % 8, replace=False):
+                h ^= 1 << int(b)
+        out.append(h)
+    return out
+
+
+def bench_sqlite(n: int, hashes: np.ndarray) -> tuple[float, float, float]:
+    """Bulk insert rate (rows/s), cold index load time (s), startup open time (s)."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        path = os.path.join(d, "index.sqlite")
+        store = SQLiteStore(path)
+        batch = 100_000
+        t = time.perf_counter()
+        for start in range(0, n, batch):
+            store.insert_many([
+                ImageRecord("bench", f"/data/{i:09d}.jpg", RECIPE, int(hashes[i]), f"{i:064x}",
+                            100_000, 0, 1024, 768) for i in range(start, min(n, start + batch))])
+        insert_rate = n / (time.perf_counter() - t)
+        store.close()
+        t = time.perf_counter()
+        store = SQLiteStore(path)
+        opened = time.perf_counter() - t
+        t = time.perf_counter()
+        store.find_matches("bench", RECIPE, int(hashes[0]), None, 4)
+        load = time.perf_counter() - t
+        store.close()
+    return insert_rate, load, opened
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100000,1000000,10000000")
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--bktree-max", type=int, default=1_000_000,
+                    help="skip the BK-tree above this size (pure Python: slow to build)")
+    ap.add_argument("--no-sqlite", action="store_true")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"machine: {os.cpu_count()} cores; one query thread; latencies p50/p99 in µs")
+    for n in (int(s) for s in args.sizes.split(",")):
+        bench_size(n, rng, args)
+
+
+def bench_size(n: int, rng: np.random.Generator, args: argparse.Namespace) -> None:
+    gc.collect()
+    hashes = rng.integers(0, 2**64, n, dtype=np.uint64)
+    queries = make_queries(hashes, args.queries, rng)
+    print(f"\n== {n:,} hashes")
+    base = rss_mb()
+    t = time.perf_counter()
+    index = HammingIndex(64)
+    index.add_many(np.arange(1, n + 1, dtype=np.int64), hashes.reshape(-1, 1))
+    build = time.perf_counter() - t
+    print(f"HammingIndex build {build:.2f} s ({n / build / 1e6:.1f} M/s), "
+          f"{index.nbytes / 2**20:.0f} MiB arrays, RSS +{rss_mb() - base:.0f} MiB")
+    tree = None
+    if n <= args.bktree_max:
+        t = time.perf_counter()
+        tree = BKTree()
+        for i, h in enumerate(hashes.tolist(), 1):
+            tree.add(h, i)
+        print(f"BK-tree build {time.perf_counter() - t:.1f} s")
+    else:
+        print(f"BK-tree skipped (> {args.bktree_max:,}: pure-Python build too slow)")
+    print(f"{'d':>3} {'HammingIndex':>18} {'numpy scan':>18} {'BK-tree':>18} {'hits':>6}")
+    for d in DISTANCES:
+        mih = percentiles(lambda q, k: index.query(q, k), queries * (4 if d == 0 else 1), d)
+        flat = percentiles(lambda q, k: brute(hashes, q, k), queries, d)
+        bk = percentiles(lambda q, k: tree.query(q, k), queries[:50], d) if tree else None
+        hits = np.mean([len(index.query(q, d)) for q in queries[:50]])
+        for q in queries[:20]:  # the bench also checks correctness
+            assert len(index.query(q, d)) == len(brute(hashes, q, d))
+        bk_txt = f"{bk[0]:>8.0f}/{bk[1]:<9.0f}" if bk else f"{'-':>18}"
+        print(f"{d:>3} {mih[0]:>8.1f}/{mih[1]:<9.1f} {flat[0]:>8.0f}/{flat[1]:<9.0f} "
+              f"{bk_txt} {hits:>6.1f}")
+    if not args.no_sqlite:
+        rate, load, opened = bench_sqlite(n, hashes)
+        print(f"SQLite: bulk insert {rate:,.0f} rows/s; open {opened * 1e3:.0f} ms; "
+              f"index load on first query {load:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Multi-index Hamming search against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dedupd.store.hamming import HammingIndex
+
+
+def brute(ids: np.ndarray, hashes: np.ndarray, q: int, d: int) -> list[tuple[int, int]]:
+    dist = np.bitwise_count(hashes ^ np.uint64(q)).astype(int)
+    hit = np.flatnonzero(dist <= d)
+    return sorted(zip(ids[hit].tolist(), dist[hit].tolist(), strict=True),
+                  key=lambda t: (t[1], t[0]))
+
+
+def flip(h: int, rng: np.random.Generator, k: int) -> int:
+    for b in rng.choice(64, k, replace=False):
+        h ^= 1 << int(b)
+    return h
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(42)
+    n = 100_000
+    hashes = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    # Plant neighbours at 1..12 bits of some hashes so every radius has hits.
+    for i in range(0, 2000, 2):
+        hashes[i + 1] = np.uint64(flip(int(hashes[i]), rng, 1 + i % 12))
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    index = HammingIndex(64)
+    index.add_many(ids, hashes.reshape(-1, 1))
+    return ids, hashes, index, rng
+
+
+@pytest.mark.parametrize("d", [0, 1, 3, 4, 8, 10, 16])
+def test_equals_brute_force_on_100k(data, d: int) -> None:
+    ids, hashes, index, rng = data
+    queries = [int(h) for h in hashes[:200:2]] + [flip(int(h), rng, 2) for h in hashes[:50]]
+    queries += [int(x) for x in rng.integers(0, 2**64, 20, dtype=np.uint64)]
+    for q in queries:
+        assert index.query(q, d) == brute(ids, hashes, q, d)
+
+
+def test_delta_removal_and_readd(data) -> None:
+    ids, hashes, _, rng = data
+    index = HammingIndex(64)
+    index.add_many(ids[:50_000], hashes[:50_000].reshape(-1, 1))
+    for i in range(50_000, 50_500):  # below the rebuild threshold: served from the delta
+        index.add(int(ids[i]), int(hashes[i]))
+    alive = np.zeros(len(ids), bool)
+    alive[:50_500] = True
+    for i in rng.choice(50_500, 300, replace=False):
+        index.remove(int(ids[i]))
+        alive[i] = False
+    index.remove(10**9)  # unknown ids are ignored
+    assert len(index) == int(alive.sum())
+    for q in [int(h) for h in hashes[:400:3]] + [int(hashes[50_100])]:
+        assert index.query(q, 8) == brute(ids[alive], hashes[alive], q, 8)
+    index.add(int(ids[0]), 12345)  # re-adding an id replaces its hash
+    assert index.query(12345, 0) == [(int(ids[0]), 0)]
+    assert all(i != ids[0] for i, _ in index.query(int(hashes[0]), 0))
+    index.add_many(ids[60_000:80_000], hashes[60_000:80_000].reshape(-1, 1))  # rebuild
+    alive[60_000:80_000] = True
+    alive[0] = False
+    for q in [int(h) for h in hashes[60_000:60_300:7]]:
+        assert index.query(q, 10) == brute(ids[alive], hashes[alive], q, 10)
+
+
+def test_crowded_bucket_and_limit() -> None:
+    index = HammingIndex(64)
+    n = 20_000
+    hashes = np.zeros(n, np.uint64)  # flat images all hash to 0
+    hashes[n // 2:] = np.random.default_rng(1).integers(0, 2**64, n // 2, dtype=np.uint64)
+    index.add_many(np.arange(n, dtype=np.int64), hashes.reshape(-1, 1))
+    hits = index.query(0, 4)
+    assert len(hits) >= n // 2 and hits[:3] == [(0, 0), (1, 0), (2, 0)]
+    assert index.query(1, 4, limit=2) == [(0, 1), (1, 1)]
+
+
+def test_256_bit() -> None:
+    rng = np.random.default_rng(3)
+    n = 5000
+    words = rng.integers(0, 2**64, (n, 4), dtype=np.uint64)
+    index = HammingIndex(256)
+    index.add_many(np.arange(n, dtype=np.int64), words)
+    q = sum(int(w) << (64 * i) for i, w in enumerate(words[17]))
+    assert index.query(q, 0) == [(17, 0)]
+    q2 = q ^ (1 << 200) ^ (1 << 3)
+    assert index.query(q2, 2) == [(17, 2)]
+    dist = np.bitwise_count(words ^ words[17]).sum(axis=1)
+    assert len(index.query(q, 120)) == int((dist <= 120).sum())
