@@ -28,6 +28,15 @@ def photo(seed: int, width: int = 640, height: int = 480) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def seed_recipe(path: Path, size: int = 8) -> int:
+    """The seed script, verbatim in spirit: imread colour, BGR2GRAY, default resize."""
+    image = cv2.imread(str(path))
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    resized = cv2.resize(gray, (size + 1, size))
+    diff = resized[:, 1:] > resized[:, :-1]
+    return sum(2**i for i, v in enumerate(diff.flatten()) if v)
+
+
 def write_image(path: Path, img: np.ndarray, quality: int = 92) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ext = path.suffix.lower()

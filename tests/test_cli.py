@@ -61,3 +61,41 @@ def test_bad_config_one_line_exit_2(tmp_path: Path) -> None:
     proc = dedupd("--config", str(cfg), "validate", check=2)
     assert proc.stderr.strip().count("\n") == 0
     assert "policies.default.max_distance" in proc.stderr and str(cfg) in proc.stderr
+
+
+def test_help_is_a_manual_and_usage_errors_exit_2(tmp_path: Path) -> None:
+    top = dedupd("--help", check=0).stdout
+    for word in ("exit status:", "files:", "environment:", "scan", "check", "quarantine"):
+        assert word in top
+    for command in ("hash", "scan", "check", "run", "quarantine", "db"):
+        assert "usage: dedupd" in dedupd(command, "--help", check=0).stdout
+    assert "invalid choice" in dedupd("frobnicate", check=2).stderr
+    assert dedupd("hash", "--size", "7", str(tmp_path), check=2).stderr
+
+
+def test_check_unreadable_file_is_an_error_with_json(tmp_path: Path, config_file) -> None:
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    proc = dedupd("--config", str(config_file()), "check", "--json", str(text), check=2)
+    assert json.loads(proc.stdout) == {"path": str(text), "error": "unsupported",
+                                       "reason": "not a JPEG, PNG, WebP, BMP or TIFF image"}
+
+
+def test_validate_json_and_missing_config(tmp_path: Path, config_file) -> None:
+    js = json.loads(dedupd("--config", str(config_file()), "validate", "--json",
+                           check=0).stdout)
+    assert js["valid"] is True and js["policies"] == ["default"]
+    proc = dedupd("--config", str(tmp_path / "nope.yaml"), "validate", check=2)
+    assert str(tmp_path / "nope.yaml") in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_scan_dry_run_changes_nothing(make_photo, tmp_path: Path, config_file) -> None:
+    data = tmp_path / "data"
+    make_photo("a.jpg", seed=1, root=data)
+    (data / "b.jpg").write_bytes((data / "a.jpg").read_bytes())
+    cfg = str(config_file())
+    js = json.loads(dedupd("--config", cfg, "scan", "--dry-run", "--json", str(data),
+                           check=1).stdout)
+    assert js["duplicates"] == 1 and js["groups"][0]["duplicates"][0]["identical"]
+    assert json.loads(dedupd("--config", cfg, "stats", "--json", check=0).stdout)["images"] == 0
+    assert sorted(p.name for p in data.iterdir()) == ["a.jpg", "b.jpg"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import seed_recipe
 
 from dedupd.hashing import (
     ImageError,
@@ -17,15 +18,6 @@ from dedupd.hashing import (
     hash_file,
     hash_to_hex,
 )
-
-
-def seed_recipe(path: Path, size: int = 8) -> int:
-    """The seed script, verbatim in spirit: imread colour, BGR2GRAY, default resize."""
-    image = cv2.imread(str(path))
-    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    resized = cv2.resize(gray, (size + 1, size))
-    diff = resized[:, 1:] > resized[:, :-1]
-    return sum(2**i for i, v in enumerate(diff.flatten()) if v)
 
 
 @pytest.mark.parametrize("ext", [".jpg", ".png", ".webp", ".bmp", ".tiff"])
