@@ -67,11 +67,12 @@ def test_find_matches_scope_recipe_status_and_order(tmp_path: Path) -> None:
     store.insert(rec("/c", base, scope="other"))  # other scope: never
     store.insert(rec("/d", base).with_(recipe="dhash-seed:8:full:linear:v1"))  # other recipe
     q = store.insert(rec("/q", base, status=QUARANTINED))  # not live
-    same = store.insert(rec("/same", base ^ (0xFFFF << 48), digest="D"))  # same bytes, far hash
+    same = store.insert(rec("/same", base, digest="D"))  # same bytes (so the same hash)
     got = store.find_matches("s", RECIPE, base, "D", max_distance=4)
     assert [(m.record.path, m.distance, m.identical) for m in got] == [
         ("/same", 0, True), ("/b", 1, False), ("/a", 3, False)]
-    assert store.find_matches("s", RECIPE, base, None, 0) == []
+    assert [(m.record.path, m.identical) for m in store.find_matches("s", RECIPE, base, None,
+                                                                     0)] == [("/same", False)]
     # Status changes keep the in-memory index in step.
     store.update(q.with_(status=ALLOWED))
     assert store.find_matches("s", RECIPE, base, None, 0)[0].record.path == "/q"
@@ -79,8 +80,17 @@ def test_find_matches_scope_recipe_status_and_order(tmp_path: Path) -> None:
     assert store.find_matches("s", RECIPE, base, None, 1)[-1].record.path == "/b2"
     store.delete(a.id)
     assert [m.record.path for m in store.find_matches("s", RECIPE, base, None, 4)] == [
-        "/q", "/b2"]
+        "/q", "/same", "/b2"]
     assert same.id and store.stats()["images"] == 5
+    store.close()
+
+
+def test_identical_copy_is_found_among_many_equal_hashes(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "i.sqlite"))
+    store.insert_many([rec(f"/flat{i}", 0) for i in range(1200)])  # flat images: hash 0
+    store.insert(rec("/copy", 0, digest="D"))
+    got = store.find_matches("s", RECIPE, 0, "D", max_distance=0, limit=2)
+    assert [(m.record.path, m.identical) for m in got] == [("/copy", True), ("/flat0", False)]
     store.close()
 
 
@@ -150,3 +160,67 @@ def test_sigkill_mid_batch_keeps_committed_rows(tmp_path: Path) -> None:
     assert n >= 2100 and n % 100 == 0  # whole transactions only
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store.close()
+
+
+def _live_truth(path: Path) -> list[tuple[int, int]]:
+    conn = sqlite3.connect(path)
+    rows = conn.execute("SELECT id, hash FROM images WHERE status IN ('kept', 'allowed') "
+                        "ORDER BY id").fetchall()
+    conn.close()
+    return [(i, int.from_bytes(h, "little")) for i, h in rows]
+
+
+def _index_contents(store, *, from_snapshot: bool | None = None) -> list[tuple[int, int]]:
+    """What the in-memory index holds; from_snapshot: load it that way, or fail."""
+    from dedupd.store.hamming import HammingIndex
+
+    index = store._index("s", RECIPE)
+    if from_snapshot is not None:
+        index = HammingIndex(64)
+        assert store._load_snapshot("s", RECIPE, index) is from_snapshot
+    ids, hashes = index.export()
+    return sorted(zip(ids.tolist(), hashes[:, 0].tolist(), strict=True))
+
+
+def test_index_snapshot_catches_up_after_an_unclean_stop(tmp_path: Path, monkeypatch) -> None:
+    import dedupd.store.sqlite as backend
+
+    monkeypatch.setattr(backend, "SNAPSHOT_MIN", 0)
+    db = tmp_path / "i.sqlite"
+    rnd = random.Random(5)
+    store = open_store(str(db))
+    ids = store.insert_many([rec(f"/{i}", rnd.getrandbits(64)) for i in range(2000)])
+    assert ids == list(range(1, 2001))
+    records = [store.get(i) for i in ids]
+    store.warm("s", RECIPE)
+    store.close()  # clean stop: snapshot written, log trimmed
+    snapshots = list(tmp_path.glob("i.sqlite.hamming-*.npz"))
+    assert len(snapshots) == 1
+
+    store = open_store(str(db))
+    assert _index_contents(store, from_snapshot=True) == _live_truth(db)
+    store.insert_many([rec(f"/new{i}", rnd.getrandbits(64)) for i in range(300)])
+    for r in records[:100]:
+        store.update(r.with_(status=QUARANTINED))
+    for r in records[100:150]:
+        store.delete(r.id)
+    for r in records[150:200]:
+        store.update(r.with_(hash=rnd.getrandbits(64)))
+    store.delete(store.get_by_path("/new299").id)  # the largest id: SQLite may reuse it
+    store.insert(rec("/reused", 42))
+    store._db.close()  # killed: no checkpoint, the snapshot is stale
+
+    store = open_store(str(db))
+    assert _index_contents(store, from_snapshot=True) == _live_truth(db)
+    assert _index_contents(store) == _live_truth(db)
+    assert store.find_matches("s", RECIPE, 42, None, 0)[0].record.path == "/reused"
+    store.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM index_log").fetchone()[0] == 0
+    conn.close()
+
+    snapshots[0].write_bytes(b"garbage")  # a damaged snapshot is ignored, not trusted
+    store = open_store(str(db))
+    assert _index_contents(store, from_snapshot=False) == []
+    assert _index_contents(store) == _live_truth(db)
+    store._db.close()

@@ -80,9 +80,9 @@ class Store(ABC):
     def insert(self, record: ImageRecord) -> ImageRecord:
         """Add a record (path must be new); returns it with its id."""
 
-    def insert_many(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        """Bulk insert in one transaction where the backend can."""
-        return [self.insert(r) for r in records]
+    def insert_many(self, records: list[ImageRecord]) -> list[int]:
+        """Bulk insert (one transaction where the backend can); returns the new ids."""
+        return [self.insert(r).id for r in records]  # type: ignore[misc]
 
     @abstractmethod
     def get(self, record_id: int) -> ImageRecord | None: ...

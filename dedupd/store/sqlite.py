@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import os
 import sqlite3
@@ -76,8 +77,20 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX images_hash;
     CREATE INDEX images_live ON images (scope, recipe, status, hash);
     """,
+    # 3: near-duplicate and identical-content lookups are served by the in-memory index
+    # (byte-identical files have equal hashes), so the two secondary indexes on random
+    # keys go: they cost two thirds of insert time at millions of rows. The in-memory
+    # index persists as a snapshot plus index_log, the ids updated or deleted since.
+    """
+    DROP INDEX images_digest;
+    DROP INDEX images_live;
+    CREATE TABLE index_log (seq INTEGER PRIMARY KEY, image_id INTEGER NOT NULL);
+    INSERT INTO meta VALUES ('log_floor', 0);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# Indexes smaller than this load from SQL in well under a second: no snapshot.
+SNAPSHOT_MIN = 100_000
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,7 +135,7 @@ class SQLiteStore(Store):
         self._lock = threading.RLock()
         self._scope_locks: dict[str, threading.RLock] = {}
         self._indexes: dict[tuple[str, str], HammingIndex] = {}
-        self._snapshot_gen: dict[tuple[str, str], int] = {}
+        self._saved_at: dict[tuple[str, str], tuple[int, int]] = {}  # (max id, log seq)
 
     # -- plumbing
     def _migrate(self) -> None:
@@ -148,7 +161,6 @@ class SQLiteStore(Store):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-                self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -161,78 +173,133 @@ class SQLiteStore(Store):
     def close(self) -> None:
         with self._lock:
             try:
-                self._save_snapshots()
+                self.checkpoint()
             finally:
                 self._db.close()
 
-    # -- snapshots: a 10M-entry index loads in a fraction of a second instead of a
-    # minute of row-by-row SELECT. Exact or ignored: a snapshot is used only if no
-    # write transaction happened since it was taken (the generation counter).
-    def _generation(self) -> int:
-        return int(self._db.execute(
-            "SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+    # -- persistence of the in-memory index. Loading 10M hashes through SELECT takes
+    # ten seconds or more; a snapshot (ids + hashes as .npy arrays) loads in well under
+    # one. A snapshot records the largest row id and the index_log position it covers:
+    # on load, rows with a larger id are added and every id logged since is re-read, so
+    # a stale snapshot (the daemon was killed) is still exact, just slower to catch up.
 
     def _snapshot_path(self, scope: str, recipe: str) -> str:
         tag = hashlib.sha1(f"{scope}\0{recipe}".encode()).hexdigest()[:16]
         return f"{self.path}.hamming-{tag}.npz"
 
-    def _save_snapshots(self) -> None:
-        generation = self._generation()
-        for (scope, recipe), index in self._indexes.items():
-            if self._snapshot_gen.get((scope, recipe)) == generation or len(index) < 100_000:
-                continue  # unchanged, or small enough to load from SQL quickly
-            path = self._snapshot_path(scope, recipe)
-            ids, hashes = index.export()
-            tmp = path + ".tmp"
+    def _position(self) -> tuple[int, int]:
+        """(largest row id, last index_log seq): what a snapshot taken now covers."""
+        (max_id,) = self._db.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()
+        (seq,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM index_log").fetchone()
+        return int(max_id), int(seq)
+
+    def checkpoint(self) -> None:
+        """Save snapshots of loaded indexes that changed, then trim the log they cover."""
+        with self._lock:
+            position = self._position()
+            for key, index in self._indexes.items():
+                if self._saved_at.get(key) == position or len(index) < SNAPSHOT_MIN:
+                    continue  # unchanged, or small enough to load from SQL quickly
+                ids, hashes = index.export()
+                if self._write_snapshot(self._snapshot_path(*key), ids, hashes, position):
+                    self._saved_at[key] = position
+            self._trim_log()
+
+    def _write_snapshot(self, path: str, ids: np.ndarray, hashes: np.ndarray,
+                        position: tuple[int, int]) -> bool:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, ids=ids, hashes=hashes, max_id=np.int64(position[0]),
+                         seq=np.int64(position[1]))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            return True
+        except OSError:  # a snapshot is an optimisation; never fail a close for it
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+
+    def _trim_log(self) -> None:
+        """Drop log entries that every snapshot on disk already covers."""
+        covered = []
+        for path in glob.glob(glob.escape(self.path) + ".hamming-*.npz"):
             try:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, ids=ids, hashes=hashes, generation=np.int64(generation))
-                os.replace(tmp, path)
-            except OSError:  # a snapshot is an optimisation; never fail a close for it
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                with np.load(path) as snap:
+                    covered.append(int(snap["seq"]))
+            except (OSError, ValueError, KeyError):
+                continue
+        (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM index_log").fetchone()
+        floor = min(covered, default=last)
+        if floor > self._log_floor():
+            with self._tx() as db:
+                db.execute("DELETE FROM index_log WHERE seq <= ?", (floor,))
+                db.execute("UPDATE meta SET value = ? WHERE key = 'log_floor'", (floor,))
+
+    def _log_floor(self) -> int:
+        return int(self._db.execute(
+            "SELECT value FROM meta WHERE key = 'log_floor'").fetchone()[0])
 
     def _load_snapshot(self, scope: str, recipe: str, index: HammingIndex) -> bool:
-        path = self._snapshot_path(scope, recipe)
+        """Fill index from its snapshot and catch up with later writes; False if unusable."""
         try:
-            with np.load(path) as snap:
-                if int(snap["generation"]) != self._generation():
-                    return False
+            with np.load(self._snapshot_path(scope, recipe)) as snap:
+                max_id, seq = int(snap["max_id"]), int(snap["seq"])
+                if seq < self._log_floor():
+                    return False  # the log that would bring it up to date is gone
                 index.add_many(snap["ids"], snap["hashes"])
         except (OSError, ValueError, KeyError):
             return False
-        self._snapshot_gen[(scope, recipe)] = self._generation()
+        self._load_rows(scope, recipe, index, "id > ?", (max_id,))
+        changed = [r[0] for r in self._db.execute(
+            "SELECT DISTINCT image_id FROM index_log WHERE seq > ?", (seq,))]
+        for image_id in changed:
+            index.remove(image_id)
+        for start in range(0, len(changed), 500):
+            chunk = changed[start:start + 500]
+            self._load_rows(scope, recipe, index, f"id IN ({','.join('?' * len(chunk))})",
+                            tuple(chunk))
+        self._saved_at[(scope, recipe)] = (max_id, seq)
         return True
+
+    def _load_rows(self, scope: str, recipe: str, index: HammingIndex, where: str,
+                   args: tuple) -> None:
+        """Add the live rows of (scope, recipe) matching `where` to index, in bulk."""
+        cur = self._db.execute(
+            f"SELECT id, hash FROM images WHERE {where} AND scope = ? AND recipe = ? "
+            f"AND status IN ({','.join('?' * len(LIVE_STATUSES))})",
+            (*args, scope, recipe, *LIVE_STATUSES),
+        )
+        # Chunks keep memory flat and feed numpy without per-row Python objects.
+        while rows := cur.fetchmany(200_000):
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            hashes = np.frombuffer(b"".join([r[1] for r in rows]), "<u8")
+            index.add_many(ids, hashes.reshape(len(rows), index.words))
 
     def warm(self, scope: str, recipe: str) -> None:
         self._index(scope, recipe)
 
-    # -- in-memory index, loaded per (scope, recipe) on first use
     def _index(self, scope: str, recipe: str) -> HammingIndex:
+        """The in-memory index of (scope, recipe), loaded on first use."""
         key = (scope, recipe)
         with self._lock:
             index = self._indexes.get(key)
             if index is None:
-                bits = Recipe.from_key(recipe).bits
-                index = HammingIndex(bits)
-                if self._load_snapshot(scope, recipe, index):
-                    self._indexes[key] = index
-                    return index
-                cur = self._db.execute(
-                    "SELECT id, hash FROM images WHERE scope = ? AND recipe = ? "
-                    f"AND status IN ({','.join('?' * len(LIVE_STATUSES))})",
-                    (scope, recipe, *LIVE_STATUSES),
-                )
-                # Chunks keep memory flat and feed numpy without per-row Python objects.
-                while rows := cur.fetchmany(200_000):
-                    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-                    hashes = np.frombuffer(b"".join([r[1] for r in rows]), "<u8")
-                    index.add_many(ids, hashes.reshape(len(rows), bits // 64))
+                index = HammingIndex(Recipe.from_key(recipe).bits)
+                if not self._load_snapshot(scope, recipe, index):
+                    index = HammingIndex(index.bits)
+                    self._load_rows(scope, recipe, index, "1", ())
                 self._indexes[key] = index
             return index
 
     def _index_sync(self, old: ImageRecord | None, new: ImageRecord | None) -> None:
-        """Keep loaded indexes equal to the live rows after a write."""
+        """Keep loaded indexes equal to the live rows after an update or delete, and log
+        the id so that snapshots can catch up."""
+        record = old or new
+        if record is None:
+            return
+        self._db.execute("INSERT INTO index_log (image_id) VALUES (?)", (record.id,))
         if old is not None and old.status in LIVE_STATUSES:
             loaded = self._indexes.get((old.scope, old.recipe))
             if loaded is not None:
@@ -244,41 +311,39 @@ class SQLiteStore(Store):
 
     # -- images
     def insert(self, record: ImageRecord) -> ImageRecord:
-        return self.insert_many([record])[0]
+        return record.with_(id=self.insert_many([record])[0])
 
-    def insert_many(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        """One transaction; rows get consecutive rowids after the current maximum (the
+    def insert_many(self, records: list[ImageRecord]) -> list[int]:
+        """One transaction; rows get consecutive ids after the current maximum (the
         write lock is held, so nobody else can take one in between)."""
         if not records:
             return []
         try:
             with self._tx() as db:
                 (top,) = db.execute("SELECT coalesce(max(id), 0) FROM images").fetchone()
+                ids = range(top + 1, top + 1 + len(records))
+                blobs = [_hash_blob(r) for r in records]
                 db.executemany(
                     f"INSERT INTO images ({_IMAGE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [(top + i, r.scope, r.path, r.recipe, _hash_blob(r), r.digest,
-                      r.file_size, r.mtime_ns, r.width, r.height, r.first_seen, r.status)
-                     for i, r in enumerate(records, 1)],
+                    [(i, r.scope, r.path, r.recipe, blob, r.digest, r.file_size, r.mtime_ns,
+                      r.width, r.height, r.first_seen, r.status)
+                     for i, r, blob in zip(ids, records, blobs, strict=True)],
                 )
-                out = [ImageRecord(r.scope, r.path, r.recipe, r.hash, r.digest, r.file_size,
-                                   r.mtime_ns, r.width, r.height, r.first_seen, r.status, top + i)
-                       for i, r in enumerate(records, 1)]
-                self._index_add(out)
+                self._index_add(records, ids, blobs)
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"insert failed: {exc}") from None
-        return out
+        return list(ids)
 
-    def _index_add(self, records: list[ImageRecord]) -> None:
-        """Add live records to the loaded indexes, in bulk per (scope, recipe)."""
-        groups: dict[tuple[str, str], list[ImageRecord]] = {}
-        for r in records:
+    def _index_add(self, records: list[ImageRecord], ids: range, blobs: list[bytes]) -> None:
+        """Add the live ones among newly inserted rows to the loaded indexes, in bulk."""
+        groups: dict[tuple[str, str], list[int]] = {}
+        for n, r in enumerate(records):
             if r.status in LIVE_STATUSES and (r.scope, r.recipe) in self._indexes:
-                groups.setdefault((r.scope, r.recipe), []).append(r)
-        for key, recs in groups.items():
+                groups.setdefault((r.scope, r.recipe), []).append(n)
+        for key, picks in groups.items():
             index = self._indexes[key]
-            ids = np.fromiter((r.id for r in recs), np.int64, len(recs))  # type: ignore[misc]
-            blob = b"".join(_hash_blob(r) for r in recs)
-            index.add_many(ids, np.frombuffer(blob, "<u8").reshape(len(recs), -1))
+            hashes = np.frombuffer(b"".join([blobs[n] for n in picks]), "<u8")
+            index.add_many(np.asarray(ids, np.int64)[picks], hashes.reshape(len(picks), -1))
 
     def get(self, record_id: int) -> ImageRecord | None:
         rows = self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (record_id,))
@@ -324,31 +389,25 @@ class SQLiteStore(Store):
 
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
                      max_distance: int, limit: int = 10) -> list[Match]:
-        live = ",".join("?" * len(LIVE_STATUSES))
-        found: dict[int, Match] = {}
+        index = self._index(scope, recipe)
+        hits = dict(index.query(hash, max_distance, limit))
         if digest:
+            # Byte-identical copies hash alike: they are among the exact matches, which
+            # `limit` may have cut (thousands of flat images share a hash).
+            hits.update(index.query(hash, 0))
+        records: dict[int, ImageRecord] = {}
+        ids = list(hits)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
             for row in self._query(
-                f"SELECT {_IMAGE_COLS} FROM images WHERE scope = ? AND digest = ? "
-                f"AND status IN ({live}) ORDER BY id LIMIT ?",
-                (scope, digest, *LIVE_STATUSES, limit),
+                f"SELECT {_IMAGE_COLS} FROM images WHERE id IN ({','.join('?' * len(chunk))})",
+                tuple(chunk),
             ):
-                rec = _record(row)
-                found[rec.id] = Match(rec, 0, True)  # type: ignore[index]
-        hits = self._index(scope, recipe).query(hash, max_distance, limit)
-        missing = [i for i, _ in hits if i not in found]
-        if missing:
-            rows = self._query(
-                f"SELECT {_IMAGE_COLS} FROM images WHERE id IN ({','.join('?' * len(missing))})",
-                tuple(missing),
-            )
-            by_id = {r[0]: _record(r) for r in rows}
-            for i, dist in hits:
-                if i in by_id:
-                    rec = by_id[i]
-                    found[i] = Match(rec, dist, bool(digest) and rec.digest == digest)
-        ordered = sorted(found.values(),
-                         key=lambda m: (m.distance, not m.identical, m.record.id))
-        return ordered[:limit]
+                records[row[0]] = _record(row)
+        found = [Match(rec, hits[i], bool(digest) and rec.digest == digest)
+                 for i, rec in records.items()]
+        found.sort(key=lambda m: (m.distance, not m.identical, m.record.id))
+        return found[:limit]
 
     def locked(self, scope: str) -> AbstractContextManager[None]:
         with self._lock:
