@@ -35,6 +35,9 @@ log = logging.getLogger("dedupd.daemon")
 # Kinds of bad input moved to rejected_dir (when set). Truncated files stay: a slow
 # writer may still be finishing them, and a later close event brings them back.
 MOVABLE_REJECTS = ("empty", "corrupt", "unsupported", "too_large")
+# How often the store persists its in-memory index: after a SIGKILL, a start catches up
+# on at most this much work.
+CHECKPOINT_SECONDS = 900.0
 
 
 class WorkQueue:
@@ -175,7 +178,7 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        last_status = last_summary = last_reconcile = time.monotonic()
+        last_status = last_summary = last_reconcile = last_checkpoint = time.monotonic()
         while not self._stop.is_set():
             self._stop.wait(0.25)
             now = self._tick = time.monotonic()
@@ -188,6 +191,9 @@ class Daemon:
             if now - last_summary >= self.config.log.summary_interval:
                 emit_summary()
                 last_summary = now
+            if now - last_checkpoint >= CHECKPOINT_SECONDS:
+                self._checkpoint()
+                last_checkpoint = now
             interval = self.config.reconcile_interval
             if interval and now - last_reconcile >= interval:
                 self.request_scan(*(w.path for w in self.config.watches))
@@ -235,6 +241,12 @@ class Daemon:
             # After re-arming, anything that changed meanwhile is found by a rescan.
             self.request_scan(*(w.path for w in new.watches))
         self.notifier.ready(self.status_line())
+
+    def _checkpoint(self) -> None:
+        try:
+            self.store.checkpoint()
+        except StoreError as exc:
+            log.warning("index checkpoint failed (the next start will be slower): %s", exc)
 
     # ------------------------------------------------------------ health and status
 

@@ -111,6 +111,10 @@ class Store(ABC):
         """Load whatever makes the first query of (scope, recipe) fast (a cheap query)."""
         self.find_matches(scope, recipe, 0, None, 0, limit=1)
 
+    def checkpoint(self) -> None:
+        """Persist whatever makes the next start fast (called now and then, and on close)."""
+        return None
+
     @abstractmethod
     def locked(self, scope: str) -> AbstractContextManager[None]:
         """Serialise check-then-insert within a scope (across threads, and hosts if shared)."""

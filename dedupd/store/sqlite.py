@@ -133,6 +133,7 @@ class SQLiteStore(Store):
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from None
         self._lock = threading.RLock()
+        self._checkpoint_lock = threading.Lock()
         self._scope_locks: dict[str, threading.RLock] = {}
         self._indexes: dict[tuple[str, str], HammingIndex] = {}
         self._saved_at: dict[tuple[str, str], tuple[int, int]] = {}  # (max id, log seq)
@@ -194,16 +195,18 @@ class SQLiteStore(Store):
         return int(max_id), int(seq)
 
     def checkpoint(self) -> None:
-        """Save snapshots of loaded indexes that changed, then trim the log they cover."""
-        with self._lock:
-            position = self._position()
-            for key, index in self._indexes.items():
-                if self._saved_at.get(key) == position or len(index) < SNAPSHOT_MIN:
-                    continue  # unchanged, or small enough to load from SQL quickly
-                ids, hashes = index.export()
+        """Save snapshots of loaded indexes that changed, then trim the log they cover.
+        Files are written outside the store lock: writers wait only for the export."""
+        with self._checkpoint_lock:
+            with self._lock:
+                position = self._position()
+                todo = [(key, *index.export()) for key, index in self._indexes.items()
+                        if self._saved_at.get(key) != position and len(index) >= SNAPSHOT_MIN]
+            for key, ids, hashes in todo:
                 if self._write_snapshot(self._snapshot_path(*key), ids, hashes, position):
                     self._saved_at[key] = position
-            self._trim_log()
+            with self._lock:
+                self._trim_log()
 
     def _write_snapshot(self, path: str, ids: np.ndarray, hashes: np.ndarray,
                         position: tuple[int, int]) -> bool:
