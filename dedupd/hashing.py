@@ -320,7 +320,8 @@ def hash_bytes(
 def read_image_file(path: str | os.PathLike[str]) -> bytes:
     """Read a regular file whole, mapping OS failures to ImageError kinds."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO swapped in for the file must not block a worker.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ImageError("vanished", "file disappeared before it could be read") from None
     except PermissionError:

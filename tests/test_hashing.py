@@ -145,3 +145,28 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as info:
         hash_file(tmp_path)
     assert info.value.kind in ("not_regular", "unreadable")
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO swapped in for an image must not wedge a worker on open()."""
+    import os
+    import threading
+
+    fifo = tmp_path / "swapped.jpg"
+    os.mkfifo(fifo)
+    outcome: list[str] = []
+
+    def attempt() -> None:
+        try:
+            hash_file(fifo)
+        except ImageError as exc:
+            outcome.append(exc.kind)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():
+        with open(fifo, "wb"):  # unblock the stuck open() so the thread can end
+            pass
+        pytest.fail("hash_file blocked opening a FIFO")
+    assert outcome == ["not_regular"]

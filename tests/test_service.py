@@ -138,3 +138,40 @@ def test_daemon_notify_sequence(tmp_path: Path) -> None:
     finally:
         daemon.kill()
         sock.close()
+
+
+def test_watchdog_pings_stop_while_a_worker_is_stuck(tmp_path: Path) -> None:
+    """A real wedge: another process holds the index's write lock, so the worker that
+    must record a new image waits on it. Past stall_seconds the pings stop (systemd
+    would restart the service); once the lock goes, pings and work resume."""
+    import sqlite3
+
+    sock = NotifySocket(str(tmp_path / "n.sock"))
+    root = tmp_path / "root"
+    root.mkdir()
+    index = tmp_path / "i.sqlite"
+    cfg = write_config(tmp_path / "c.yaml", {
+        "index": str(index), "quarantine_dir": str(tmp_path / "q"), "stall_seconds": 1,
+        "watches": [{"path": str(root)}]})
+    daemon = DaemonProcess(cfg, tmp_path / "log", env={
+        "NOTIFY_SOCKET": sock.address, "WATCHDOG_USEC": "400000"}).start(wait_ready=False)
+    holder = sqlite3.connect(index, isolation_level=None)
+    try:
+        sock.wait_for("READY")
+        sock.wait_for("WATCHDOG")
+        holder.execute("BEGIN IMMEDIATE")
+        write_image(root / "a.jpg", photo(1, 320, 240))
+        last_ping, deadline = time.monotonic(), time.monotonic() + 30
+        while time.monotonic() - last_ping < 2.0:  # pings come every 0.2 s while healthy
+            assert time.monotonic() < deadline, "pings never stopped while a worker was stuck"
+            msg = sock.recv(0.1)
+            if msg and "WATCHDOG" in msg:
+                last_ping = time.monotonic()
+        holder.execute("ROLLBACK")
+        sock.wait_for("WATCHDOG", 10)
+        while "1 accepted" not in sock.wait_for("STATUS").get("STATUS", ""):
+            assert time.monotonic() < deadline + 30, "the image was never recorded"
+    finally:
+        holder.close()
+        daemon.kill()
+        sock.close()
