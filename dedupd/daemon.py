@@ -17,14 +17,14 @@ import signal
 import stat
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from dedupd.config import Config, ConfigError, Watch, load_config
 from dedupd.events import Event, emit, emit_summary, setup_logging
-from dedupd.hashing import ImageError, hash_file, hash_to_hex
-from dedupd.policy import ACCEPT, REPLACE, Breaker, big_enough, decide, wanted
-from dedupd.quarantine import Quarantine, QuarantineError, move_no_replace
+from dedupd.hashing import ImageError, hash_file
+from dedupd.pipeline import Pipeline
+from dedupd.policy import wanted
+from dedupd.quarantine import Quarantine, move_no_replace
 from dedupd.service import Notifier, WatchdogPinger
 from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError, open_store
 from dedupd.store.base import LIVE_STATUSES
@@ -127,10 +127,10 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.store: Store = open_store(config.index)
-        self.quarantine = Quarantine(self.store, config.quarantine_dir)
+        self.pipeline = Pipeline(config, self.store)
+        self.quarantine = self.pipeline.quarantine
         self.queue = WorkQueue(config.queue_size)
         self.watcher = Watcher(self, config.ignore)
-        self.breakers = {w.path: Breaker(config.circuit_breaker) for w in config.watches}
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._scan_requests: set[Path] = set()
@@ -140,9 +140,6 @@ class Daemon:
         self._rejected: set[tuple[str, int, int]] = set()
         self._threads: list[threading.Thread] = []
         self._tick = time.monotonic()
-        self.counts = {"processed": 0, "accepted": 0, "duplicates": 0, "quarantined": 0,
-                       "rejected": 0}
-        self._counts_lock = threading.Lock()
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
 
     # ------------------------------------------------------------ lifecycle
@@ -219,26 +216,30 @@ class Daemon:
             self.store.close()
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config; keep the old one if the new one is bad."""
+        """SIGHUP: re-read the config; keep the old one if the new one is bad. Watches
+        are re-armed only for a valid config, and a rescan covers the moment between
+        the old watches and the new ones."""
         self.notifier.reloading()
+        old = self.config
         try:
             new = load_config(self.config_path)
-            if new.index != self.config.index:
+            if new.index != old.index:
                 raise ConfigError(new.source, "index", "cannot change while running; restart")
             self.watcher.ignore = new.ignore
-            self.config = new
-            self.breakers = {w.path: Breaker(new.circuit_breaker) for w in new.watches}
-            self.quarantine.directory = new.quarantine_dir
-            self.watcher.arm(self._roots())
+            self.watcher.arm(Root(w.path, w.recursive) for w in new.watches)
         except (ConfigError, WatchError) as exc:
             emit(Event.RELOAD_FAILED, f"reload failed, keeping the previous config: {exc}",
                  reason=str(exc))
-            with contextlib.suppress(WatchError):
-                self.watcher.arm(self._roots())
+            if isinstance(exc, WatchError):  # the old watches were stopped: back to them
+                self.watcher.ignore = old.ignore
+                with contextlib.suppress(WatchError):
+                    self.watcher.arm(self._roots())
+                self.request_scan(*(w.path for w in old.watches))
         else:
+            self.config = new
+            self.pipeline.configure(new)
             emit(Event.RELOADED, f"configuration reloaded from {new.source}",
                  roots=",".join(str(w.path) for w in new.watches))
-            # After re-arming, anything that changed meanwhile is found by a rescan.
             self.request_scan(*(w.path for w in new.watches))
         self.notifier.ready(self.status_line())
 
@@ -273,18 +274,14 @@ class Daemon:
         return self.idle()
 
     def status_line(self) -> str:
-        c = self.counts
+        c = self.pipeline.counts
         scan = " (scanning)" if self._scanning else ""
         return (f"{len(self.config.watches)} roots{scan}; {c['processed']} processed, "
                 f"{c['accepted']} accepted, {c['quarantined']} quarantined, "
                 f"{c['rejected']} rejected; queue {len(self.queue)}")
 
-    def _count(self, key: str) -> None:
-        with self._counts_lock:
-            self.counts[key] += 1
-
     def _count_fields(self) -> dict[str, object]:
-        return {f"count_{k}": v for k, v in self.counts.items()}
+        return {f"count_{k}": v for k, v in self.pipeline.counts.items()}
 
     # ------------------------------------------------------------ watcher sink
 
@@ -487,97 +484,7 @@ class Daemon:
         except ImageError as exc:
             self._reject(path, watch, exc, st)
             return
-        self._count("processed")
-        if not big_enough(policy, h.width, h.height):
-            log.debug("%s: %dx%d is below the policy's minimum size; ignored",
-                      path, h.width, h.height)
-            return
-        record = ImageRecord(scope=watch.scope, path=str(path), recipe=h.recipe.key,
-                             hash=h.hash, digest=h.digest, file_size=h.file_size,
-                             mtime_ns=st.st_mtime_ns, width=h.width, height=h.height)
-        with self.store.locked(watch.scope):
-            if not path.exists():
-                return
-            if known is not None:  # rewritten in place: same record, new content
-                record = record.with_(id=known.id, first_seen=known.first_seen,
-                                      status=known.status)
-                self.store.update(record)
-            matches = [m for m in self.store.find_matches(
-                watch.scope, record.recipe, record.hash, record.digest, policy.max_distance,
-                limit=8) if m.record.path != record.path]
-            gone = [m for m in matches if not os.path.lexists(m.record.path)]
-            if known is None:
-                moved = next((m for m in gone if m.identical), None)
-                if moved is not None:  # moved while we were not watching
-                    self.store.update(moved.record.with_(path=record.path,
-                                                         mtime_ns=record.mtime_ns))
-                    return
-            matches = [m for m in matches if m not in gone]
-            self._decide_and_act(path, watch, record, matches)
-
-    def _decide_and_act(self, path: Path, watch: Watch, record: ImageRecord,
-                        matches: list) -> None:
-        policy = self.config.policy_for(watch)
-        breaker = self.breakers.setdefault(watch.path, Breaker(self.config.circuit_breaker))
-        decision = decide(policy, record, matches, breaker_open=breaker.open)
-        removes = decision.verdict != ACCEPT and decision.action in ("quarantine", "delete")
-        if breaker.record(removes):
-            emit(Event.CIRCUIT_OPEN, f"{watch.path}: {breaker.share:.0%} of the last "
-                 f"{self.config.circuit_breaker.window} decisions would remove files; this "
-                 "root is now log-only until the config is reloaded. Check max_distance!",
-                 root=str(watch.path), policy=policy.name)
-            decision = replace(decision, action="log")
-        size = self.config.recipe.size
-        if decision.verdict == ACCEPT:
-            self._keep(record)
-            self._count("accepted")
-            emit(Event.IMAGE_ACCEPTED, f"{path}: accepted", path=str(path),
-                 hash=hash_to_hex(record.hash, size), root=str(watch.path), policy=policy.name)
-            return
-        assert decision.match is not None
-        self._count("duplicates")
-        if decision.verdict == REPLACE:  # the newcomer is larger: the older copy goes
-            loser, winner = decision.match.record, record
-            self._keep(winner)
-        else:
-            loser, winner = record, decision.match.record
-        fields = dict(path=loser.path, match=winner.path, distance=decision.match.distance,
-                      hash=hash_to_hex(loser.hash, size), policy=policy.name,
-                      root=str(watch.path), action=decision.action,
-                      identical=decision.match.identical)
-        if decision.action == "log":
-            self._keep(loser)
-            emit(Event.DUPLICATE_LOGGED, f"{loser.path}: duplicate of {winner.path} "
-                 f"(distance {decision.match.distance}); left in place (log only)", **fields)
-        elif decision.action == "delete":
-            os.unlink(loser.path)
-            if loser.id is not None:
-                self.store.delete(loser.id)
-            emit(Event.DUPLICATE_DELETED, f"{loser.path}: duplicate of {winner.path} "
-                 f"(distance {decision.match.distance}); deleted", **fields)
-        else:
-            loser_watch = self.config.watch_for(loser.path)
-            try:
-                entry = self.quarantine.move_in(
-                    Path(loser.path), loser_watch.path if loser_watch else None, record=loser,
-                    matched_path=winner.path, distance=decision.match.distance,
-                    hash_hex=fields["hash"], policy=policy.name)  # type: ignore[arg-type]
-            except QuarantineError as exc:
-                self._keep(loser)
-                emit(Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but {exc}; left in place",
-                     path=loser.path, reason=str(exc), kind="quarantine_failed",
-                     root=str(watch.path))
-                return
-            self._count("quarantined")
-            emit(Event.DUPLICATE_QUARANTINED, f"{loser.path}: duplicate of {winner.path} "
-                 f"(distance {decision.match.distance}); moved to {entry.quarantine_path}",
-                 quarantine_path=entry.quarantine_path, **fields)
-
-    def _keep(self, record: ImageRecord) -> None:
-        if record.id is None:
-            self.store.insert(record)
-        elif record.status not in LIVE_STATUSES:
-            self.store.update(record.with_(status="kept"))
+        self.pipeline.ingest(path, watch, h, st.st_mtime_ns, known)
 
     def _symlink_allowed(self, path: Path) -> bool:
         if not self.config.follow_symlinks:
@@ -594,7 +501,7 @@ class Daemon:
         if len(self._rejected) > 100_000:
             self._rejected.clear()
         self._rejected.add(key)
-        self._count("rejected")
+        self.pipeline.count("rejected")
         moved_to = None
         rejected_dir = self.config.rejected_dir
         if rejected_dir is not None and exc.kind in MOVABLE_REJECTS:

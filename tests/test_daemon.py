@@ -297,6 +297,21 @@ def test_sighup_reload_good_and_bad(setup, tmp_path: Path) -> None:
         assert time.monotonic() - started < 25
 
 
+def test_reload_to_an_unwatchable_root_keeps_the_old_watches(setup, tmp_path: Path) -> None:
+    cfg, root, db, _ = setup()
+    daemon = DaemonProcess(cfg, cfg.parent / "daemon.log").start()
+    try:
+        cfg.write_text(cfg.read_text().replace("watches:",
+                                               f"watches:\n- path: {tmp_path / 'missing'}"))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload_failed" in daemon.log(), 30, "reload failure reported")
+        assert "not a directory" in daemon.log()
+        write_image(root / "after.jpg", photo(13, 320, 240))
+        wait_for(lambda: str(root / "after.jpg") in records(db), 30, "old root still watched")
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_bad_config_at_start_exits_2(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "bad.yaml", {"watches": [{"path": str(tmp_path),
                                                             "recursiv": True}]})

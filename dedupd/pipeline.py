@@ -1,0 +1,160 @@
+"""What happens to one hashed image: compare it with the dictionary, decide by its root's
+policy, act (keep, quarantine, delete, or only log) and say so in an event.
+
+Shared by the daemon and `dedupd scan`, so a scan applies exactly the daemon's rules.
+Hashing and watching happen before; this module only sees a hash and a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dedupd.config import Config, Watch
+from dedupd.events import Event, emit
+from dedupd.hashing import ImageHash, hash_to_hex
+from dedupd.policy import ACCEPT, REPLACE, Breaker, big_enough, decide
+from dedupd.quarantine import Quarantine, QuarantineError
+from dedupd.store import ImageRecord, Match, Store
+from dedupd.store.base import LIVE_STATUSES
+
+log = logging.getLogger("dedupd.pipeline")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ingest did with one image, for callers that report (scan)."""
+
+    accepted: bool
+    action: str | None = None  # quarantine, delete or log, for a duplicate
+    match: Match | None = None  # the copy it duplicates (or that it replaced)
+    loser: str | None = None  # the path acted on: the newcomer, or the older copy
+    moved_to: str | None = None  # where quarantine put the loser
+
+
+class Pipeline:
+    """Decide-and-act for one root's images, with per-root circuit breakers and counts."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.store = store
+        self.quarantine = Quarantine(store, config.quarantine_dir)
+        self.counts = {"processed": 0, "accepted": 0, "duplicates": 0, "quarantined": 0,
+                       "rejected": 0}
+        self._counts_lock = threading.Lock()
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """(Re)load the rules; a reload re-arms every circuit breaker."""
+        self.config = config
+        self.breakers = {w.path: Breaker(config.circuit_breaker) for w in config.watches}
+        self.quarantine.directory = config.quarantine_dir
+
+    def count(self, key: str) -> None:
+        with self._counts_lock:
+            self.counts[key] += 1
+
+    def ingest(self, path: Path, watch: Watch, hashed: ImageHash, mtime_ns: int,
+               known: ImageRecord | None) -> Outcome | None:
+        """Compare, decide, act. `known` is the record the path already had (the file
+        was rewritten in place). None when nothing was decided: the file vanished, is
+        below the policy's minimum size, or is an indexed file that moved."""
+        self.count("processed")
+        policy = self.config.policy_for(watch)
+        if not big_enough(policy, hashed.width, hashed.height):
+            log.debug("%s: %dx%d is below the policy's minimum size; ignored",
+                      path, hashed.width, hashed.height)
+            return None
+        record = ImageRecord(scope=watch.scope, path=str(path), recipe=hashed.recipe.key,
+                             hash=hashed.hash, digest=hashed.digest,
+                             file_size=hashed.file_size, mtime_ns=mtime_ns,
+                             width=hashed.width, height=hashed.height)
+        with self.store.locked(watch.scope):
+            if not path.exists():
+                return None
+            if known is not None:  # rewritten in place: same record, new content
+                record = record.with_(id=known.id, first_seen=known.first_seen,
+                                      status=known.status)
+                self.store.update(record)
+            matches = [m for m in self.store.find_matches(
+                watch.scope, record.recipe, record.hash, record.digest, policy.max_distance,
+                limit=8) if m.record.path != record.path]
+            gone = [m for m in matches if not os.path.lexists(m.record.path)]
+            if known is None:
+                moved = next((m for m in gone if m.identical), None)
+                if moved is not None:  # moved while nobody was watching
+                    self.store.update(moved.record.with_(path=record.path,
+                                                         mtime_ns=record.mtime_ns))
+                    return None
+            matches = [m for m in matches if m not in gone]
+            return self._decide_and_act(path, watch, record, matches)
+
+    def _decide_and_act(self, path: Path, watch: Watch, record: ImageRecord,
+                        matches: list[Match]) -> Outcome:
+        policy = self.config.policy_for(watch)
+        breaker = self.breakers.setdefault(watch.path, Breaker(self.config.circuit_breaker))
+        decision = decide(policy, record, matches, breaker_open=breaker.open)
+        removes = decision.verdict != ACCEPT and decision.action in ("quarantine", "delete")
+        if breaker.record(removes):
+            emit(Event.CIRCUIT_OPEN, f"{watch.path}: {breaker.share:.0%} of the last "
+                 f"{self.config.circuit_breaker.window} decisions would remove files; this "
+                 "root is now log-only until the config is reloaded. Check max_distance!",
+                 root=str(watch.path), policy=policy.name)
+            decision = replace(decision, action="log")
+        size = self.config.recipe.size
+        if decision.verdict == ACCEPT:
+            self._keep(record)
+            self.count("accepted")
+            emit(Event.IMAGE_ACCEPTED, f"{path}: accepted", path=str(path),
+                 hash=hash_to_hex(record.hash, size), root=str(watch.path), policy=policy.name)
+            return Outcome(accepted=True)
+        match = decision.match
+        assert match is not None
+        self.count("duplicates")
+        if decision.verdict == REPLACE:  # the newcomer is larger: the older copy goes
+            loser, winner = match.record, record
+            self._keep(winner)
+        else:
+            loser, winner = record, match.record
+        outcome = Outcome(accepted=decision.verdict == REPLACE, action=decision.action,
+                          match=match, loser=loser.path)
+        fields = dict(path=loser.path, match=winner.path, distance=match.distance,
+                      hash=hash_to_hex(loser.hash, size), policy=policy.name,
+                      root=str(watch.path), action=decision.action, identical=match.identical)
+        if decision.action == "log":
+            self._keep(loser)
+            emit(Event.DUPLICATE_LOGGED, f"{loser.path}: duplicate of {winner.path} "
+                 f"(distance {match.distance}); left in place (log only)", **fields)
+        elif decision.action == "delete":
+            os.unlink(loser.path)
+            if loser.id is not None:
+                self.store.delete(loser.id)
+            emit(Event.DUPLICATE_DELETED, f"{loser.path}: duplicate of {winner.path} "
+                 f"(distance {match.distance}); deleted", **fields)
+        else:
+            loser_watch = self.config.watch_for(loser.path)
+            try:
+                entry = self.quarantine.move_in(
+                    Path(loser.path), loser_watch.path if loser_watch else None, record=loser,
+                    matched_path=winner.path, distance=match.distance,
+                    hash_hex=fields["hash"], policy=policy.name)  # type: ignore[arg-type]
+            except QuarantineError as exc:
+                self._keep(loser)
+                emit(Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but {exc}; left in place",
+                     path=loser.path, reason=str(exc), kind="quarantine_failed",
+                     root=str(watch.path))
+                return replace(outcome, action="log")
+            self.count("quarantined")
+            emit(Event.DUPLICATE_QUARANTINED, f"{loser.path}: duplicate of {winner.path} "
+                 f"(distance {match.distance}); moved to {entry.quarantine_path}",
+                 quarantine_path=entry.quarantine_path, **fields)
+            outcome = replace(outcome, moved_to=entry.quarantine_path)
+        return outcome
+
+    def _keep(self, record: ImageRecord) -> None:
+        if record.id is None:
+            self.store.insert(record)
+        elif record.status not in LIVE_STATUSES:
+            self.store.update(record.with_(status="kept"))
