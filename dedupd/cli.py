@@ -226,23 +226,30 @@ def _match_json(m: Match, size: int) -> dict[str, Any]:
 
 
 def cmd_scan(args: argparse.Namespace, config: Config) -> int:
+    """Hash on all cores; apply the root's policy to files under a configured watch root
+    (exactly as the daemon would), index and report everything else."""
     roots = [Path(p).resolve() for p in args.paths]
     for r in roots:
         if not r.exists():
             raise UsageError(f"{r}: no such file or directory")
     files = [str(p) for p in iter_image_files(roots, config)]
+    _scan_logging(args, config)
     store = open_store(config.index)
     recipe = config.recipe
     workers = args.workers or default_workers(config)
     progress = Progress(len(files), "scan", enabled=None if not args.json else False)
-    counts = {"files": len(files), "indexed": 0, "known": 0, "duplicates": 0, "errors": 0}
+    counts = {"files": len(files), "indexed": 0, "known": 0, "duplicates": 0,
+              "quarantined": 0, "deleted": 0, "errors": 0}
     groups: dict[str, list[dict[str, Any]]] = {}
     errors: list[dict[str, str]] = []
     pending: list[ImageRecord] = []
     started = time.monotonic()
-    # Dry run: compare against the store plus what this run has seen, write nothing.
+    from dedupd.pipeline import Pipeline
+    from dedupd.policy import wanted
     from dedupd.store.hamming import HammingIndex
 
+    pipeline = Pipeline(config, store)
+    # Dry run: compare against the store plus what this run has seen, write nothing.
     seen_index: dict[str, HammingIndex] = {}
     seen: dict[int, ImageRecord] = {}
 
@@ -250,6 +257,11 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
         if pending:
             store.insert_many(pending)
             pending.clear()
+
+    def report(original: str, path: str, match: Match, **more: Any) -> None:
+        counts["duplicates"] += 1
+        groups.setdefault(original, []).append(
+            {"path": path, "distance": match.distance, "identical": match.identical, **more})
 
     try:
         for o in hash_many(files, recipe, config.max_pixels, workers):
@@ -259,13 +271,27 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                 errors.append({"path": o.path, "error": o.error.kind, "reason": o.error.reason})
                 continue
             path = Path(o.path)
-            fallback = str(next(r for r in roots if r == path or r in path.parents))
-            scope, max_distance, _policy = _scope_and_distance(config, path, fallback)
             known = store.get_by_path(o.path)
             if known is not None and known.digest == o.result.digest:  # type: ignore[union-attr]
                 counts["known"] += 1
                 continue
             flush()
+            watch = config.watch_for(path)
+            if watch is not None and not args.dry_run:
+                if not wanted(config.policy_for(watch), str(path.relative_to(watch.path))):
+                    continue
+                done = pipeline.ingest(path, watch, o.result, o.mtime_ns,  # type: ignore[arg-type]
+                                       known)
+                if done is not None and done.match is not None:
+                    winner = o.path if done.loser != o.path else done.match.record.path
+                    report(winner, done.loser, done.match,  # type: ignore[arg-type]
+                           action=done.action, moved_to=done.moved_to)
+                    counts["quarantined"] += done.moved_to is not None
+                    counts["deleted"] += done.action == "delete"
+                counts["indexed"] += done is not None and done.accepted
+                continue
+            fallback = str(next(r for r in roots if r == path or r in path.parents))
+            scope, max_distance, _policy = _scope_and_distance(config, path, fallback)
             record = _record_from(o, scope)
             matches = store.find_matches(scope, recipe.key, record.hash, record.digest,
                                          max_distance, limit=1)
@@ -276,10 +302,7 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                     prior = seen[hits[0][0]]
                     matches = [Match(prior, hits[0][1], prior.digest == record.digest)]
             if matches:
-                counts["duplicates"] += 1
-                m = matches[0]
-                groups.setdefault(m.record.path, []).append(
-                    {"path": o.path, "distance": m.distance, "identical": m.identical})
+                report(matches[0].record.path, o.path, matches[0])
                 continue
             if args.dry_run:
                 fake = record.with_(id=len(seen) + 1)
@@ -306,15 +329,31 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
         for original, dups in groups.items():
             print(original)
             for d in dups:
-                print(f"  {d['distance']:>3}  {d['path']}")
+                done = f"  -> {d['moved_to']}" if d.get("moved_to") else \
+                    "  (deleted)" if d.get("action") == "delete" else ""
+                print(f"  {d['distance']:>3}  {d['path']}{done}")
         for e in errors:
             _err(f"{e['path']}: {e['error']}: {e['reason']}")
         rate = len(files) / elapsed if elapsed > 0 else 0.0
         print(f"{counts['files']} files, {counts['indexed']} indexed, {counts['known']} already "
-              f"known, {counts['duplicates']} duplicates, {counts['errors']} errors "
-              f"in {elapsed:.1f} s ({rate:,.0f}/s){' [dry run]' if args.dry_run else ''}",
-              file=sys.stderr)
+              f"known, {counts['duplicates']} duplicates ({counts['quarantined']} quarantined, "
+              f"{counts['deleted']} deleted), {counts['errors']} errors in {elapsed:.1f} s "
+              f"({rate:,.0f}/s){' [dry run]' if args.dry_run else ''}", file=sys.stderr)
     return EXIT_DUPLICATE if counts["duplicates"] else EXIT_OK
+
+
+def _scan_logging(args: argparse.Namespace, config: Config) -> None:
+    """Decisions a scan takes are events like the daemon's; on a terminal the per-image
+    'accepted' lines would drown the report, so stderr shows notices and worse."""
+    from dedupd.events import setup_logging, under_systemd
+
+    mode = args.log or config.log.mode
+    if mode == "auto":
+        mode = "journald" if under_systemd() else "stderr"
+    level = config.log.level
+    if mode == "stderr" and level in ("debug", "info"):
+        level = "notice"
+    setup_logging(mode, level)
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
@@ -432,14 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", "-j", type=int, default=1, help="processes (default 1)")
     p.add_argument("files", nargs="+", metavar="FILE")
 
-    p = add("scan", cmd_scan, "index existing images and report duplicates",
-            "Hash every image under PATHs on all cores, add new ones to the dictionary and\n"
-            "report duplicates grouped by the image they duplicate. Exit 1 if any.")
+    p = add("scan", cmd_scan, "index existing images and apply their roots' policies",
+            "Hash every image under PATHs on all cores and report duplicates grouped by the\n"
+            "image they duplicate. Exit 1 if any.\n\n"
+            "Files under a configured watch root get that root's policy, exactly as the\n"
+            "daemon would apply it: new images are indexed, duplicates are quarantined,\n"
+            "deleted or only logged as the policy says. Files outside every watch root are\n"
+            "indexed (scope: the PATH given) and their duplicates reported, never moved.\n"
+            "With --dry-run nothing is moved and the dictionary is not changed.")
     p.add_argument("--dry-run", "-n", action="store_true",
                    help="report only; the dictionary is not changed")
     p.add_argument("--workers", "-j", type=int, default=0,
                    help="processes (default: config workers, else all cores)")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files or directories (walked recursively, symlinks not followed)")
 
     p = add("check", cmd_check, "is FILE a duplicate of an indexed image?",
             "Print the nearest indexed images within the policy's distance.\n"

@@ -18,7 +18,7 @@ from dedupd.hashing import ALGOS, DECODES, DEFAULT_MAX_PIXELS, SIZES, Recipe
 ACTIONS = ("quarantine", "log", "delete")
 KEEPS = ("first", "largest")
 LOG_MODES = ("auto", "journald", "stderr", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 DEFAULT_IGNORE = (".*", "*.tmp", "*.part", "*.crdownload", "*.partial", "*~", "*.swp")
 SYSTEM_CONFIG = "/etc/dedupd/dedupd.yaml"

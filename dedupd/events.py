@@ -23,7 +23,7 @@ from typing import Any
 
 # syslog priorities
 EMERG, ALERT, CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = range(8)
-LEVELS = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERR}
+LEVELS = {"debug": DEBUG, "info": INFO, "notice": NOTICE, "warning": WARNING, "error": ERR}
 
 
 class Event(enum.StrEnum):

@@ -99,3 +99,31 @@ def test_scan_dry_run_changes_nothing(make_photo, tmp_path: Path, config_file) -
     assert js["duplicates"] == 1 and js["groups"][0]["duplicates"][0]["identical"]
     assert json.loads(dedupd("--config", cfg, "stats", "--json", check=0).stdout)["images"] == 0
     assert sorted(p.name for p in data.iterdir()) == ["a.jpg", "b.jpg"]
+
+
+def test_scan_applies_each_roots_policy(make_photo, tmp_path: Path, config_file) -> None:
+    data, logged = tmp_path / "data", tmp_path / "logged"
+    original = make_photo("a.jpg", seed=1, root=data)
+    make_photo("c.jpg", seed=2, root=data)
+    img = cv2.imread(str(original))
+    cv2.imwrite(str(data / "b.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 60])
+    make_photo("x.jpg", seed=3, root=logged)
+    (logged / "y.jpg").write_bytes((logged / "x.jpg").read_bytes())
+    cfg = str(config_file({
+        "watches": [{"path": str(data)}, {"path": str(logged), "policy": "audit"}],
+        "policies": {"default": {"max_distance": 4}, "audit": {"action": "log"}}}))
+    js = json.loads(dedupd("--config", cfg, "scan", "--json", str(data), str(logged),
+                           check=1).stdout)
+    assert (js["indexed"], js["duplicates"], js["quarantined"]) == (3, 2, 1)
+    groups = {g["original"]: g["duplicates"] for g in js["groups"]}
+    moved = groups[str(original)][0]
+    assert moved["path"] == str(data / "b.jpg") and moved["action"] == "quarantine"
+    assert Path(moved["moved_to"]).is_file() and not (data / "b.jpg").exists()
+    assert groups[str(logged / "x.jpg")][0]["action"] == "log"
+    assert (logged / "y.jpg").exists()
+    listed = json.loads(dedupd("--config", cfg, "quarantine", "list", "--json",
+                               check=0).stdout)
+    assert [e["original_path"] for e in listed] == [str(data / "b.jpg")]
+    again = json.loads(dedupd("--config", cfg, "scan", "--json", str(data), str(logged),
+                              check=0).stdout)
+    assert (again["known"], again["duplicates"]) == (4, 0)
