@@ -417,7 +417,7 @@ class Daemon:
             queued = {p for p in queued if p in self.queue}
             if queued:
                 self._stop.wait(0.1)
-        for rec in list(self.store.iter_records(prefix=str(top))):
+        for rec in self.store.iter_records(prefix=str(top)):
             if rec.status in LIVE_STATUSES and not os.path.lexists(rec.path):
                 with self.store.locked(rec.scope):
                     again = self.store.get(rec.id)  # type: ignore[arg-type]

@@ -118,6 +118,25 @@ def test_prefix_listing_is_literal(tmp_path: Path) -> None:
     store.close()
 
 
+def test_listing_pages_through_and_survives_deletes(tmp_path: Path, monkeypatch) -> None:
+    import dedupd.store.sqlite as backend
+
+    monkeypatch.setattr(backend, "ITER_PAGE", 3)
+    store = open_store(str(tmp_path / "i.sqlite"))
+    store.insert_many([rec(f"/r/{i:02d}.jpg", i, scope="a" if i % 2 else "b")
+                       for i in range(20)] + [rec("/s/x.jpg", 1)])
+    seen = []
+    for r in store.iter_records(prefix="/r"):
+        seen.append(r.path)
+        if r.hash % 3 == 0:
+            store.delete(r.id)  # what reconciliation does while it walks
+    assert seen == [f"/r/{i:02d}.jpg" for i in range(20)]
+    assert [r.path for r in store.iter_records(scope="a")] == [
+        f"/r/{i:02d}.jpg" for i in range(20) if i % 2 and i % 3]
+    assert len(list(store.iter_records())) == 20 - 7 + 1
+    store.close()
+
+
 def test_quarantine_journal(tmp_path: Path) -> None:
     store = open_store(str(tmp_path / "i.sqlite"))
     e = store.add_quarantine(QuarantineEntry("/a", "/q/a", "/b", 2, "00ff", "default"))

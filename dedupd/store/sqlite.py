@@ -91,6 +91,7 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 # Indexes smaller than this load from SQL in well under a second: no snapshot.
 SNAPSHOT_MIN = 100_000
+ITER_PAGE = 5000
 
 
 @functools.lru_cache(maxsize=64)
@@ -378,17 +379,22 @@ class SQLiteStore(Store):
 
     def iter_records(self, scope: str | None = None, prefix: str | None = None
                      ) -> Iterator[ImageRecord]:
-        sql, args = f"SELECT {_IMAGE_COLS} FROM images WHERE 1=1", []
-        if scope is not None:
-            sql += " AND scope = ?"
-            args.append(scope)
+        """Streams a page at a time (keyset paging on path under a prefix, else on id):
+        a 10M-row scan never holds 10M objects, and writers get the lock between pages."""
+        key, where, args = "id", ["id > ?"], [0]
         if prefix is not None:
             base = prefix.rstrip("/") + "/"
             # Range scan instead of LIKE: paths may contain % and _.
-            sql += " AND path >= ? AND path < ?"
-            args += [base, base[:-1] + "0"]
-        for row in self._query(sql + " ORDER BY id", tuple(args)):
-            yield _record(row)
+            key, where, args = "path", ["path > ?", "path < ?"], [base, base[:-1] + "0"]
+        if scope is not None:
+            where.append("scope = ?")
+            args.append(scope)
+        column = _IMAGE_COLS.split(", ").index(key)
+        while rows := self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE "
+                                  f"{' AND '.join(where)} ORDER BY {key} LIMIT {ITER_PAGE}",
+                                  tuple(args)):
+            yield from map(_record, rows)
+            args[0] = rows[-1][column]
 
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
                      max_distance: int, limit: int = 10) -> list[Match]:
