@@ -39,17 +39,20 @@ def write_config(path: Path, body: dict) -> Path:
 class DaemonProcess:
     """`dedupd --config CFG run` with its log captured to a file."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
+        """prefix: a command the daemon runs under (e.g. setpriv dropping capabilities)."""
         self.config, self.log_path = config, log
         self.env = {**os.environ, **(env or {})}
+        self.prefix = prefix or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._fh = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dedupd", "--config", str(self.config), "--log", "stderr",
-             "run"], stdout=self._fh, stderr=self._fh, env=self.env)
+            [*self.prefix, sys.executable, "-m", "dedupd", "--config", str(self.config),
+             "--log", "stderr", "run"], stdout=self._fh, stderr=self._fh, env=self.env)
         if wait_ready:
             wait_for(lambda: "started:" in self.log_since_start() or self.proc.poll() is not None,
                      60, "the daemon to start")

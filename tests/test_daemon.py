@@ -245,7 +245,10 @@ def test_live_moves_update_the_index(setup) -> None:
 
 def test_bad_input_is_logged_and_daemon_stays_healthy(setup, tmp_path: Path) -> None:
     cfg, root, db, _ = setup(rejected_dir=str(tmp_path / "rejected"))
-    daemon = DaemonProcess(cfg, cfg.parent / "daemon.log").start()
+    # Without CAP_DAC_OVERRIDE even root obeys file modes, as the unprivileged service does.
+    no_dac = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] \
+        if os.geteuid() == 0 else []
+    daemon = DaemonProcess(cfg, cfg.parent / "daemon.log", prefix=no_dac).start()
     outside = tmp_path / "outside.jpg"
     write_image(outside, photo(5, 320, 240))
     try:
@@ -253,6 +256,13 @@ def test_bad_input_is_logged_and_daemon_stays_healthy(setup, tmp_path: Path) -> 
         (root / "zero.jpg").write_bytes(b"")
         (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
         (root / "text.jpg").write_bytes(b"hello, I am not an image\n" * 20)
+        corrupt = bytearray(good)
+        corrupt[4:400] = b"\x00" * 396  # the marker segments after SOI smashed
+        (root / "corrupt.jpg").write_bytes(bytes(corrupt))
+        staged, locked = tmp_path / "locked.jpg", root / "locked.jpg"
+        staged.write_bytes(good)
+        staged.chmod(0)  # mode 000: nobody may read it (the daemon has no DAC override)
+        os.rename(staged, locked)
         # A PNG whose header declares 100k x 100k pixels: refused before decoding.
         png = bytearray(cv2.imencode(".png", photo(3, 16, 16))[1].tobytes())
         png[16:24] = (100_000).to_bytes(4, "big") * 2
@@ -262,11 +272,12 @@ def test_bad_input_is_logged_and_daemon_stays_healthy(setup, tmp_path: Path) -> 
         log = daemon.log
         for name, kind in (("zero.jpg", "empty"), ("truncated.jpg", "truncated"),
                            ("text.jpg", "unsupported"), ("bomb.png", "too_large"),
-                           ("link.jpg", "not_regular")):
+                           ("link.jpg", "not_regular"), ("corrupt.jpg", "corrupt"),
+                           ("locked.jpg", "unreadable")):
             wait_for(lambda n=name, k=kind: f"{n}: {k}" in log(), 30, f"{name} rejected")
         # Moved to rejected/ or left in place, never lost; the symlink target untouched.
-        assert (root / "truncated.jpg").exists()
-        for name in ("zero.jpg", "text.jpg", "bomb.png"):
+        assert (root / "truncated.jpg").exists() and locked.exists()
+        for name in ("zero.jpg", "text.jpg", "bomb.png", "corrupt.jpg"):
             assert not (root / name).exists()
             assert list((tmp_path / "rejected").rglob(name))
         assert outside.exists() and (root / "link.jpg").is_symlink()
