@@ -127,3 +127,33 @@ def test_scan_applies_each_roots_policy(make_photo, tmp_path: Path, config_file)
     again = json.loads(dedupd("--config", cfg, "scan", "--json", str(data), str(logged),
                               check=0).stdout)
     assert (again["known"], again["duplicates"]) == (4, 0)
+
+
+def test_scan_shows_a_progress_bar_only_on_a_terminal(make_photo, tmp_path: Path,
+                                                       config_file) -> None:
+    import os
+    import pty
+
+    data = tmp_path / "data"
+    for s in range(12):
+        make_photo(f"{s}.jpg", seed=s, root=data, width=200, height=150)
+    cfg = str(config_file())
+    leader, follower = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "dedupd", "--config", cfg, "scan", str(data)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=follower,
+                          timeout=120)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal has no writer left
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert proc.returncode == 0
+    assert b"scan [" in screen and b"12/12" in screen
+    piped = dedupd("--config", cfg, "scan", str(data), check=0)
+    assert "scan [" not in piped.stderr and "12 files" in piped.stderr
