@@ -92,3 +92,27 @@ def test_256_bit() -> None:
     assert index.query(q2, 2) == [(17, 2)]
     dist = np.bitwise_count(words ^ words[17]).sum(axis=1)
     assert len(index.query(q, 120)) == int((dist <= 120).sum())
+
+
+def test_state_round_trip_skips_the_build(data) -> None:
+    ids, hashes, _, rng = data
+    index = HammingIndex(64)
+    index.add_many(ids[:60_000], hashes[:60_000].reshape(-1, 1))  # built tables
+    for i in range(60_000, 60_300):  # a delta not yet in the tables
+        index.add(int(ids[i]), int(hashes[i]))
+    for i in range(0, 3000, 7):  # tombstones
+        index.remove(int(ids[i]))
+    state = {k: v.copy() for k, v in index.state().items()}
+    copy = HammingIndex.from_state(64, state)
+    assert len(copy) == len(index) and copy._built == index._built > 0
+    queries = [int(h) for h in hashes[:3000:5]] + [int(hashes[60_100]), flip(0, rng, 3)]
+    for d in (0, 4, 10):
+        for q in queries:
+            assert copy.query(q, d) == index.query(q, d)
+    copy.add(int(ids[0]), 777)  # and it stays a working index
+    assert copy.query(777, 0) == [(int(ids[0]), 0)]
+    bad = dict(state, tab_slot=state["tab_slot"][:-1])
+    with pytest.raises(ValueError):
+        HammingIndex.from_state(64, bad)
+    with pytest.raises(ValueError):
+        HammingIndex.from_state(64, dict(state, built=np.array(len(state["ids"]) + 1)))

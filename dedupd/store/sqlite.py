@@ -197,25 +197,24 @@ class SQLiteStore(Store):
 
     def checkpoint(self) -> None:
         """Save snapshots of loaded indexes that changed, then trim the log they cover.
-        Files are written outside the store lock: writers wait only for the export."""
+        Files are written outside the store lock: writers wait only for the copy."""
         with self._checkpoint_lock:
             with self._lock:
                 position = self._position()
-                todo = [(key, *index.export()) for key, index in self._indexes.items()
+                todo = [(key, index.state()) for key, index in self._indexes.items()
                         if self._saved_at.get(key) != position and len(index) >= SNAPSHOT_MIN]
-            for key, ids, hashes in todo:
-                if self._write_snapshot(self._snapshot_path(*key), ids, hashes, position):
+            for key, state in todo:
+                if self._write_snapshot(self._snapshot_path(*key), state, position):
                     self._saved_at[key] = position
             with self._lock:
                 self._trim_log()
 
-    def _write_snapshot(self, path: str, ids: np.ndarray, hashes: np.ndarray,
+    def _write_snapshot(self, path: str, state: dict[str, np.ndarray],
                         position: tuple[int, int]) -> bool:
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "wb") as fh:
-                np.savez(fh, ids=ids, hashes=hashes, max_id=np.int64(position[0]),
-                         seq=np.int64(position[1]))
+                np.savez(fh, **state, max_id=np.int64(position[0]), seq=np.int64(position[1]))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -245,16 +244,19 @@ class SQLiteStore(Store):
         return int(self._db.execute(
             "SELECT value FROM meta WHERE key = 'log_floor'").fetchone()[0])
 
-    def _load_snapshot(self, scope: str, recipe: str, index: HammingIndex) -> bool:
-        """Fill index from its snapshot and catch up with later writes; False if unusable."""
+    def _load_snapshot(self, scope: str, recipe: str) -> HammingIndex | None:
+        """The index from its snapshot, caught up with later writes; None if unusable."""
         try:
             with np.load(self._snapshot_path(scope, recipe)) as snap:
                 max_id, seq = int(snap["max_id"]), int(snap["seq"])
                 if seq < self._log_floor():
-                    return False  # the log that would bring it up to date is gone
-                index.add_many(snap["ids"], snap["hashes"])
-        except (OSError, ValueError, KeyError):
-            return False
+                    return None  # the log that would bring it up to date is gone
+                index = HammingIndex.from_state(
+                    Recipe.from_key(recipe).bits,
+                    {k: snap[k] for k in ("ids", "hashes", "alive", "tab_slot", "starts",
+                                          "built")})
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
         self._load_rows(scope, recipe, index, "id > ?", (max_id,))
         changed = [r[0] for r in self._db.execute(
             "SELECT DISTINCT image_id FROM index_log WHERE seq > ?", (seq,))]
@@ -265,21 +267,25 @@ class SQLiteStore(Store):
             self._load_rows(scope, recipe, index, f"id IN ({','.join('?' * len(chunk))})",
                             tuple(chunk))
         self._saved_at[(scope, recipe)] = (max_id, seq)
-        return True
+        return index
 
     def _load_rows(self, scope: str, recipe: str, index: HammingIndex, where: str,
                    args: tuple) -> None:
-        """Add the live rows of (scope, recipe) matching `where` to index, in bulk."""
+        """Add the live rows of (scope, recipe) matching `where` to index, in one bulk add
+        (adding chunk by chunk would rebuild the tables again and again)."""
         cur = self._db.execute(
             f"SELECT id, hash FROM images WHERE {where} AND scope = ? AND recipe = ? "
             f"AND status IN ({','.join('?' * len(LIVE_STATUSES))})",
             (*args, scope, recipe, *LIVE_STATUSES),
         )
-        # Chunks keep memory flat and feed numpy without per-row Python objects.
+        # Chunks feed numpy without holding millions of row tuples at once.
+        ids, hashes = [], []
         while rows := cur.fetchmany(200_000):
-            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            hashes = np.frombuffer(b"".join([r[1] for r in rows]), "<u8")
-            index.add_many(ids, hashes.reshape(len(rows), index.words))
+            ids.append(np.fromiter((r[0] for r in rows), np.int64, len(rows)))
+            hashes.append(np.frombuffer(b"".join([r[1] for r in rows]), "<u8"))
+        if ids:
+            index.add_many(np.concatenate(ids),
+                           np.concatenate(hashes).reshape(-1, index.words))
 
     def warm(self, scope: str, recipe: str) -> None:
         self._index(scope, recipe)
@@ -290,9 +296,9 @@ class SQLiteStore(Store):
         with self._lock:
             index = self._indexes.get(key)
             if index is None:
-                index = HammingIndex(Recipe.from_key(recipe).bits)
-                if not self._load_snapshot(scope, recipe, index):
-                    index = HammingIndex(index.bits)
+                index = self._load_snapshot(scope, recipe)
+                if index is None:
+                    index = HammingIndex(Recipe.from_key(recipe).bits)
                     self._load_rows(scope, recipe, index, "1", ())
                 self._indexes[key] = index
             return index
