@@ -26,6 +26,7 @@ from dedupd.store.base import (
     QuarantineEntry,
     Store,
     StoreError,
+    nearest_first,
 )
 from dedupd.store.hamming import HammingIndex
 
@@ -280,6 +281,15 @@ class SQLiteStore(Store):
             blob = b"".join(_hash_blob(r) for r in recs)
             index.add_many(ids, np.frombuffer(blob, "<u8").reshape(len(recs), -1))
 
+    def existing_paths(self, paths: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(paths), 500):  # under SQLite's bound-parameter limit
+            chunk = paths[i:i + 500]
+            found.update(row[0] for row in self._query(
+                f"SELECT path FROM images WHERE path IN ({','.join('?' * len(chunk))})",
+                tuple(chunk)))
+        return found
+
     def get(self, record_id: int) -> ImageRecord | None:
         rows = self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (record_id,))
         return _record(rows[0]) if rows else None
@@ -319,8 +329,11 @@ class SQLiteStore(Store):
             # Range scan instead of LIKE: paths may contain % and _.
             sql += " AND path >= ? AND path < ?"
             args += [base, base[:-1] + "0"]
-        for row in self._query(sql + " ORDER BY id", tuple(args)):
-            yield _record(row)
+        last = 0  # pages by id: a 10M-row export never holds every row in memory
+        while rows := self._query(sql + " AND id > ? ORDER BY id LIMIT 5000",
+                                  (*args, last)):
+            yield from map(_record, rows)
+            last = rows[-1][0]
 
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
                      max_distance: int, limit: int = 10) -> list[Match]:
@@ -346,9 +359,7 @@ class SQLiteStore(Store):
                 if i in by_id:
                     rec = by_id[i]
                     found[i] = Match(rec, dist, bool(digest) and rec.digest == digest)
-        ordered = sorted(found.values(),
-                         key=lambda m: (m.distance, not m.identical, m.record.id))
-        return ordered[:limit]
+        return nearest_first(found.values(), limit)
 
     def locked(self, scope: str) -> AbstractContextManager[None]:
         with self._lock:
