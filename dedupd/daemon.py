@@ -140,6 +140,9 @@ class Daemon:
         self.counts = {"processed": 0, "accepted": 0, "duplicates": 0, "quarantined": 0,
                        "rejected": 0}
         self._counts_lock = threading.Lock()
+        # While the store is unreachable: why and since when (workers pause, files wait).
+        self._store_down: tuple[str, float] | None = None
+        self._store_lock = threading.Lock()
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
 
     # ------------------------------------------------------------ lifecycle
@@ -175,13 +178,16 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        last_status = last_summary = last_reconcile = time.monotonic()
+        last_status = last_summary = last_reconcile = last_ping = time.monotonic()
         while not self._stop.is_set():
             self._stop.wait(0.25)
             now = self._tick = time.monotonic()
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            if now - last_ping >= (1.0 if self._store_down else 5.0):
+                self.check_store()
+                last_ping = now = self._tick = time.monotonic()
             if now - last_status >= 2.0:
                 self.notifier.status(self.status_line())
                 last_status = now
@@ -236,6 +242,38 @@ class Daemon:
             self.request_scan(*(w.path for w in new.watches))
         self.notifier.ready(self.status_line())
 
+    # ------------------------------------------------------------ store outages
+
+    def _store_failed(self, exc: StoreError, **fields: object) -> None:
+        """The store failed a call: say so once per outage; workers then pause (files
+        wait in the queue) until check_store() sees it answer again."""
+        with self._store_lock:
+            first = self._store_down is None
+            self._store_down = (str(exc), time.time())
+        if first:
+            emit(Event.STORE_UNAVAILABLE, f"store unavailable; files wait in the queue and "
+                 f"are retried: {exc}", reason=str(exc), **fields)  # type: ignore[arg-type]
+            self.notifier.status(self.status_line())
+        else:
+            log.debug("store still unavailable: %s", exc)
+
+    def check_store(self) -> bool:
+        """Ping the store (main loop): notice outages while idle, and recoveries."""
+        try:
+            self.store.ping()
+            self.quarantine.finish_moves()
+        except StoreError as exc:
+            self._store_failed(exc)
+            return False
+        with self._store_lock:
+            down, self._store_down = self._store_down, None
+        if down is not None:
+            emit(Event.STORE_RECOVERED, f"store available again after "
+                 f"{time.time() - down[1]:.0f} s; resuming the queue ({len(self.queue)} "
+                 "files waiting)", reason=down[0])
+            self.notifier.status(self.status_line())
+        return True
+
     # ------------------------------------------------------------ health and status
 
     def healthy(self) -> bool:
@@ -263,7 +301,10 @@ class Daemon:
     def status_line(self) -> str:
         c = self.counts
         scan = " (scanning)" if self._scanning else ""
-        return (f"{len(self.config.watches)} roots{scan}; {c['processed']} processed, "
+        down = self._store_down
+        outage = (f"store unavailable since {time.strftime('%H:%M:%S', time.localtime(down[1]))}"
+                  f", retrying: {down[0]}; " if down else "")
+        return (f"{outage}{len(self.config.watches)} roots{scan}; {c['processed']} processed, "
                 f"{c['accepted']} accepted, {c['quarantined']} quarantined, "
                 f"{c['rejected']} rejected; queue {len(self.queue)}")
 
@@ -289,15 +330,25 @@ class Daemon:
         if watch is not None:
             self.request_scan(watch.path)
 
+    def _store_call_failed(self, exc: StoreError, path: Path) -> None:
+        """A watcher callback could not update the store: the root's rescan will."""
+        self._store_failed(exc, path=str(path))
+        watch = self.config.watch_for(path)
+        if watch is not None:
+            self.request_scan(watch.path)
+
     def file_deleted(self, path: Path) -> None:
         self.queue.discard(path)
         watch = self.config.watch_for(path)
         if watch is None:
             return
-        with self.store.locked(watch.scope):
-            rec = self.store.get_by_path(str(path))
-            if rec is not None and rec.status in LIVE_STATUSES and not path.exists():
-                self.store.delete(rec.id)  # type: ignore[arg-type]
+        try:
+            with self.store.locked(watch.scope):
+                rec = self.store.get_by_path(str(path))
+                if rec is not None and rec.status in LIVE_STATUSES and not path.exists():
+                    self.store.delete(rec.id)  # type: ignore[arg-type]
+        except StoreError as exc:
+            self._store_call_failed(exc, path)
 
     def file_moved(self, src: Path, dst: Path) -> None:
         old, new = self.config.watch_for(src), self.config.watch_for(dst)
@@ -305,20 +356,26 @@ class Daemon:
             self.file_deleted(src)
             self.file_ready(dst)
             return
-        with self.store.locked(new.scope):
-            rec = self.store.get_by_path(str(src))
-            if rec is not None and self.store.get_by_path(str(dst)) is None:
-                self.store.update(rec.with_(path=str(dst)))
+        try:
+            with self.store.locked(new.scope):
+                rec = self.store.get_by_path(str(src))
+                if rec is not None and self.store.get_by_path(str(dst)) is None:
+                    self.store.update(rec.with_(path=str(dst)))
+        except StoreError as exc:
+            self._store_call_failed(exc, dst)
         self.file_ready(dst)  # a no-op if the record now matches the file
 
     def dir_moved(self, src: Path, dst: Path) -> None:
         new = self.config.watch_for(dst)
-        for rec in list(self.store.iter_records(prefix=str(src))):
-            moved = dst / Path(rec.path).relative_to(src)
-            if new is not None and rec.scope == new.scope and rec.status in LIVE_STATUSES:
-                with self.store.locked(rec.scope):
-                    if self.store.get_by_path(str(moved)) is None:
-                        self.store.update(rec.with_(path=str(moved)))
+        try:
+            for rec in list(self.store.iter_records(prefix=str(src))):
+                moved = dst / Path(rec.path).relative_to(src)
+                if new is not None and rec.scope == new.scope and rec.status in LIVE_STATUSES:
+                    with self.store.locked(rec.scope):
+                        if self.store.get_by_path(str(moved)) is None:
+                            self.store.update(rec.with_(path=str(moved)))
+        except StoreError as exc:
+            self._store_call_failed(exc, dst)
         self.request_scan(dst)
 
     def dir_arrived(self, path: Path) -> None:
@@ -356,9 +413,9 @@ class Daemon:
             try:
                 self.reconcile(path)
             except StoreError as exc:
-                emit(Event.STORE_UNAVAILABLE, f"reconciliation of {path} failed: {exc}",
-                     root=str(path), reason=str(exc))
-                time.sleep(1.0)
+                self._store_failed(exc, root=str(path))
+                while self._store_down and not self._stop.is_set():
+                    self._stop.wait(0.5)
                 self.request_scan(path)
             except Exception:
                 log.exception("reconciliation of %s failed", path)
@@ -424,6 +481,9 @@ class Daemon:
     def _work(self) -> None:
         me = threading.get_ident()
         while not self._stop.is_set():
+            if self._store_down is not None:  # files wait in the queue until it is back
+                self._stop.wait(0.5)
+                continue
             path = self.queue.get(0.5)
             if path is None:
                 continue
@@ -431,11 +491,11 @@ class Daemon:
             try:
                 self.process(path)
             except StoreError as exc:
-                emit(Event.STORE_UNAVAILABLE, f"store unavailable, {path} will be retried: {exc}",
-                     path=str(path), reason=str(exc))
-                self.notifier.status(f"store unavailable: {exc}")
-                self._stop.wait(2.0)
-                self.queue.put(path, block=False)
+                # Nothing was decided, or the decision is in the store already (process()
+                # starts by asking the store about the path): retrying is safe.
+                self._store_failed(exc, path=str(path))
+                if not self.queue.put(path, block=False):
+                    self._queue_full(path)
             except Exception:
                 log.exception("processing %s failed; it stays where it is", path)
             finally:
@@ -493,7 +553,10 @@ class Daemon:
             matches = [m for m in self.store.find_matches(
                 watch.scope, record.recipe, record.hash, record.digest, policy.max_distance,
                 limit=8) if m.record.path != record.path]
-            gone = [m for m in matches if not os.path.lexists(m.record.path)]
+            # The disk is the truth only under our own roots: a shared dictionary holds
+            # other hosts' records, whose paths this host cannot see.
+            gone = [m for m in matches if config.watch_for(m.record.path) is not None
+                    and not os.path.lexists(m.record.path)]
             if known is None:
                 moved = next((m for m in gone if m.identical), None)
                 if moved is not None:  # moved while we were not watching

@@ -77,6 +77,7 @@ class Store(ABC):
     """Persistent hash dictionary with near-duplicate search."""
 
     url: str
+    migrated: tuple[int, int]  # (schema version found when opened, version now)
 
     @abstractmethod
     def close(self) -> None: ...

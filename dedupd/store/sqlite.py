@@ -128,6 +128,7 @@ class SQLiteStore(Store):
     # -- plumbing
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        self.migrated = (int(version), SCHEMA_VERSION)
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version} is newer than this "
                              f"dedupd ({SCHEMA_VERSION}); upgrade dedupd")
