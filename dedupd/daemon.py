@@ -142,6 +142,8 @@ class Daemon:
         self._counts_lock = threading.Lock()
         # While the store is unreachable: why and since when (workers pause, files wait).
         self._store_down: tuple[str, float] | None = None
+        # Decisions whose store write failed mid-way: reported once the retry knows.
+        self._unreported: dict[str, tuple[Event, str, dict[str, object]]] = {}
         self._store_lock = threading.Lock()
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
 
@@ -261,7 +263,14 @@ class Daemon:
         """Ping the store (main loop): notice outages while idle, and recoveries."""
         try:
             self.store.ping()
-            self.quarantine.finish_moves()
+            for entry in self.quarantine.finish_moves():
+                self._count("quarantined")
+                emit(Event.DUPLICATE_QUARANTINED, f"{entry.original_path}: duplicate of "
+                     f"{entry.matched_path} (distance {entry.distance}); moved to "
+                     f"{entry.quarantine_path}", path=entry.original_path,
+                     match=entry.matched_path, distance=entry.distance, hash=entry.hash,
+                     policy=entry.policy, action="quarantine",
+                     quarantine_path=entry.quarantine_path)
         except StoreError as exc:
             self._store_failed(exc)
             return False
@@ -529,6 +538,9 @@ class Daemon:
         known = self.store.get_by_path(str(path))
         if known is not None and (known.file_size, known.mtime_ns) == (st.st_size,
                                                                        st.st_mtime_ns):
+            report = self._unreported.pop(str(path), None)
+            if report is not None:  # decided just before an outage; the store has it
+                emit(report[0], report[1], **report[2])  # type: ignore[arg-type]
             return
         try:
             h = hash_file(path, config.recipe, config.max_pixels)
@@ -580,10 +592,10 @@ class Daemon:
             decision = replace(decision, action="log")
         size = self.config.recipe.size
         if decision.verdict == ACCEPT:
-            self._keep(record)
+            self._keep(record, (Event.IMAGE_ACCEPTED, f"{path}: accepted", dict(
+                path=str(path), hash=hash_to_hex(record.hash, size), root=str(watch.path),
+                policy=policy.name)))
             self._count("accepted")
-            emit(Event.IMAGE_ACCEPTED, f"{path}: accepted", path=str(path),
-                 hash=hash_to_hex(record.hash, size), root=str(watch.path), policy=policy.name)
             return
         assert decision.match is not None
         self._count("duplicates")
@@ -597,9 +609,9 @@ class Daemon:
                       root=str(watch.path), action=decision.action,
                       identical=decision.match.identical)
         if decision.action == "log":
-            self._keep(loser)
-            emit(Event.DUPLICATE_LOGGED, f"{loser.path}: duplicate of {winner.path} "
-                 f"(distance {decision.match.distance}); left in place (log only)", **fields)
+            self._keep(loser, (Event.DUPLICATE_LOGGED, f"{loser.path}: duplicate of "
+                               f"{winner.path} (distance {decision.match.distance}); left in "
+                               "place (log only)", fields))
         elif decision.action == "delete":
             os.unlink(loser.path)
             if loser.id is not None:
@@ -624,11 +636,20 @@ class Daemon:
                  f"(distance {decision.match.distance}); moved to {entry.quarantine_path}",
                  quarantine_path=entry.quarantine_path, **fields)
 
-    def _keep(self, record: ImageRecord) -> None:
+    def _keep(self, record: ImageRecord,
+              report: tuple[Event, str, dict[str, object]] | None = None) -> None:
+        """Record a file as part of its dataset, then emit `report`. If the store fails
+        mid-write the report waits: the retry finds the record (the write did commit)
+        and emits it then, or decides afresh; either way it is said exactly once."""
+        if report is not None:
+            self._unreported[record.path] = report
         if record.id is None:
             self.store.insert(record)
         elif record.status not in LIVE_STATUSES:
             self.store.update(record.with_(status="kept"))
+        if report is not None:
+            self._unreported.pop(record.path, None)
+            emit(report[0], report[1], **report[2])  # type: ignore[arg-type]
 
     def _symlink_allowed(self, path: Path) -> bool:
         if not self.config.follow_symlinks:

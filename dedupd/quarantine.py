@@ -182,16 +182,15 @@ class Quarantine:
         self.store.update_quarantine(done)
         return done
 
-    def finish_moves(self) -> int:
+    def finish_moves(self) -> list[QuarantineEntry]:
         """Finish moves whose bookkeeping the store refused mid-way (an outage); returns
-        how many. Raises StoreError while the store is still away (the rest wait)."""
-        done = 0
+        their entries. Raises StoreError while the store is still away (the rest wait)."""
+        done = []
         with self._unfinished_lock:
             while self._unfinished:
                 entry, record = self._unfinished[0]
-                self._complete(entry, record)
+                done.append(self._complete(entry, record))
                 self._unfinished.pop(0)
-                done += 1
         return done
 
     # -- start-up repair

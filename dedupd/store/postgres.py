@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import re
 import threading
 import time
@@ -51,6 +52,8 @@ from dedupd.store.base import (
 from dedupd.store.hamming import SUBSTRINGS, substring_probes
 
 T = TypeVar("T")
+# The pool's own reconnect chatter: outages are reported once, as dedupd events.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 _IMAGE_COLS = ("id", "scope", "path", "recipe", "hash", "hash_hi", "digest", "file_size",
                "mtime_ns", "width", "height", "first_seen", "status")
@@ -176,6 +179,32 @@ def _lock_key(scope: str) -> int:
     """A stable signed 32-bit key per scope (a collision only serialises two groups)."""
     return int.from_bytes(hashlib.blake2b(scope.encode(), digest_size=4).digest(), "big",
                           signed=True)
+
+
+def near_query(recipe: str, hash: int, max_distance: int, limit: int
+               ) -> tuple[str, dict[str, object]]:
+    """SQL and arguments (all but %(c)s, the collection) of the records within
+    max_distance, nearest first, ties by id; the last column is the distance."""
+    words = _words(recipe)
+    args: dict[str, object] = {f"q{w}": _signed((hash >> (64 * w)) & _WORD)
+                               for w in range(words)}
+    args.update(d=max_distance, limit=limit)
+    probes = substring_probes(hash, max_distance) if words == 1 else None
+    distance = _distance_sql(words)
+    cols = ", ".join(f"i.{c}" for c in _IMAGE_COLS)
+    if probes is None:  # 256-bit or a radius past 3: scan the (scope, recipe), see above
+        return (f"SELECT {cols}, c.dist FROM (SELECT id, {distance} AS dist FROM images "
+                f"WHERE coll = %(c)s AND status IN ({_LIVE})) c JOIN images i ON i.id = c.id "
+                "WHERE c.dist <= %(d)s ORDER BY c.dist, c.id LIMIT %(limit)s"), args
+    branches = []
+    for j in range(SUBSTRINGS):
+        args[f"p{j}"] = probes[j]
+        branches.append(
+            f"SELECT id, {distance} AS dist FROM images WHERE coll = %(c)s "
+            f"AND status IN ({_LIVE}) AND s{j} = ANY(%(p{j})s::integer[]) "
+            f"AND {distance} <= %(d)s")
+    return (f"SELECT {cols}, c.dist FROM ({' UNION '.join(branches)}) c "
+            "JOIN images i ON i.id = c.id ORDER BY c.dist, c.id LIMIT %(limit)s"), args
 
 
 def _distance_sql(words: int) -> str:
@@ -441,28 +470,7 @@ class PostgresStore(Store):
 
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
                      max_distance: int, limit: int = 10) -> list[Match]:
-        words = _words(recipe)
-        parts = [_signed((hash >> (64 * w)) & _WORD) for w in range(words)]
-        args: dict[str, object] = {f"q{w}": parts[w] for w in range(words)}
-        args.update(d=max_distance, limit=limit)
-        probes = substring_probes(hash, max_distance) if words == 1 else None
-        distance = _distance_sql(words)
-        cols = ", ".join(f"i.{c}" for c in _IMAGE_COLS)
-        if probes is not None:
-            branches = []
-            for j in range(SUBSTRINGS):
-                args[f"p{j}"] = probes[j]
-                branches.append(
-                    f"SELECT id, {distance} AS dist FROM images WHERE coll = %(c)s "
-                    f"AND status IN ({_LIVE}) AND s{j} = ANY(%(p{j})s::integer[]) "
-                    f"AND {distance} <= %(d)s")
-            near = (f"SELECT {cols}, c.dist FROM ({' UNION '.join(branches)}) c "
-                    "JOIN images i ON i.id = c.id ORDER BY c.dist, c.id LIMIT %(limit)s")
-        else:  # 256-bit or a radius past 3: scan the (scope, recipe), see the docstring
-            near = (f"SELECT {cols}, c.dist FROM (SELECT id, {distance} AS dist FROM images "
-                    f"WHERE coll = %(c)s AND status IN ({_LIVE})) c JOIN images i "
-                    "ON i.id = c.id WHERE c.dist <= %(d)s ORDER BY c.dist, c.id "
-                    "LIMIT %(limit)s")
+        near, args = near_query(recipe, hash, max_distance, limit)
 
         def query(conn: psycopg.Connection) -> tuple[list[tuple], list[tuple]]:
             same = conn.execute(
