@@ -237,6 +237,8 @@ class Daemon:
                  reason=str(exc))
             with contextlib.suppress(WatchError):
                 self.watcher.arm(self._roots())
+            # Files that landed while the watches were being re-armed have no event.
+            self.request_scan(*(w.path for w in self.config.watches))
         else:
             emit(Event.RELOADED, f"configuration reloaded from {new.source}",
                  roots=",".join(str(w.path) for w in new.watches))
