@@ -519,16 +519,36 @@ def build_parser() -> argparse.ArgumentParser:
             "move a quarantined file back and mark it allowed")
     p.add_argument("target", metavar="ID|PATH")
 
-    p = add("db", _lazy("dedupd.store.admin", "cmd_db"), "store maintenance")
+    p = add("db", _lazy("dedupd.store.admin", "cmd_db"), "store maintenance",
+            "Maintain the configured store (`index:`): create or upgrade its schema, or copy\n"
+            "its records and quarantine journal to or from another store, e.g. SQLite to\n"
+            "PostgreSQL when several hosts start sharing one dictionary. URL is a path,\n"
+            "sqlite:///PATH or postgresql://USER@HOST/DB (TLS options in the DSN).")
     dsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
-    d = dsub.add_parser("migrate", help="create or upgrade the schema")
-    d.add_argument("--json", action="store_true")
-    d = dsub.add_parser("export", help="copy this store's records into URL")
-    d.add_argument("url", metavar="URL")
-    d.add_argument("--json", action="store_true")
-    d = dsub.add_parser("import", help="copy records from URL into this store")
-    d.add_argument("url", metavar="URL")
-    d.add_argument("--json", action="store_true")
+    copy_help = (
+        "Conflicts: records are matched by path. A path the destination already has is\n"
+        "left exactly as it is there (the destination wins; nothing is overwritten), so\n"
+        "an interrupted copy can simply be re-run and copies only what is missing.\n"
+        "Quarantine journal entries are copied too (matched by original path, quarantine\n"
+        "path and time) and re-pointed at the copied records. Record ids are renumbered.\n"
+        "Stop the daemons writing to either store first, or re-run the copy afterwards.")
+    d = dsub.add_parser("migrate", help="create or upgrade the schema",
+                        description="Create the schema or upgrade it to this version of "
+                        "dedupd (also done on every start; hosts starting at once take "
+                        "turns).")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d = dsub.add_parser("export", help="copy this store's records into URL",
+                        description="Copy the configured store's image records and "
+                        "quarantine journal into the store at\nURL (created if needed).\n\n"
+                        + copy_help, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("url", metavar="URL", help="the destination store")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d = dsub.add_parser("import", help="copy records from URL into this store",
+                        description="Copy the image records and quarantine journal of the "
+                        "store at URL into the\nconfigured store.\n\n" + copy_help,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("url", metavar="URL", help="the source store")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 

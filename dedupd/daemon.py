@@ -140,6 +140,9 @@ class Daemon:
         self._rejected: set[tuple[str, int, int]] = set()
         self._threads: list[threading.Thread] = []
         self._tick = time.monotonic()
+        # While the store is unreachable: why and since when (workers pause, files wait).
+        self._store_down: tuple[str, float] | None = None
+        self._store_lock = threading.Lock()
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
 
     # ------------------------------------------------------------ lifecycle
@@ -175,13 +178,17 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
-        last_status = last_summary = last_reconcile = last_checkpoint = time.monotonic()
+        last_status = last_summary = last_reconcile = last_ping = last_checkpoint = \
+            time.monotonic()
         while not self._stop.is_set():
             self._stop.wait(0.25)
             now = self._tick = time.monotonic()
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            if now - last_ping >= (1.0 if self._store_down else 5.0):
+                self.check_store()
+                last_ping = now = self._tick = time.monotonic()
             if now - last_status >= 2.0:
                 self.notifier.status(self.status_line())
                 last_status = now
@@ -249,6 +256,45 @@ class Daemon:
         except StoreError as exc:
             log.warning("index checkpoint failed (the next start will be slower): %s", exc)
 
+    # ------------------------------------------------------------ store outages
+
+    def _store_failed(self, exc: StoreError, **fields: object) -> None:
+        """The store failed a call: say so once per outage; workers then pause (files
+        wait in the queue) until check_store() sees it answer again."""
+        with self._store_lock:
+            first = self._store_down is None
+            self._store_down = (str(exc), time.time())
+        if first:
+            emit(Event.STORE_UNAVAILABLE, f"store unavailable; files wait in the queue and "
+                 f"are retried: {exc}", reason=str(exc), **fields)  # type: ignore[arg-type]
+            self.notifier.status(self.status_line())
+        else:
+            log.debug("store still unavailable: %s", exc)
+
+    def check_store(self) -> bool:
+        """Ping the store (main loop): notice outages while idle, and recoveries."""
+        try:
+            self.store.ping()
+            for entry in self.quarantine.finish_moves():
+                self.pipeline.count("quarantined")
+                emit(Event.DUPLICATE_QUARANTINED, f"{entry.original_path}: duplicate of "
+                     f"{entry.matched_path} (distance {entry.distance}); moved to "
+                     f"{entry.quarantine_path}", path=entry.original_path,
+                     match=entry.matched_path, distance=entry.distance, hash=entry.hash,
+                     policy=entry.policy, action="quarantine",
+                     quarantine_path=entry.quarantine_path)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return False
+        with self._store_lock:
+            down, self._store_down = self._store_down, None
+        if down is not None:
+            emit(Event.STORE_RECOVERED, f"store available again after "
+                 f"{time.time() - down[1]:.0f} s; resuming the queue ({len(self.queue)} "
+                 "files waiting)", reason=down[0])
+            self.notifier.status(self.status_line())
+        return True
+
     # ------------------------------------------------------------ health and status
 
     def healthy(self) -> bool:
@@ -276,7 +322,10 @@ class Daemon:
     def status_line(self) -> str:
         c = self.pipeline.counts
         scan = " (scanning)" if self._scanning else ""
-        return (f"{len(self.config.watches)} roots{scan}; {c['processed']} processed, "
+        down = self._store_down
+        outage = (f"store unavailable since {time.strftime('%H:%M:%S', time.localtime(down[1]))}"
+                  f", retrying: {down[0]}; " if down else "")
+        return (f"{outage}{len(self.config.watches)} roots{scan}; {c['processed']} processed, "
                 f"{c['accepted']} accepted, {c['quarantined']} quarantined, "
                 f"{c['rejected']} rejected; queue {len(self.queue)}")
 
@@ -298,15 +347,25 @@ class Daemon:
         if watch is not None:
             self.request_scan(watch.path)
 
+    def _store_call_failed(self, exc: StoreError, path: Path) -> None:
+        """A watcher callback could not update the store: the root's rescan will."""
+        self._store_failed(exc, path=str(path))
+        watch = self.config.watch_for(path)
+        if watch is not None:
+            self.request_scan(watch.path)
+
     def file_deleted(self, path: Path) -> None:
         self.queue.discard(path)
         watch = self.config.watch_for(path)
         if watch is None:
             return
-        with self.store.locked(watch.scope):
-            rec = self.store.get_by_path(str(path))
-            if rec is not None and rec.status in LIVE_STATUSES and not path.exists():
-                self.store.delete(rec.id)  # type: ignore[arg-type]
+        try:
+            with self.store.locked(watch.scope):
+                rec = self.store.get_by_path(str(path))
+                if rec is not None and rec.status in LIVE_STATUSES and not path.exists():
+                    self.store.delete(rec.id)  # type: ignore[arg-type]
+        except StoreError as exc:
+            self._store_call_failed(exc, path)
 
     def file_moved(self, src: Path, dst: Path) -> None:
         old, new = self.config.watch_for(src), self.config.watch_for(dst)
@@ -314,20 +373,26 @@ class Daemon:
             self.file_deleted(src)
             self.file_ready(dst)
             return
-        with self.store.locked(new.scope):
-            rec = self.store.get_by_path(str(src))
-            if rec is not None and self.store.get_by_path(str(dst)) is None:
-                self.store.update(rec.with_(path=str(dst)))
+        try:
+            with self.store.locked(new.scope):
+                rec = self.store.get_by_path(str(src))
+                if rec is not None and self.store.get_by_path(str(dst)) is None:
+                    self.store.update(rec.with_(path=str(dst)))
+        except StoreError as exc:
+            self._store_call_failed(exc, dst)
         self.file_ready(dst)  # a no-op if the record now matches the file
 
     def dir_moved(self, src: Path, dst: Path) -> None:
         new = self.config.watch_for(dst)
-        for rec in list(self.store.iter_records(prefix=str(src))):
-            moved = dst / Path(rec.path).relative_to(src)
-            if new is not None and rec.scope == new.scope and rec.status in LIVE_STATUSES:
-                with self.store.locked(rec.scope):
-                    if self.store.get_by_path(str(moved)) is None:
-                        self.store.update(rec.with_(path=str(moved)))
+        try:
+            for rec in list(self.store.iter_records(prefix=str(src))):
+                moved = dst / Path(rec.path).relative_to(src)
+                if new is not None and rec.scope == new.scope and rec.status in LIVE_STATUSES:
+                    with self.store.locked(rec.scope):
+                        if self.store.get_by_path(str(moved)) is None:
+                            self.store.update(rec.with_(path=str(moved)))
+        except StoreError as exc:
+            self._store_call_failed(exc, dst)
         self.request_scan(dst)
 
     def dir_arrived(self, path: Path) -> None:
@@ -365,9 +430,9 @@ class Daemon:
             try:
                 self.reconcile(path)
             except StoreError as exc:
-                emit(Event.STORE_UNAVAILABLE, f"reconciliation of {path} failed: {exc}",
-                     root=str(path), reason=str(exc))
-                time.sleep(1.0)
+                self._store_failed(exc, root=str(path))
+                while self._store_down and not self._stop.is_set():
+                    self._stop.wait(0.5)
                 self.request_scan(path)
             except Exception:
                 log.exception("reconciliation of %s failed", path)
@@ -433,6 +498,9 @@ class Daemon:
     def _work(self) -> None:
         me = threading.get_ident()
         while not self._stop.is_set():
+            if self._store_down is not None:  # files wait in the queue until it is back
+                self._stop.wait(0.5)
+                continue
             path = self.queue.get(0.5)
             if path is None:
                 continue
@@ -440,11 +508,11 @@ class Daemon:
             try:
                 self.process(path)
             except StoreError as exc:
-                emit(Event.STORE_UNAVAILABLE, f"store unavailable, {path} will be retried: {exc}",
-                     path=str(path), reason=str(exc))
-                self.notifier.status(f"store unavailable: {exc}")
-                self._stop.wait(2.0)
-                self.queue.put(path, block=False)
+                # Nothing was decided, or the decision is in the store already (process()
+                # starts by asking the store about the path): retrying is safe.
+                self._store_failed(exc, path=str(path))
+                if not self.queue.put(path, block=False):
+                    self._queue_full(path)
             except Exception:
                 log.exception("processing %s failed; it stays where it is", path)
             finally:
@@ -478,6 +546,7 @@ class Daemon:
         known = self.store.get_by_path(str(path))
         if known is not None and (known.file_size, known.mtime_ns) == (st.st_size,
                                                                        st.st_mtime_ns):
+            self.pipeline.report_interrupted(path)  # decided just before an outage
             return
         try:
             h = hash_file(path, config.recipe, config.max_pixels)

@@ -41,6 +41,7 @@ class Event(enum.StrEnum):
     STOPPED = "stopped"
     SUMMARY = "summary"
     STORE_UNAVAILABLE = "store_unavailable"
+    STORE_RECOVERED = "store_recovered"
 
 
 # Stable forever; deploy/dedupd.catalog explains each one (`journalctl -x`).
@@ -59,6 +60,7 @@ MESSAGE_IDS: dict[Event, str] = {
     Event.STOPPED: "6afba8f14e154d0a8a1c5202f7cfb90a",
     Event.SUMMARY: "eb7cc0fc19884dbda15062b27d552583",
     Event.STORE_UNAVAILABLE: "c1b8e26d0e164ca38c3e624e9229ef95",
+    Event.STORE_RECOVERED: "7b32efd500d244e3875595256e715288",
 }
 
 PRIORITIES: dict[Event, int] = {
@@ -76,6 +78,7 @@ PRIORITIES: dict[Event, int] = {
     Event.STOPPED: NOTICE,
     Event.SUMMARY: INFO,
     Event.STORE_UNAVAILABLE: ERR,
+    Event.STORE_RECOVERED: NOTICE,
 }
 
 _PRIORITY_NAMES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")

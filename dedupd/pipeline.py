@@ -44,6 +44,8 @@ class Pipeline:
         self.counts = {"processed": 0, "accepted": 0, "duplicates": 0, "quarantined": 0,
                        "rejected": 0}
         self._counts_lock = threading.Lock()
+        # Decisions whose store write failed mid-way: reported once a retry knows.
+        self._unreported: dict[str, tuple[Event, str, dict[str, object]]] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -55,6 +57,13 @@ class Pipeline:
     def count(self, key: str) -> None:
         with self._counts_lock:
             self.counts[key] += 1
+
+    def report_interrupted(self, path: Path) -> None:
+        """The store already holds path's record: if its write was cut off by an outage
+        before the decision was logged, log it now (exactly once)."""
+        report = self._unreported.pop(str(path), None)
+        if report is not None:
+            emit(report[0], report[1], **report[2])  # type: ignore[arg-type]
 
     def ingest(self, path: Path, watch: Watch, hashed: ImageHash, mtime_ns: int,
                known: ImageRecord | None) -> Outcome | None:
@@ -81,7 +90,10 @@ class Pipeline:
             matches = [m for m in self.store.find_matches(
                 watch.scope, record.recipe, record.hash, record.digest, policy.max_distance,
                 limit=8) if m.record.path != record.path]
-            gone = [m for m in matches if not os.path.lexists(m.record.path)]
+            # The disk is the truth only under our own roots: a shared dictionary holds
+            # other hosts' records, whose paths this host cannot see.
+            gone = [m for m in matches if self.config.watch_for(m.record.path) is not None
+                    and not os.path.lexists(m.record.path)]
             if known is None:
                 moved = next((m for m in gone if m.identical), None)
                 if moved is not None:  # moved while nobody was watching
@@ -105,10 +117,10 @@ class Pipeline:
             decision = replace(decision, action="log")
         size = self.config.recipe.size
         if decision.verdict == ACCEPT:
-            self._keep(record)
+            self._keep(record, (Event.IMAGE_ACCEPTED, f"{path}: accepted", dict(
+                path=str(path), hash=hash_to_hex(record.hash, size), root=str(watch.path),
+                policy=policy.name)))
             self.count("accepted")
-            emit(Event.IMAGE_ACCEPTED, f"{path}: accepted", path=str(path),
-                 hash=hash_to_hex(record.hash, size), root=str(watch.path), policy=policy.name)
             return Outcome(accepted=True)
         match = decision.match
         assert match is not None
@@ -124,9 +136,9 @@ class Pipeline:
                       hash=hash_to_hex(loser.hash, size), policy=policy.name,
                       root=str(watch.path), action=decision.action, identical=match.identical)
         if decision.action == "log":
-            self._keep(loser)
-            emit(Event.DUPLICATE_LOGGED, f"{loser.path}: duplicate of {winner.path} "
-                 f"(distance {match.distance}); left in place (log only)", **fields)
+            self._keep(loser, (Event.DUPLICATE_LOGGED, f"{loser.path}: duplicate of "
+                               f"{winner.path} (distance {match.distance}); left in place "
+                               "(log only)", fields))
         elif decision.action == "delete":
             os.unlink(loser.path)
             if loser.id is not None:
@@ -153,8 +165,17 @@ class Pipeline:
             outcome = replace(outcome, moved_to=entry.quarantine_path)
         return outcome
 
-    def _keep(self, record: ImageRecord) -> None:
+    def _keep(self, record: ImageRecord,
+              report: tuple[Event, str, dict[str, object]] | None = None) -> None:
+        """Record a file as part of its dataset, then emit `report`. If the store fails
+        mid-write the report waits: the retry finds the record (the write did commit)
+        and emits it then, or decides afresh; either way it is said exactly once."""
+        if report is not None:
+            self._unreported[record.path] = report
         if record.id is None:
             self.store.insert(record)
         elif record.status not in LIVE_STATUSES:
             self.store.update(record.with_(status="kept"))
+        if report is not None:
+            self._unreported.pop(record.path, None)
+            emit(report[0], report[1], **report[2])  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -97,6 +98,8 @@ class Quarantine:
     def __init__(self, store: Store, directory: Path) -> None:
         self.store = store
         self.directory = Path(directory)
+        self._unfinished: list[tuple[QuarantineEntry, ImageRecord | None]] = []
+        self._unfinished_lock = threading.Lock()
 
     # -- naming
     def target_for(self, original: Path, root: Path | None) -> Path:
@@ -147,7 +150,15 @@ class Quarantine:
                 self.store.update_quarantine(replace(entry, state=ROLLED_BACK))
                 raise QuarantineError(f"{original}: cannot move to quarantine: "
                                       f"{exc.strerror or exc}") from None
-            return self._complete(entry, record)
+            try:
+                return self._complete(entry, record)
+            except StoreError:
+                # The file is in quarantine already: its record and journal entry are
+                # finished by finish_moves() once the store is back (or by reconcile()
+                # at the next start). The caller sees the outage.
+                with self._unfinished_lock:
+                    self._unfinished.append((entry, record))
+                raise
         raise QuarantineError(f"{original}: no free name in quarantine")  # pragma: no cover
 
     def _complete(self, entry: QuarantineEntry, record: ImageRecord | None) -> QuarantineEntry:
@@ -169,6 +180,17 @@ class Quarantine:
         _write_atomic(target.with_name(target.name + SIDECAR_SUFFIX),
                       json.dumps(sidecar, indent=2) + "\n")
         self.store.update_quarantine(done)
+        return done
+
+    def finish_moves(self) -> list[QuarantineEntry]:
+        """Finish moves whose bookkeeping the store refused mid-way (an outage); returns
+        their entries. Raises StoreError while the store is still away (the rest wait)."""
+        done = []
+        with self._unfinished_lock:
+            while self._unfinished:
+                entry, record = self._unfinished[0]
+                done.append(self._complete(entry, record))
+                self._unfinished.pop(0)
         return done
 
     # -- start-up repair

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -84,3 +88,65 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                 "JOURNAL_STREAM"):
         monkeypatch.delenv(var, raising=False)
     os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+# The README's test command uses a local server when one answers (CI runs one with trust
+# auth); DEDUPD_TEST_PG points elsewhere. Each test gets a fresh database, dropped after.
+PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@functools.cache
+def pg_admin_url() -> tuple[str | None, str]:
+    """(admin DSN, "") if a server answers, else (None, why the PostgreSQL tests skip)."""
+    url = os.environ.get("DEDUPD_TEST_PG") or PG_DEFAULT
+    try:
+        import psycopg
+    except ImportError:
+        return None, "psycopg is not installed (pip install -e '.[test]')"
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        why = " ".join(str(exc).split())
+        if os.environ.get("DEDUPD_TEST_PG"):
+            raise RuntimeError(f"DEDUPD_TEST_PG={url} is unreachable: {why}") from None
+        return None, (f"no PostgreSQL server at {url} ({why}); start one or set "
+                      "DEDUPD_TEST_PG=postgresql://USER@HOST:PORT/DB to run these tests")
+    return url, ""
+
+
+def fresh_database(admin: str) -> tuple[str, Callable[[], None]]:
+    """CREATE DATABASE with a unique name on the admin DSN's server: (its DSN, dropper)."""
+    import psycopg
+
+    name = f"dedupd_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return urlsplit(admin)._replace(path=f"/{name}").geturl(), drop
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A DSN of a fresh, empty database on the test server (skips if there is none)."""
+    admin, why = pg_admin_url()
+    if admin is None:
+        pytest.skip(why)
+    url, drop = fresh_database(admin)
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The index URL of an empty store, once per backend (store contract tests)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "i.sqlite")
+    return request.getfixturevalue("pg_url")

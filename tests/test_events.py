@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -21,17 +22,26 @@ JOURNALD = "/lib/systemd/systemd-journald"
 SOCKET = Path("/run/systemd/journal/socket")
 
 
+def journald_listening() -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(str(SOCKET))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def journald():
     """A real journald: the running one, or one started here (root, no systemd as PID 1)."""
     if not shutil.which("journalctl") or not os.path.exists(JOURNALD):
         pytest.skip("systemd-journald is not installed (apt-get install systemd)")
     proc = None
-    if not SOCKET.exists():
+    if not journald_listening():  # absent, or a stale socket left by a journald that exited
         if os.geteuid() != 0:
             pytest.skip("starting systemd-journald needs root")
         proc = subprocess.Popen([JOURNALD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(SOCKET.exists, 10, "journald's socket")
+        wait_for(journald_listening, 10, "journald's socket")
     yield
     if proc is not None:
         proc.terminate()

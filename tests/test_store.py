@@ -1,4 +1,5 @@
-"""The embedded SQLite store: persistence, migrations, queries, crash survival."""
+"""The store contract on every backend (store_url: SQLite and PostgreSQL), plus the embedded
+SQLite store's own persistence, migrations and crash survival."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def test_not_a_database(tmp_path: Path) -> None:
         open_store(str(db))
 
 
-def test_find_matches_scope_recipe_status_and_order(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path / "i.sqlite"))
+def test_find_matches_scope_recipe_status_and_order(store_url: str) -> None:
+    store = open_store(store_url)
     base = 0x0123_4567_89AB_CDEF
     a = store.insert(rec("/a", base ^ 0b111))  # distance 3
     b = store.insert(rec("/b", base ^ 0b1))  # distance 1
@@ -85,8 +86,8 @@ def test_find_matches_scope_recipe_status_and_order(tmp_path: Path) -> None:
     store.close()
 
 
-def test_identical_copy_is_found_among_many_equal_hashes(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path / "i.sqlite"))
+def test_identical_copy_is_found_among_many_equal_hashes(store_url: str) -> None:
+    store = open_store(store_url)
     store.insert_many([rec(f"/flat{i}", 0) for i in range(1200)])  # flat images: hash 0
     store.insert(rec("/copy", 0, digest="D"))
     got = store.find_matches("s", RECIPE, 0, "D", max_distance=0, limit=2)
@@ -94,9 +95,9 @@ def test_identical_copy_is_found_among_many_equal_hashes(tmp_path: Path) -> None
     store.close()
 
 
-def test_queries_equal_brute_force(tmp_path: Path) -> None:
+def test_queries_equal_brute_force(store_url: str) -> None:
     rnd = random.Random(7)
-    store = open_store(str(tmp_path / "i.sqlite"))
+    store = open_store(store_url)
     values = [rnd.getrandbits(64) for _ in range(3000)]
     values += [v ^ (1 << rnd.randrange(64)) for v in values[:300]]
     store.insert_many([rec(f"/{i}", v) for i, v in enumerate(values)])
@@ -110,8 +111,8 @@ def test_queries_equal_brute_force(tmp_path: Path) -> None:
     store.close()
 
 
-def test_prefix_listing_is_literal(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path / "i.sqlite"))
+def test_prefix_listing_is_literal(store_url: str) -> None:
+    store = open_store(store_url)
     for p in ("/d/a.jpg", "/d/sub/b.jpg", "/d_x/c.jpg", "/d%/e.jpg", "/dd/f.jpg"):
         store.insert(rec(p, 1))
     assert [r.path for r in store.iter_records(prefix="/d")] == ["/d/a.jpg", "/d/sub/b.jpg"]
@@ -137,8 +138,8 @@ def test_listing_pages_through_and_survives_deletes(tmp_path: Path, monkeypatch)
     store.close()
 
 
-def test_quarantine_journal(tmp_path: Path) -> None:
-    store = open_store(str(tmp_path / "i.sqlite"))
+def test_quarantine_journal(store_url: str) -> None:
+    store = open_store(store_url)
     e = store.add_quarantine(QuarantineEntry("/a", "/q/a", "/b", 2, "00ff", "default"))
     assert e.id and store.list_quarantine(("pending",)) == [e]
     done = QuarantineEntry(**{**e.__dict__, "state": DONE})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 
@@ -52,6 +52,12 @@ class Match:
     identical: bool  # same content digest: a byte-for-byte copy
 
 
+def nearest_first(matches: Iterable[Match], limit: int) -> list[Match]:
+    """The find_matches order of every backend: distance, then byte-identical copies
+    before look-alikes, then the oldest record (lowest id)."""
+    return sorted(matches, key=lambda m: (m.distance, not m.identical, m.record.id))[:limit]
+
+
 @dataclass(frozen=True)
 class QuarantineEntry:
     original_path: str
@@ -71,6 +77,7 @@ class Store(ABC):
     """Persistent hash dictionary with near-duplicate search."""
 
     url: str
+    migrated: tuple[int, int]  # (schema version found when opened, version now)
 
     @abstractmethod
     def close(self) -> None: ...
@@ -83,6 +90,10 @@ class Store(ABC):
     def insert_many(self, records: list[ImageRecord]) -> list[int]:
         """Bulk insert (one transaction where the backend can); returns the new ids."""
         return [self.insert(r).id for r in records]  # type: ignore[misc]
+
+    def existing_paths(self, paths: list[str]) -> set[str]:
+        """Which of paths have a record (one query per batch where the backend can)."""
+        return {p for p in paths if self.get_by_path(p) is not None}
 
     @abstractmethod
     def get(self, record_id: int) -> ImageRecord | None: ...
@@ -121,6 +132,10 @@ class Store(ABC):
 
     @abstractmethod
     def stats(self) -> dict[str, object]: ...
+
+    def ping(self) -> None:
+        """Raise StoreError unless the store answers right now (one try, no retries)."""
+        self.get(0)
 
     # -- quarantine journal
     @abstractmethod

@@ -36,6 +36,18 @@ def _masks_within(radius: int) -> np.ndarray:
 _MASKS = [_masks_within(r) for r in range(_MAX_RADIUS + 1)]
 
 
+def substring_probes(hash: int, max_distance: int) -> list[list[int]] | None:
+    """Per 16-bit substring of a 64-bit hash, the bucket values a query within
+    max_distance must probe (pigeonhole: within floor(d/4) bits of the query's own);
+    None when the radius is too large for probing to beat a scan. Shared by the
+    in-memory index and the PostgreSQL store, which probes btree indexes instead."""
+    radius = max_distance // SUBSTRINGS
+    if radius > _MAX_RADIUS:
+        return None
+    return [(_MASKS[radius] ^ ((hash >> (SUB_BITS * j)) & (_BUCKETS - 1))).tolist()
+            for j in range(SUBSTRINGS)]
+
+
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """The concatenation of arange(lo[i], hi[i]) for all i, without a Python loop."""
     lens = hi - lo

@@ -27,6 +27,7 @@ from dedupd.store.base import (
     QuarantineEntry,
     Store,
     StoreError,
+    nearest_first,
 )
 from dedupd.store.hamming import HammingIndex
 
@@ -142,6 +143,7 @@ class SQLiteStore(Store):
     # -- plumbing
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        self.migrated = (int(version), SCHEMA_VERSION)
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema version {version} is newer than this "
                              f"dedupd ({SCHEMA_VERSION}); upgrade dedupd")
@@ -355,6 +357,15 @@ class SQLiteStore(Store):
             hashes = np.frombuffer(b"".join([blobs[n] for n in picks]), "<u8")
             index.add_many(np.asarray(ids, np.int64)[picks], hashes.reshape(len(picks), -1))
 
+    def existing_paths(self, paths: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(paths), 500):  # under SQLite's bound-parameter limit
+            chunk = paths[i:i + 500]
+            found.update(row[0] for row in self._query(
+                f"SELECT path FROM images WHERE path IN ({','.join('?' * len(chunk))})",
+                tuple(chunk)))
+        return found
+
     def get(self, record_id: int) -> ImageRecord | None:
         rows = self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (record_id,))
         return _record(rows[0]) if rows else None
@@ -419,10 +430,8 @@ class SQLiteStore(Store):
                 tuple(chunk),
             ):
                 records[row[0]] = _record(row)
-        found = [Match(rec, hits[i], bool(digest) and rec.digest == digest)
-                 for i, rec in records.items()]
-        found.sort(key=lambda m: (m.distance, not m.identical, m.record.id))
-        return found[:limit]
+        return nearest_first((Match(rec, hits[i], bool(digest) and rec.digest == digest)
+                              for i, rec in records.items()), limit)
 
     def locked(self, scope: str) -> AbstractContextManager[None]:
         with self._lock:
