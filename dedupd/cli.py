@@ -244,7 +244,8 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
     errors: list[dict[str, str]] = []
     pending: list[ImageRecord] = []
     started = time.monotonic()
-    # Dry run: compare against the store plus what this run has seen, write nothing.
+    # Inserts go to the store in batches of 500, so images this run has indexed (or, in a
+    # dry run, would have) are also matched against an index of their own.
     from dedupd.store.hamming import HammingIndex
 
     seen_index: dict[str, HammingIndex] = {}
@@ -269,12 +270,11 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             if known is not None and known.digest == o.result.digest:  # type: ignore[union-attr]
                 counts["known"] += 1
                 continue
-            flush()
             record = _record_from(o, scope)
             matches = store.find_matches(scope, recipe.key, record.hash, record.digest,
                                          max_distance, limit=1)
-            if not matches and args.dry_run:
-                idx = seen_index.setdefault(scope, HammingIndex(recipe.bits))
+            idx = seen_index.setdefault(scope, HammingIndex(recipe.bits))
+            if not matches:
                 hits = idx.query(record.hash, max_distance, 1)
                 if hits:
                     prior = seen[hits[0][0]]
@@ -285,12 +285,11 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                 groups.setdefault(m.record.path, []).append(
                     {"path": o.path, "distance": m.distance, "identical": m.identical})
                 continue
-            if args.dry_run:
-                fake = record.with_(id=len(seen) + 1)
-                seen[fake.id] = fake  # type: ignore[index]
-                idx = seen_index.setdefault(scope, HammingIndex(recipe.bits))
-                idx.add(fake.id, fake.hash)  # type: ignore[arg-type]
-            elif known is None:
+            if args.dry_run or known is None:
+                local = record.with_(id=len(seen) + 1)
+                seen[local.id] = local  # type: ignore[index]
+                idx.add(local.id, local.hash)  # type: ignore[arg-type]
+            if not args.dry_run and known is None:
                 pending.append(record)
                 counts["indexed"] += 1
                 if len(pending) >= 500:

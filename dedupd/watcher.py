@@ -123,7 +123,7 @@ class _Handler(FileSystemEventHandler):
 def _make_observer(on_overflow: Callable[[], None]) -> BaseObserver:
     """An inotify observer whose reader also tells us about IN_Q_OVERFLOW."""
     try:
-        from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
+        from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
         from watchdog.observers.inotify_c import InotifyFD
     except ImportError:  # older watchdog: the periodic reconciliation is the safety net
         from watchdog.observers import Observer
@@ -140,7 +140,9 @@ def _make_observer(on_overflow: Callable[[], None]) -> BaseObserver:
         def __init__(self) -> None:
             fd = _ReportingFD()
             fd.start()
-            BaseObserver.__init__(self, InotifyEmitter, timeout=1.0, inotify_fd=fd)
+            # Full events: a move from outside the roots arrives as a move with no source
+            # (complete, process now), not as a creation (which waits for the settle timer).
+            BaseObserver.__init__(self, InotifyFullEmitter, timeout=1.0, inotify_fd=fd)
             self._inotify_fd = fd
 
     return _Observer()

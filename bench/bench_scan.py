@@ -1,0 +1,81 @@
+"""Benchmark 2: `dedupd scan` of a 20k-image folder on all cores vs one (`-j 1`).
+
+    ./dev bench bench_scan [--count 20000] [--workers 2] [--repeat 2]
+
+The set: 0.3-0.7 MP photo-like JPEGs (smaller than bench 1's so 20k stay quick to make
+and to scan), 1,250 pictures in 8 orientations plus near-duplicate re-encodings, so
+about half the files are duplicates: the scan indexes, matches and groups for real.
+Each run is a whole `dedupd scan --json` process on a fresh SQLite index; the best of
+`--repeat` runs counts. Target: the `-j WORKERS` rate >= 1.8x the `-j 1` rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_hash import commands  # noqa: E402
+from common import BENCH_DATA, SIZES_SCAN, describe, machine, photo_set, verdict  # noqa: E402
+
+
+def scan_once(folder: Path, workers: int) -> tuple[float, dict]:
+    """Wall time of one `dedupd scan -j workers` on a fresh index; its JSON summary."""
+    work = Path(tempfile.mkdtemp(prefix="scan-", dir=BENCH_DATA))
+    try:
+        cfg = work / "dedupd.yaml"
+        cfg.write_text(f"index: {work / 'index.sqlite'}\nquarantine_dir: {work / 'q'}\n")
+        cmd = [*commands()["dedupd"][:-1], "--config", str(cfg), "scan", "--json",
+               "-j", str(workers), str(folder)]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        elapsed = time.perf_counter() - started
+        if proc.returncode not in (0, 1):
+            raise SystemExit(f"scan failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        return elapsed, json.loads(proc.stdout)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+
+    files = photo_set("scan", args.count, SIZES_SCAN, originals=1250, seed=2)
+    folder = files[0].parent
+    if len(list(folder.glob("*.jpg"))) != len(files):
+        raise SystemExit(f"{folder} holds other files; use a fresh $BENCH_DATA")
+    print(f"machine: {machine()}")
+    print(f"files: {describe(files[:500])} (sample of 500), {len(files)} in all")
+    best: dict[int, float] = {}
+    for r in range(args.repeat):
+        for workers in (1, args.workers):
+            elapsed, summary = scan_once(folder, workers)
+            best[workers] = min(best.get(workers, float("inf")), elapsed)
+            print(f"  run {r + 1}/{args.repeat}: -j {workers}: {len(files) / elapsed:7.1f} "
+                  f"images/s ({summary['indexed']} indexed, {summary['duplicates']} "
+                  f"duplicates, {summary['errors']} errors)", file=sys.stderr, flush=True)
+    one, many = len(files) / best[1], len(files) / best[args.workers]
+    print(f"\nscan of {len(files)} files, whole process, best of {args.repeat}")
+    print(f"  -j 1        {one:8.1f} images/s")
+    print(f"  -j {args.workers:<8} {many:8.1f} images/s  ({many / one:.2f}x)")
+    ok = many >= 1.8 * one
+    print(f"\ntargets\n  {verdict(ok)}  -j {args.workers} >= 1.8x -j 1")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
