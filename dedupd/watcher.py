@@ -34,6 +34,12 @@ from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger("dedupd.watcher")
 
+# The events the handler acts on. Naming them lets watchdog ask the kernel for just these:
+# without the filter every open and read-only close in a root (dedupd's own reads of each
+# new file among them) would travel through watchdog's threads only to be dropped.
+EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileDeletedEvent,
+          FileMovedEvent, DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
+
 SYSCTL_HINT = ("raise the limit: sysctl fs.inotify.max_user_watches=524288 (persist it in "
                "/etc/sysctl.d/, deploy/install.sh writes one)")
 
@@ -165,7 +171,8 @@ class Watcher:
                     raise WatchError(f"{root.path}: not a directory (create it or fix the "
                                      "watch path)")
                 observer.schedule(_Handler(root, self.sink, self.ignore), str(root.path),
-                                  recursive=root.recursive, follow_symlink=False)
+                                  recursive=root.recursive, follow_symlink=False,
+                                  event_filter=EVENTS)
             observer.start()
         except OSError as exc:
             observer.stop()
