@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from common import (  # noqa: E402
     machine,
     photo_set,
     verdict,
+    warm,
 )
 
 from dedupd.hashing import Recipe, hamming, hash_file  # noqa: E402
@@ -57,19 +59,26 @@ def pin_to_cpu0() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
-def run_once(cmd: list[str], files: list[str]) -> tuple[float, list[str]]:
-    """Wall time of one whole process over files; its stdout lines."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(cmd: list[str], files: list[str]) -> tuple[float, list[str], float]:
+    """Wall time of one whole process over files; its stdout lines; its CPU seconds."""
     env = {k: v for k, v in os.environ.items() if k != "DEDUPD_CONFIG"}
+    cpu = children_cpu()
     started = time.perf_counter()
     proc = subprocess.run([*cmd, *files], capture_output=True, text=True, env=env,
                           preexec_fn=pin_to_cpu0, check=False)
     elapsed = time.perf_counter() - started
+    cpu = children_cpu() - cpu
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[-1]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     lines = proc.stdout.splitlines()
     if len(lines) != len(files):
         raise SystemExit(f"{cmd[-1]}: {len(lines)} lines of output for {len(files)} files")
-    return elapsed, lines
+    return elapsed, lines, cpu
 
 
 def race(files: list[str], repeat: int, contenders: list[str]) -> dict[str, float]:
@@ -79,7 +88,8 @@ def race(files: list[str], repeat: int, contenders: list[str]) -> dict[str, floa
     outputs: dict[str, list[str]] = {}
     for r in range(repeat):
         for name in contenders:
-            elapsed, lines = run_once(cmds[name], files)
+            warm([Path(f) for f in files])
+            elapsed, lines, _cpu = run_once(cmds[name], files)
             outputs[name] = lines
             best[name] = min(best.get(name, float("inf")), elapsed)
             print(f"  run {r + 1}/{repeat} {name:<10} {len(files) / elapsed:8.1f} images/s",

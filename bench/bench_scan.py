@@ -25,7 +25,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_hash import commands  # noqa: E402
-from common import BENCH_DATA, SIZES_SCAN, describe, machine, photo_set, verdict  # noqa: E402
+from common import (  # noqa: E402
+    BENCH_DATA,
+    SIZES_SCAN,
+    describe,
+    machine,
+    photo_set,
+    verdict,
+    warm,
+)
 
 
 def scan_once(folder: Path, workers: int) -> tuple[float, dict]:
@@ -63,6 +71,7 @@ def main() -> int:
     best: dict[int, float] = {}
     for r in range(args.repeat):
         for workers in (1, args.workers):
+            warm(files)
             elapsed, summary = scan_once(folder, workers)
             best[workers] = min(best.get(workers, float("inf")), elapsed)
             print(f"  run {r + 1}/{args.repeat}: -j {workers}: {len(files) / elapsed:7.1f} "

@@ -151,6 +151,16 @@ def photo_set(name: str, count: int, sizes: Sequence[tuple[int, int]], *, origin
     return paths
 
 
+def warm(paths: Sequence[Path]) -> None:
+    """Read every file once so the timed run finds it in the page cache: the measures are
+    of decoding, not of the disk. (This machine's kernel reclaims idle page cache within
+    a minute or so, so a set read a while ago is cold again.)"""
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            while fh.read(1 << 20):
+                pass
+
+
 def describe(paths: Sequence[Path]) -> str:
     """'N files, a-b MP, avg X KB, Y bits/pixel' for the headers of a report."""
     mps, sizes = [], []

@@ -273,7 +273,9 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             record = _record_from(o, scope)
             matches = store.find_matches(scope, recipe.key, record.hash, record.digest,
                                          max_distance, limit=1)
-            idx = seen_index.setdefault(scope, HammingIndex(recipe.bits))
+            idx = seen_index.get(scope)
+            if idx is None:
+                idx = seen_index[scope] = HammingIndex(recipe.bits)
             if not matches:
                 hits = idx.query(record.hash, max_distance, 1)
                 if hits:
