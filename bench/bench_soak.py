@@ -48,7 +48,7 @@ def index_bytes(n: int) -> int:
     idx = HammingIndex(64)
     rng = np.random.default_rng(0)
     idx.add_many(np.arange(1, n + 1), rng.integers(0, 2**63, n, dtype=np.uint64))
-    return idx.nbytes()
+    return idx.nbytes
 
 
 def main() -> int:
