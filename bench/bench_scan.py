@@ -54,14 +54,18 @@ def scan_once(folder: Path, workers: int) -> tuple[float, dict, float, float]:
                "-j", str(workers), str(folder)]
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        main_cpu = 0.0
-        while proc.poll() is None:  # the main process's own CPU, read until it exits
-            with contextlib.suppress(OSError, IndexError):
-                main_cpu = proc_cpu(proc.pid)
-            time.sleep(0.1)
-        elapsed = time.perf_counter() - started
-        out, err = proc.communicate()
+        # Output to files: the JSON summary lists every duplicate and would fill a pipe.
+        with open(work / "out", "w+") as out_fh, open(work / "err", "w+") as err_fh:
+            proc = subprocess.Popen(cmd, stdout=out_fh, stderr=err_fh, text=True)
+            main_cpu = 0.0
+            while proc.poll() is None:  # the main process's own CPU, read until it exits
+                with contextlib.suppress(OSError, IndexError):
+                    main_cpu = proc_cpu(proc.pid)
+                time.sleep(0.1)
+            elapsed = time.perf_counter() - started
+            out_fh.seek(0)
+            err_fh.seek(0)
+            out, err = out_fh.read(), err_fh.read()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
         if proc.returncode not in (0, 1):
