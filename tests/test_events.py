@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -21,17 +22,28 @@ JOURNALD = "/lib/systemd/systemd-journald"
 SOCKET = Path("/run/systemd/journal/socket")
 
 
+def _listening(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
 @pytest.fixture(scope="session")
 def journald():
     """A real journald: the running one, or one started here (root, no systemd as PID 1)."""
     if not shutil.which("journalctl") or not os.path.exists(JOURNALD):
         pytest.skip("systemd-journald is not installed (apt-get install systemd)")
     proc = None
-    if not SOCKET.exists():
+    if not _listening(SOCKET):  # absent, or left behind by a journald that has exited
         if os.geteuid() != 0:
             pytest.skip("starting systemd-journald needs root")
         proc = subprocess.Popen([JOURNALD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(SOCKET.exists, 10, "journald's socket")
+        wait_for(lambda: _listening(SOCKET), 10, "journald's socket")
     yield
     if proc is not None:
         proc.terminate()
