@@ -8,7 +8,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,25 +116,28 @@ class HashOutcome:
     mtime_ns: int
 
 
-def hash_one(job: tuple[str, Recipe, int]) -> HashOutcome:
+def hash_one(job: tuple[str, Recipe, int, bool]) -> HashOutcome:
     """Process-pool entry point: never raises for bad input."""
-    path, recipe, max_pixels = job
+    path, recipe, max_pixels, digest = job
     try:
         mtime = os.stat(path).st_mtime_ns
-        return HashOutcome(path, hash_file(path, recipe, max_pixels), None, mtime)
+        return HashOutcome(path, hash_file(path, recipe, max_pixels, digest=digest), None,
+                           mtime)
     except ImageError as exc:
         return HashOutcome(path, None, exc, 0)
     except OSError as exc:
         return HashOutcome(path, None, ImageError("unreadable", exc.strerror or str(exc)), 0)
 
 
-def hash_many(paths: Sequence[str], recipe: Recipe, max_pixels: int, workers: int
-              ) -> Iterator[HashOutcome]:
+def hash_many(paths: Sequence[str], recipe: Recipe, max_pixels: int, workers: int,
+              *, digest: bool = True) -> Iterator[HashOutcome]:
     """Hash paths on `workers` processes, yielding outcomes in input order."""
-    jobs = ((p, recipe, max_pixels) for p in paths)
+    jobs = ((p, recipe, max_pixels, digest) for p in paths)
     if workers <= 1 or len(paths) < 8:
         yield from map(hash_one, jobs)
         return
+    from concurrent.futures import ProcessPoolExecutor  # costs 15 ms: only when used
+
     chunk = max(1, min(64, len(paths) // (workers * 8)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(hash_one, jobs, chunksize=chunk)
@@ -160,7 +162,9 @@ def cmd_hash(args: argparse.Namespace, config: Config) -> int:
     recipe = _recipe_from_args(args, config)
     status = EXIT_OK
     out = []
-    for o in hash_many(args.files, recipe, config.max_pixels, args.workers or 1):
+    # The digest is printed only in JSON; plain output skips its cost.
+    for o in hash_many(args.files, recipe, config.max_pixels, args.workers or 1,
+                       digest=args.json):
         if o.result is not None:
             if args.json:
                 out.append({"path": o.path, "hash": o.result.hex, "recipe": recipe.key,
@@ -249,7 +253,9 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
     from dedupd.store.hamming import HammingIndex
 
     pipeline = Pipeline(config, store)
-    # Dry run: compare against the store plus what this run has seen, write nothing.
+    # Outside the watch roots, inserts go to the store in batches of 500, so images this
+    # run has indexed (or, in a dry run, would have) are also matched against an index
+    # of their own.
     seen_index: dict[str, HammingIndex] = {}
     seen: dict[int, ImageRecord] = {}
 
@@ -275,7 +281,6 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             if known is not None and known.digest == o.result.digest:  # type: ignore[union-attr]
                 counts["known"] += 1
                 continue
-            flush()
             watch = config.watch_for(path)
             if watch is not None and not args.dry_run:
                 if not wanted(config.policy_for(watch), str(path.relative_to(watch.path))):
@@ -295,8 +300,10 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             record = _record_from(o, scope)
             matches = store.find_matches(scope, recipe.key, record.hash, record.digest,
                                          max_distance, limit=1)
-            if not matches and args.dry_run:
-                idx = seen_index.setdefault(scope, HammingIndex(recipe.bits))
+            idx = seen_index.get(scope)
+            if idx is None:
+                idx = seen_index[scope] = HammingIndex(recipe.bits)
+            if not matches:
                 hits = idx.query(record.hash, max_distance, 1)
                 if hits:
                     prior = seen[hits[0][0]]
@@ -304,12 +311,11 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             if matches:
                 report(matches[0].record.path, o.path, matches[0])
                 continue
-            if args.dry_run:
-                fake = record.with_(id=len(seen) + 1)
-                seen[fake.id] = fake  # type: ignore[index]
-                idx = seen_index.setdefault(scope, HammingIndex(recipe.bits))
-                idx.add(fake.id, fake.hash)  # type: ignore[arg-type]
-            elif known is None:
+            if args.dry_run or known is None:
+                local = record.with_(id=len(seen) + 1)
+                seen[local.id] = local  # type: ignore[index]
+                idx.add(local.id, local.hash)  # type: ignore[arg-type]
+            if not args.dry_run and known is None:
                 pending.append(record)
                 counts["indexed"] += 1
                 if len(pending) >= 500:

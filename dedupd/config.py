@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dedupd.hashing import ALGOS, DECODES, DEFAULT_MAX_PIXELS, SIZES, Recipe
 
 ACTIONS = ("quarantine", "log", "delete")
@@ -323,6 +321,8 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         )
     if path is None:
         return parse_config({}, "<defaults>")
+    import yaml  # only with a file to read: keeps `dedupd hash` start-up short
+
     source = str(path)
     try:
         with open(path, encoding="utf-8") as fh:

@@ -90,7 +90,10 @@ class ImageHash:
     recipe: Recipe
     width: int
     height: int
-    digest: str  # BLAKE2b-256 of the file bytes: byte-identical copies match with no threshold
+    # BLAKE2b-256 of the file bytes: byte-identical copies match with no threshold. None
+    # when the caller asked for no digest (`dedupd hash` prints none: it costs as much as
+    # a sixth of a reduced decode).
+    digest: str | None
     file_size: int
     format: str
 
@@ -236,8 +239,11 @@ def image_size(data: bytes, fmt: str) -> tuple[int, int] | None:
 def truncation_reason(data: bytes, fmt: str) -> str | None:
     """Why a file looks cut short, or None. Decoders happily return half an image."""
     if fmt == "jpeg":
-        last_scan = data.rfind(b"\xff\xda")
-        if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
+        # "An EOI after the last SOS", searched from the end: the EOI is almost always the
+        # last two bytes, so this reads a few bytes where a search for the last SOS (near
+        # the start of a baseline JPEG) would scan the whole file.
+        eoi = data.rfind(b"\xff\xd9")
+        if eoi < 0 or data.find(b"\xff\xda", eoi) >= 0 or data.find(b"\xff\xda", 0, eoi) < 0:
             return "JPEG has no end-of-image marker after its last scan"
     elif fmt == "png":
         if b"IEND" not in data[-4096:]:
@@ -276,7 +282,8 @@ def decode_flag(fmt: str, width: int, height: int, recipe: Recipe) -> int:
 
 
 def hash_bytes(
-    data: bytes, recipe: Recipe = Recipe(), max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, recipe: Recipe = Recipe(), max_pixels: int = DEFAULT_MAX_PIXELS,
+    *, digest: bool = True,
 ) -> ImageHash:
     """Hash an image held in memory; raises ImageError for anything that isn't one."""
     if not data:
@@ -313,8 +320,8 @@ def hash_bytes(
         if gray is None:
             raise ImageError("corrupt", f"{fmt.upper()} data could not be decoded")
         value = dhash_bits(gray, recipe.size, cv2.INTER_AREA)
-    digest = hashlib.blake2b(data, digest_size=32).hexdigest()
-    return ImageHash(value, recipe, width, height, digest, len(data), fmt)
+    blake = hashlib.blake2b(data, digest_size=32).hexdigest() if digest else None
+    return ImageHash(value, recipe, width, height, blake, len(data), fmt)
 
 
 def read_image_file(path: str | os.PathLike[str]) -> bytes:
@@ -346,7 +353,8 @@ def read_image_file(path: str | os.PathLike[str]) -> bytes:
 
 
 def hash_file(
-    path: str | os.PathLike[str], recipe: Recipe = Recipe(), max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str], recipe: Recipe = Recipe(), max_pixels: int = DEFAULT_MAX_PIXELS,
+    *, digest: bool = True,
 ) -> ImageHash:
     """Hash an image file; raises ImageError with a one-line reason on bad input."""
-    return hash_bytes(read_image_file(path), recipe, max_pixels)
+    return hash_bytes(read_image_file(path), recipe, max_pixels, digest=digest)

@@ -34,6 +34,12 @@ from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger("dedupd.watcher")
 
+# The events the handler acts on. Naming them lets watchdog ask the kernel for just these:
+# without the filter every open and read-only close in a root (dedupd's own reads of each
+# new file among them) would travel through watchdog's threads only to be dropped.
+EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileDeletedEvent,
+          FileMovedEvent, DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
+
 SYSCTL_HINT = ("raise the limit: sysctl fs.inotify.max_user_watches=524288 (persist it in "
                "/etc/sysctl.d/, deploy/install.sh writes one)")
 
@@ -123,7 +129,7 @@ class _Handler(FileSystemEventHandler):
 def _make_observer(on_overflow: Callable[[], None]) -> BaseObserver:
     """An inotify observer whose reader also tells us about IN_Q_OVERFLOW."""
     try:
-        from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
+        from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
         from watchdog.observers.inotify_c import InotifyFD
     except ImportError:  # older watchdog: the periodic reconciliation is the safety net
         from watchdog.observers import Observer
@@ -140,7 +146,9 @@ def _make_observer(on_overflow: Callable[[], None]) -> BaseObserver:
         def __init__(self) -> None:
             fd = _ReportingFD()
             fd.start()
-            BaseObserver.__init__(self, InotifyEmitter, timeout=1.0, inotify_fd=fd)
+            # Full events: a move from outside the roots arrives as a move with no source
+            # (complete, process now), not as a creation (which waits for the settle timer).
+            BaseObserver.__init__(self, InotifyFullEmitter, timeout=1.0, inotify_fd=fd)
             self._inotify_fd = fd
 
     return _Observer()
@@ -163,7 +171,8 @@ class Watcher:
                     raise WatchError(f"{root.path}: not a directory (create it or fix the "
                                      "watch path)")
                 observer.schedule(_Handler(root, self.sink, self.ignore), str(root.path),
-                                  recursive=root.recursive, follow_symlink=False)
+                                  recursive=root.recursive, follow_symlink=False,
+                                  event_filter=EVENTS)
             observer.start()
         except OSError as exc:
             observer.stop()

@@ -23,7 +23,7 @@ def test_hash_prints_hex_and_path(make_photo) -> None:
     out = dedupd("hash", str(p), check=0).stdout.split()
     assert len(out[0]) == 16 and out[1] == str(p)
     js = json.loads(dedupd("hash", "--json", "--size", "16", str(p), check=0).stdout)
-    assert len(js[0]["hash"]) == 64
+    assert len(js[0]["hash"]) == 64 and len(js[0]["digest"]) == 64
 
 
 def test_hash_bad_file_exit_2(tmp_path: Path) -> None:

@@ -243,6 +243,27 @@ def test_live_moves_update_the_index(setup) -> None:
         assert daemon.stop() == 0
 
 
+def test_moves_into_and_out_of_a_root_act_at_once(setup, tmp_path: Path) -> None:
+    """A finished file moved in from outside the roots is complete: no settle delay."""
+    cfg, root, db, _ = setup(settle_seconds=60)
+    outside = tmp_path / "downloads"
+    outside.mkdir()
+    write_image(outside / "in.jpg", photo(2, 320, 240))
+    write_image(outside / "d" / "deep.jpg", photo(3, 320, 240))
+    daemon = DaemonProcess(cfg, cfg.parent / "daemon.log").start()
+    try:
+        os.rename(outside / "in.jpg", root / "in.jpg")
+        os.rename(outside / "d", root / "d")
+        want = {str(root / "in.jpg"), str(root / "d" / "deep.jpg")}
+        wait_for(lambda: set(records(db)) == want, 20, "moved-in files indexed before the "
+                 "60 s settle timer")
+        os.rename(root / "in.jpg", outside / "back.jpg")
+        wait_for(lambda: set(records(db)) == {str(root / "d" / "deep.jpg")}, 20,
+                 "a file moved out forgotten")
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_bad_input_is_logged_and_daemon_stays_healthy(setup, tmp_path: Path) -> None:
     cfg, root, db, _ = setup(rejected_dir=str(tmp_path / "rejected"))
     # Without CAP_DAC_OVERRIDE even root obeys file modes, as the unprivileged service does.

@@ -56,6 +56,24 @@ def test_fast_decode_close_to_full(make_photo) -> None:
         assert hamming(fast, full) <= 4
 
 
+def test_fast_decode_within_2_bits_of_full_on_90_percent(make_photo) -> None:
+    """The accuracy target of the reduced decode (bench_hash checks it on a larger set)."""
+    dists = []
+    for seed in range(20):
+        w, h = (1600, 1200) if seed % 2 else (1200, 1600)
+        path = make_photo(f"a{seed}.jpg", seed=100 + seed, width=w, height=h, quality=88)
+        dists.append(hamming(hash_file(path, Recipe(decode="fast")).hash,
+                             hash_file(path, Recipe(decode="full")).hash))
+    assert sum(d <= 2 for d in dists) >= 0.9 * len(dists), dists
+
+
+def test_digest_only_when_asked(make_photo) -> None:
+    path = make_photo("d.jpg", seed=5)
+    with_digest, without = hash_file(path), hash_file(path, digest=False)
+    assert len(with_digest.digest or "") == 64 and without.digest is None
+    assert with_digest.hash == without.hash
+
+
 def test_different_images_are_far_apart(make_photo) -> None:
     hashes = [hash_file(make_photo(f"d{s}.jpg", seed=s)).hash for s in range(12)]
     close = [hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]]
@@ -122,6 +140,20 @@ def test_truncated_jpeg_is_reported_as_truncated() -> None:
     data = encoded(".jpg", 1200, 900)
     # Some OpenCV builds return a grey-filled full-size picture for this; we never decode it.
     assert kind_of(data[: len(data) // 3]) == "truncated"
+
+
+def test_jpeg_end_marker_must_follow_the_last_scan() -> None:
+    data = encoded(".jpg", 1200, 900)
+    assert hash_bytes(data).width == 1200
+    assert hash_bytes(data + b"\0" * 100).width == 1200  # padding after the end is fine
+    # A second scan started after the end marker and cut short.
+    assert kind_of(data + b"\xff\xda\x00\x0c" + b"\x12" * 50) == "truncated"
+    # An embedded thumbnail's end marker before the main scan does not count.
+    thumb = encoded(".jpg", 160, 120)
+    app1 = b"\xff\xe1" + struct.pack(">H", len(thumb) + 2) + thumb
+    with_thumb = data[:2] + app1 + data[2:]
+    assert hash_bytes(with_thumb).width == 1200
+    assert kind_of(with_thumb[: len(with_thumb) * 2 // 3]) == "truncated"
 
 
 def test_corrupt_jpeg_body() -> None:
