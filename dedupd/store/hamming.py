@@ -241,12 +241,6 @@ class HammingIndex:
         keys = [((hash >> (SUB_BITS * j)) & (_BUCKETS - 1)) + j * _BUCKETS
                 for j in range(SUBSTRINGS)]
         q = np.uint64(hash)
-        if max_distance == 0:  # every substring must match: the smallest bucket will do
-            starts = self._starts
-            lo, hi = min(((int(starts[k]), int(starts[k + 1])) for k in keys),
-                         key=lambda span: span[1] - span[0])
-            hit = np.flatnonzero(self._tab_hash[lo:hi] == q)
-            return self._tab_slot[lo + hit], np.zeros(len(hit), np.int32)
         radius = max_distance // SUBSTRINGS
         if radius > _MAX_RADIUS:
             return None
@@ -259,6 +253,23 @@ class HammingIndex:
         ok = np.flatnonzero(dist <= max_distance)
         slots, first = np.unique(self._tab_slot[where[ok]], return_index=True)
         return slots, dist[ok][first].astype(np.int32)
+
+    def _exact_slots(self, hash: int) -> np.ndarray:
+        """Slots holding exactly `hash` (64-bit): the smallest of its four buckets plus
+        the delta. The common query (has this image been seen?), so kept lean."""
+        q = np.uint64(hash)
+        n, built = self._n, self._built
+        if built == 0:
+            return np.flatnonzero(self._hashes[:n, 0] == q)
+        keys = [((hash >> (SUB_BITS * j)) & (_BUCKETS - 1)) + j * _BUCKETS
+                for j in range(SUBSTRINGS)]
+        bounds = self._starts[[k + e for k in keys for e in (0, 1)]].tolist()
+        lo, hi = min(zip(bounds[::2], bounds[1::2], strict=True), key=lambda b: b[1] - b[0])
+        slots = self._tab_slot[lo + np.flatnonzero(self._tab_hash[lo:hi] == q)]
+        if n > built:
+            delta = np.flatnonzero(self._hashes[built:n, 0] == q) + built
+            slots = np.concatenate((slots, delta))
+        return slots
 
     def _distances(self, slots: np.ndarray | slice, hash: int) -> np.ndarray:
         words = self._hashes[slots]
@@ -275,6 +286,10 @@ class HammingIndex:
             n, built = self._n, self._built
             if n == 0:
                 return []
+            if max_distance == 0 and self.words == 1:
+                slots = self._exact_slots(hash)
+                ids = np.sort(self._ids[slots[self._alive[slots]]])
+                return [(i, 0) for i in ids[:limit].tolist()]
             found_slots, found_dist = [], []
             probed = self._probe(hash, max_distance)
             if probed is None:
