@@ -325,9 +325,13 @@ class Daemon:
         down = self._store_down
         outage = (f"store unavailable since {time.strftime('%H:%M:%S', time.localtime(down[1]))}"
                   f", retrying: {down[0]}; " if down else "")
-        return (f"{outage}{len(self.config.watches)} roots{scan}; {c['processed']} processed, "
-                f"{c['accepted']} accepted, {c['quarantined']} quarantined, "
-                f"{c['rejected']} rejected; queue {len(self.queue)}")
+        sizes = [self.store.live_count(scope, self.config.recipe.key)
+                 for scope in {w.scope for w in self.config.watches}]
+        indexed = f"{sum(sizes)} indexed, " if sizes and None not in sizes else ""
+        return (f"{outage}{len(self.config.watches)} roots{scan}; {indexed}"
+                f"{c['processed']} processed, {c['accepted']} accepted, "
+                f"{c['quarantined']} quarantined, {c['rejected']} rejected; "
+                f"queue {len(self.queue)}")
 
     def _count_fields(self) -> dict[str, object]:
         return {f"count_{k}": v for k, v in self.pipeline.counts.items()}

@@ -127,7 +127,8 @@ def test_daemon_notify_sequence(tmp_path: Path) -> None:
         sock.wait_for("WATCHDOG")
         write_image(root / "a.jpg", photo(1, 320, 240))
         deadline = time.monotonic() + 30
-        while "1 accepted" not in sock.wait_for("STATUS").get("STATUS", ""):
+        while "1 indexed, 1 processed, 1 accepted" not in sock.wait_for("STATUS").get(
+                "STATUS", ""):
             assert time.monotonic() < deadline, "STATUS never counted the image"
         daemon.signal(signal.SIGHUP)
         assert "MONOTONIC_USEC" in sock.wait_for("RELOADING")

@@ -122,6 +122,11 @@ class Store(ABC):
         """Load whatever makes the first query of (scope, recipe) fast (a cheap query)."""
         self.find_matches(scope, recipe, 0, None, 0, limit=1)
 
+    def live_count(self, scope: str, recipe: str) -> int | None:
+        """How many live records (scope, recipe) holds, if the backend knows it without a
+        query (for STATUS=, sent every few seconds); None otherwise."""
+        return None
+
     def checkpoint(self) -> None:
         """Persist whatever makes the next start fast (called now and then, and on close)."""
         return None

@@ -292,6 +292,10 @@ class SQLiteStore(Store):
     def warm(self, scope: str, recipe: str) -> None:
         self._index(scope, recipe)
 
+    def live_count(self, scope: str, recipe: str) -> int | None:
+        loaded = self._indexes.get((scope, recipe))
+        return len(loaded) if loaded is not None else None
+
     def _index(self, scope: str, recipe: str) -> HammingIndex:
         """The in-memory index of (scope, recipe), loaded on first use."""
         key = (scope, recipe)
