@@ -36,16 +36,20 @@ def _masks_within(radius: int) -> np.ndarray:
 _MASKS = [_masks_within(r) for r in range(_MAX_RADIUS + 1)]
 
 
+def substrings(hash: int) -> list[int]:
+    """The four 16-bit substrings of a 64-bit hash, low bits first."""
+    return [(hash >> (SUB_BITS * j)) & (_BUCKETS - 1) for j in range(SUBSTRINGS)]
+
+
 def substring_probes(hash: int, max_distance: int) -> list[list[int]] | None:
     """Per 16-bit substring of a 64-bit hash, the bucket values a query within
     max_distance must probe (pigeonhole: within floor(d/4) bits of the query's own);
-    None when the radius is too large for probing to beat a scan. Shared by the
-    in-memory index and the PostgreSQL store, which probes btree indexes instead."""
+    None when the radius is too large for probing to beat a scan. The PostgreSQL store
+    probes its btree indexes with these; HammingIndex._probe does the same in numpy."""
     radius = max_distance // SUBSTRINGS
     if radius > _MAX_RADIUS:
         return None
-    return [(_MASKS[radius] ^ ((hash >> (SUB_BITS * j)) & (_BUCKETS - 1))).tolist()
-            for j in range(SUBSTRINGS)]
+    return [(_MASKS[radius] ^ sub).tolist() for sub in substrings(hash)]
 
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -238,8 +242,7 @@ class HammingIndex:
         """(slots, distances) of hits among the tables, or None when a flat scan is cheaper."""
         if self.words != 1 or self._built == 0:
             return None
-        keys = [((hash >> (SUB_BITS * j)) & (_BUCKETS - 1)) + j * _BUCKETS
-                for j in range(SUBSTRINGS)]
+        keys = [sub + j * _BUCKETS for j, sub in enumerate(substrings(hash))]
         q = np.uint64(hash)
         radius = max_distance // SUBSTRINGS
         if radius > _MAX_RADIUS:
@@ -261,8 +264,7 @@ class HammingIndex:
         n, built = self._n, self._built
         if built == 0:
             return np.flatnonzero(self._hashes[:n, 0] == q)
-        keys = [((hash >> (SUB_BITS * j)) & (_BUCKETS - 1)) + j * _BUCKETS
-                for j in range(SUBSTRINGS)]
+        keys = [sub + j * _BUCKETS for j, sub in enumerate(substrings(hash))]
         bounds = self._starts[[k + e for k in keys for e in (0, 1)]].tolist()
         lo, hi = min(zip(bounds[::2], bounds[1::2], strict=True), key=lambda b: b[1] - b[0])
         slots = self._tab_slot[lo + np.flatnonzero(self._tab_hash[lo:hi] == q)]
