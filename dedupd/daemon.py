@@ -170,8 +170,8 @@ class Daemon:
         t.start()
         self._threads.append(t)
 
-    def _roots(self) -> list[Root]:
-        return [Root(w.path, w.recursive) for w in self.config.watches]
+    def _roots(self, config: Config | None = None) -> list[Root]:
+        return [Root(w.path, w.recursive) for w in (config or self.config).watches]
 
     def run(self) -> int:
         """Main loop: signals, STATUS, summaries, periodic reconciliation; returns exit code."""
@@ -233,7 +233,7 @@ class Daemon:
             if new.index != old.index:
                 raise ConfigError(new.source, "index", "cannot change while running; restart")
             self.watcher.ignore = new.ignore
-            self.watcher.arm(Root(w.path, w.recursive) for w in new.watches)
+            self.watcher.arm(self._roots(new))
         except (ConfigError, WatchError) as exc:
             emit(Event.RELOAD_FAILED, f"reload failed, keeping the previous config: {exc}",
                  reason=str(exc))

@@ -421,7 +421,7 @@ class SQLiteStore(Store):
                      max_distance: int, limit: int = 10) -> list[Match]:
         index = self._index(scope, recipe)
         hits = dict(index.query(hash, max_distance, limit))
-        if digest:
+        if digest and len(hits) >= limit:
             # Byte-identical copies hash alike: they are among the exact matches, which
             # `limit` may have cut (thousands of flat images share a hash).
             hits.update(index.query(hash, 0))
