@@ -263,7 +263,8 @@ class Daemon:
         wait in the queue) until check_store() sees it answer again."""
         with self._store_lock:
             first = self._store_down is None
-            self._store_down = (str(exc), time.time())
+            since = time.time() if self._store_down is None else self._store_down[1]
+            self._store_down = (str(exc), since)  # the latest reason, the outage's start
         if first:
             emit(Event.STORE_UNAVAILABLE, f"store unavailable; files wait in the queue and "
                  f"are retried: {exc}", reason=str(exc), **fields)  # type: ignore[arg-type]
