@@ -351,11 +351,9 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
 def _scan_logging(args: argparse.Namespace, config: Config) -> None:
     """Decisions a scan takes are events like the daemon's; on a terminal the per-image
     'accepted' lines would drown the report, so stderr shows notices and worse."""
-    from dedupd.events import setup_logging, under_systemd
+    from dedupd.events import resolve_mode, setup_logging
 
-    mode = args.log or config.log.mode
-    if mode == "auto":
-        mode = "journald" if under_systemd() else "stderr"
+    mode = resolve_mode(args.log or config.log.mode)
     level = config.log.level
     if mode == "stderr" and level in ("debug", "info"):
         level = "notice"

@@ -108,10 +108,16 @@ def under_systemd() -> bool:
     return bool(os.environ.get("INVOCATION_ID"))
 
 
+def resolve_mode(mode: str) -> str:
+    """auto means journald under systemd, stderr otherwise."""
+    if mode == "auto":
+        return "journald" if under_systemd() else "stderr"
+    return mode
+
+
 def setup_logging(mode: str = "auto", level: str = "info") -> str:
     """Choose where events and log records go; returns the resolved mode."""
-    if mode == "auto":
-        mode = "journald" if under_systemd() else "stderr"
+    mode = resolve_mode(mode)
     _State.mode, _State.threshold = mode, LEVELS.get(level, INFO)
     root = logging.getLogger("dedupd")
     root.handlers.clear()
