@@ -340,11 +340,14 @@ def read_image_file(path: str | os.PathLike[str]) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ImageError("not_regular", "not a regular file")
-        chunks = []
-        while True:
-            chunk = os.read(fd, max(st.st_size, 1 << 16))
-            if not chunk:
-                break
+        # Ask for one byte more than fstat promised: getting exactly the promised size
+        # means the end was reached, in one call. Anything else (the file grew or shrank,
+        # a short read on a network filesystem) reads on until read() says end of file.
+        data = os.read(fd, st.st_size + 1)
+        if len(data) == st.st_size:
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, max(st.st_size, 1 << 16)):
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError as exc:
