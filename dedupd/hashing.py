@@ -129,7 +129,10 @@ def hamming(a: int, b: int) -> int:
 
 
 def dhash_bits(gray: np.ndarray, size: int = 8, interpolation: int = cv2.INTER_AREA) -> int:
-    """dHash of a grayscale image: bit i = i-th flattened row-major (left > right) pixel pair."""
+    """dHash of a grayscale image: bit i = element i of the flattened row-major grid
+    `small[:, 1:] > small[:, :-1]`, i.e. set where a pixel's right neighbour is brighter.
+    That is the seed's (and imagehash's) orientation; dictionaries built with the seed
+    depend on it, so it is kept even where prose says "left brighter than right"."""
     small = cv2.resize(gray, (size + 1, size), interpolation=interpolation)
     grid = small[:, 1:] > small[:, :-1]
     packed = np.packbits(grid.ravel(), bitorder="little")
