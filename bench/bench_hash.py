@@ -17,6 +17,12 @@ the CPU figures are the ones to trust (a target counts as met on either).
 
 Then the accuracy of the fast decode: the `dhash` of the reduced decode must be within
 2 bits of the full-decode `dhash` on at least 90% of the images.
+
+Last, context rather than a target: the ratios depend on how much entropy-coded data a
+picture carries. The floor (and dedupd, which runs at it) pays for Huffman decoding of
+every coefficient, while the full-decode contenders also pay per pixel (IDCT, colour
+conversion, resize). So `--sweep` re-saves the first 300 1-2 MP pictures at other JPEG
+qualities and races all four again on each: fewer bits per pixel, larger ratios.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from common import (  # noqa: E402
     describe,
     machine,
     photo_set,
+    reencoded,
     verdict,
     warm,
 )
@@ -139,12 +146,34 @@ def accuracy(paths: list[Path]) -> tuple[float, float, int]:
     return within, sum(dists) / len(dists), max(dists)
 
 
+def sweep(sources: list[Path], qualities: list[int], repeat: int) -> None:
+    """The same pictures at other JPEG qualities: how the ratios move with bits per pixel."""
+    rows = []
+    for quality in qualities:
+        files = reencoded(f"small-q{quality}", sources, quality)
+        print(f"\nquality {quality}: {describe(files)}", file=sys.stderr, flush=True)
+        _, cpu = race([str(p) for p in files], repeat,
+                          ["dedupd", "seed", "imagehash", "floor"])
+        rows.append((quality, describe(files).split(", ")[-1], cpu))
+    print(f"\nthe first {len(sources)} 1-2 MP pictures re-saved at other qualities "
+          f"(CPU time, best of {repeat}; context, not targets)")
+    print(f"  {'quality':>7} {'bits/pixel':>15} {'dedupd/s':>9} {'vs seed':>8} "
+          f"{'vs imagehash':>13} {'floor vs seed':>14}")
+    for quality, bpp, cpu in rows:
+        print(f"  {quality:>7} {bpp:>15} {cpu['dedupd']:9.1f} "
+              f"{cpu['dedupd'] / cpu['seed']:7.2f}x {cpu['dedupd'] / cpu['imagehash']:12.2f}x "
+              f"{cpu['floor'] / cpu['seed']:13.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", type=int, default=1000, help="1-2 MP files (default 1000)")
     parser.add_argument("--large", type=int, default=300, help="8-12 MP files (default 300)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per contender (best wins)")
+    parser.add_argument("--sweep", default="60,75,95",
+                        help="JPEG qualities to re-save 300 1-2 MP pictures at and race again "
+                             "(context; '' skips)")
     args = parser.parse_args()
 
     small = photo_set("small", args.small, SIZES_SMALL, originals=300)
@@ -173,6 +202,9 @@ def main() -> int:
     print(f"\nfast vs full decode, {len(distinct)} distinct pictures: {within:.1%} within 2 bits "
           f"(mean {mean:.2f} bits, worst {worst})")
     results["fast decode within 2 bits of full on >= 90%"] = within >= 0.90
+
+    if args.sweep:
+        sweep(small[:300], [int(q) for q in args.sweep.split(",")], min(args.repeat, 2))
 
     print("\ntargets")
     for name, ok in results.items():

@@ -151,6 +151,23 @@ def photo_set(name: str, count: int, sizes: Sequence[tuple[int, int]], *, origin
     return paths
 
 
+def reencoded(name: str, sources: Sequence[Path], quality: int) -> list[Path]:
+    """The sources decoded and saved again at `quality` (4:2:0), in BENCH_DATA/name, as a
+    web pipeline or an editor re-saves photos: same pictures, other bits per pixel."""
+    folder = BENCH_DATA / name
+    paths = [folder / p.name for p in sources]
+    missing = [(s, p) for s, p in zip(sources, paths, strict=True) if not p.exists()]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"re-encoding {len(missing)} images at quality {quality} in {folder} ...",
+              file=sys.stderr, flush=True)
+        for source, path in missing:
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(encode_jpeg(cv2.imread(str(source)), quality))
+            os.replace(tmp, path)
+    return paths
+
+
 def warm(paths: Sequence[Path]) -> None:
     """Read every file once so the timed run finds it in the page cache: the measures are
     of decoding, not of the disk. (This machine's kernel reclaims idle page cache within
