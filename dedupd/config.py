@@ -93,14 +93,16 @@ class Config:
         return self.policies[watch.policy]
 
     def watch_for(self, path: str | os.PathLike[str]) -> Watch | None:
-        """The most specific watch root containing path, or None."""
-        p = Path(path)
-        best: Watch | None = None
+        """The most specific watch root containing path, or None. (String prefixes of
+        the normalised path: asked for every file and every match, and `Path.parents`
+        builds a Path per level.)"""
+        p = str(Path(path))
+        best, best_len = None, -1
         for w in self.watches:
-            if (p == w.path or w.path in p.parents) and (
-                best is None or len(w.path.parts) > len(best.path.parts)
-            ):
-                best = w
+            root = str(w.path)
+            inside = p == root or p.startswith(root if root.endswith("/") else root + "/")
+            if inside and len(root) > best_len:
+                best, best_len = w, len(root)
         return best
 
 

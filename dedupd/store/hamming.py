@@ -116,9 +116,26 @@ class HammingIndex:
             self._slot_of = new
 
     def add(self, id: int, hash: int) -> None:
-        words = np.array([(hash >> (64 * w)) & 0xFFFF_FFFF_FFFF_FFFF
-                          for w in range(self.words)], np.uint64)
-        self.add_many(np.array([id], np.int64), words.reshape(1, self.words))
+        """add_many for one hash, in scalar steps: the daemon adds one image at a time,
+        and the bulk path's dozen array operations cost more than the work."""
+        if id < 0:
+            raise ValueError("ids must be non-negative")
+        with self._lock:
+            n = self._n
+            self._reserve(n + 1, id)
+            old = int(self._slot_of[id])
+            if old >= 0 and self._alive[old]:  # re-adding an id replaces its hash
+                self._alive[old] = False
+                self._live -= 1
+            for w in range(self.words):
+                self._hashes[n, w] = (hash >> (64 * w)) & 0xFFFF_FFFF_FFFF_FFFF
+            self._ids[n] = id
+            self._alive[n] = True
+            self._slot_of[id] = n
+            self._n = n + 1
+            self._live += 1
+            if self._n - self._built > max(4096, self._built // 64):
+                self._rebuild()
 
     def add_many(self, ids: np.ndarray, hashes: np.ndarray) -> None:
         """Bulk add: ids int64 (N,), hashes uint64 (N, words), word 0 = low 64 bits."""

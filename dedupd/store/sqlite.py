@@ -352,6 +352,12 @@ class SQLiteStore(Store):
 
     def _index_add(self, records: list[ImageRecord], ids: range, blobs: list[bytes]) -> None:
         """Add the live ones among newly inserted rows to the loaded indexes, in bulk."""
+        if len(records) == 1:  # the daemon's case: one image at a time
+            r = records[0]
+            index = self._indexes.get((r.scope, r.recipe))
+            if index is not None and r.status in LIVE_STATUSES:
+                index.add(ids[0], r.hash)
+            return
         groups: dict[tuple[str, str], list[int]] = {}
         for n, r in enumerate(records):
             if r.status in LIVE_STATUSES and (r.scope, r.recipe) in self._indexes:
