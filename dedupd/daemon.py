@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import heapq
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dedupd.config import Config, ConfigError, Watch, load_config
@@ -38,6 +40,33 @@ MOVABLE_REJECTS = ("empty", "corrupt", "unsupported", "too_large")
 # How often the store persists its in-memory index: after a SIGKILL, a start catches up
 # on at most this much work.
 CHECKPOINT_SECONDS = 900.0
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent from musl and others
+    except (AttributeError, OSError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+# Trim at least this often while files keep coming (otherwise whenever the queue empties).
+TRIM_SECONDS = 30.0
+
+
+def release_free_heap() -> bool:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim).
+
+    Each image passes through buffers of a different size (its bytes, libjpeg's
+    scratch), which glibc serves from its heaps once its mmap threshold has adapted;
+    the freed holes between live blocks stay resident, and a 20,000-image soak crept
+    up 3-7 MiB beyond the store's own growth. Making every large buffer a fresh mmap
+    instead costs 0.2 ms per image in page faults; trimming when idle costs nothing.
+    False where the C library has no malloc_trim."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 class WorkQueue:
@@ -179,7 +208,8 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         last_status = last_summary = last_reconcile = last_ping = last_checkpoint = \
-            time.monotonic()
+            last_trim = time.monotonic()
+        trimmed_at = 0  # files processed at the last heap trim
         while not self._stop.is_set():
             self._stop.wait(0.25)
             now = self._tick = time.monotonic()
@@ -198,6 +228,10 @@ class Daemon:
             if now - last_checkpoint >= CHECKPOINT_SECONDS:
                 self._checkpoint()
                 last_checkpoint = now
+            processed = self.pipeline.counts["processed"]
+            if processed != trimmed_at and (now - last_trim >= TRIM_SECONDS or self.idle()):
+                release_free_heap()
+                trimmed_at, last_trim = processed, now
             interval = self.config.reconcile_interval
             if interval and now - last_reconcile >= interval:
                 self.request_scan(*(w.path for w in self.config.watches))

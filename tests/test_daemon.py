@@ -401,3 +401,32 @@ def test_simultaneous_near_identical_files_keep_one(setup) -> None:
         assert len(files_under(root)) == 20
     finally:
         assert daemon.stop() == 0
+
+
+def test_release_free_heap_returns_fragmented_memory() -> None:
+    # A fresh interpreter, so the heap's state is known: large blocks served from the
+    # heap (glibc's mmap threshold adapts upwards after the first big free), pinned
+    # apart by small live ones. Freeing them leaves RSS where it was until the trim.
+    import subprocess
+    import sys
+
+    script = """
+from dedupd.daemon import release_free_heap
+def rss_kib():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+big = bytes(8 << 20); del big
+keep, holes = [], []
+for _ in range(200):
+    holes.append(bytearray(300_000))
+    keep.append(bytearray(2000))
+del holes
+freed = rss_kib()
+trimmed = release_free_heap()
+print(freed, rss_kib(), trimmed)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout.split()
+    freed, after, trimmed = int(out[0]), int(out[1]), out[2] == "True"
+    assert trimmed, "no malloc_trim in this C library"
+    assert freed - after > 40_000, f"RSS {freed} -> {after} KiB: the holes stayed resident"
