@@ -116,3 +116,33 @@ def test_state_round_trip_skips_the_build(data) -> None:
         HammingIndex.from_state(64, bad)
     with pytest.raises(ValueError):
         HammingIndex.from_state(64, dict(state, built=np.array(len(state["ids"]) + 1)))
+
+
+def test_state_stays_exact_while_the_index_changes(data) -> None:
+    # state() hands out views, not copies (a snapshot of 10M hashes is written from
+    # them outside the lock): later adds, removes, a compacting rebuild and growth must
+    # leave what it returned untouched.
+    ids, hashes, _, rng = data
+    index = HammingIndex(64)
+    index.add_many(ids[:20_000], hashes[:20_000].reshape(-1, 1))
+    for i in range(20_000, 20_100):  # the arrays grow: room for what follows
+        index.add(int(ids[i]), int(hashes[i]))
+    for i in range(0, 2000, 3):
+        index.remove(int(ids[i]))
+    state = index.state()
+    frozen = {k: v.copy() for k, v in state.items()}
+    capacity = len(index._ids)
+    for i in range(2000, 12_000):  # tombstones enough to compact at the next rebuild
+        index.remove(int(ids[i]))
+    for i in range(20_100, 26_000):  # appends into the same arrays, then a rebuild
+        index.add(int(ids[i]), int(hashes[i]))
+    index.add(int(ids[15_000]), 12345)  # an id re-added with a new hash
+    assert len(index._ids) == capacity  # no growth: the compaction had the old arrays
+    assert index._built > 12_000 and index._n < 20_000  # rebuilt and compacted
+    for i in range(26_000, 60_000):  # and growth after that
+        index.add(int(ids[i]), int(hashes[i]))
+    for key, value in frozen.items():
+        assert np.array_equal(state[key], value), key
+    copy = HammingIndex.from_state(64, state)
+    assert copy.query(int(hashes[15_000]), 0) == [(int(ids[15_000]), 0)]
+    assert copy.query(int(hashes[5000]), 0) == [(int(ids[5000]), 0)]
