@@ -183,6 +183,7 @@ class Daemon:
             log.warning("quarantine journal repaired after an unclean stop: %s", done)
         for scope in {w.scope for w in self.config.watches}:
             self.store.warm(scope, self.config.recipe.key)  # the first file must not wait
+        release_free_heap()  # what loading a big index left behind
         self.watcher.arm(self._roots())
         workers = self.config.workers or len(os.sched_getaffinity(0))
         for i in range(workers):

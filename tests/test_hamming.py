@@ -146,3 +146,20 @@ def test_state_stays_exact_while_the_index_changes(data) -> None:
     copy = HammingIndex.from_state(64, state)
     assert copy.query(int(hashes[15_000]), 0) == [(int(ids[15_000]), 0)]
     assert copy.query(int(hashes[5000]), 0) == [(int(ids[5000]), 0)]
+
+
+def test_adopt_equals_add_many(data) -> None:
+    ids, hashes, _, rng = data
+    bulk = HammingIndex(64)
+    bulk.add_many(ids[:30_000], hashes[:30_000].reshape(-1, 1))
+    adopted = HammingIndex(64)
+    adopted.adopt(ids[:30_000].copy(), hashes[:30_000].copy())
+    assert len(adopted) == len(bulk) == 30_000 and adopted._built == 30_000
+    for q in [int(h) for h in hashes[:30_000:997]] + [flip(5, rng, 3)]:
+        for d in (0, 4, 10):
+            assert adopted.query(q, d) == bulk.query(q, d)
+    twice, usual = HammingIndex(64), HammingIndex(64)  # repeated ids: not adoptable,
+    twice.adopt(np.array([5, 6, 5]), np.array([1, 2, 3], np.uint64))  # added as usual
+    usual.add_many(np.array([5, 6, 5]), np.array([[1], [2], [3]], np.uint64))
+    assert twice._slot_of[5] == usual._slot_of[5] == 2
+    assert [twice.query(h, 0) for h in (1, 2, 3)] == [usual.query(h, 0) for h in (1, 2, 3)]

@@ -162,6 +162,27 @@ class HammingIndex:
             if self._n - self._built > max(4096, self._built // 64):
                 self._rebuild()
 
+    def adopt(self, ids: np.ndarray, hashes: np.ndarray) -> None:
+        """add_many into an empty index that takes the arrays as its own storage: the
+        caller gives them up. A 10M-row load then holds one copy of them, not two, while
+        the tables are built (they are never written in place: see state())."""
+        ids = np.ascontiguousarray(ids, np.int64)
+        hashes = np.ascontiguousarray(hashes, np.uint64).reshape(len(ids), self.words)
+        n = len(ids)
+        with self._lock:
+            adopt = self._n == 0 and n > 0 and ids.min() >= 0
+            if adopt:
+                slot_of = np.full(max(int(ids.max()) + 1, 1024), -1, np.int64)
+                slot_of[ids] = np.arange(n)
+                adopt = bool((slot_of[ids] == np.arange(n)).all())  # ids are unique
+            if adopt:
+                self._ids, self._hashes, self._slot_of = ids, hashes, slot_of
+                self._alive = np.ones(n, bool)
+                self._n = self._live = n
+                self._rebuild()
+        if not adopt:
+            self.add_many(ids, hashes)
+
     def state(self) -> dict[str, np.ndarray]:
         """Arrays that recreate this index exactly, tables included (for a snapshot):
         loading them skips the sort that building 10M entries costs.

@@ -288,7 +288,7 @@ class SQLiteStore(Store):
         if ids:
             all_ids, all_hashes = np.concatenate(ids), np.concatenate(hashes)
             del ids, hashes  # the chunks: 160 MB at 10M rows, not needed through the build
-            index.add_many(all_ids, all_hashes.reshape(-1, index.words))
+            index.adopt(all_ids, all_hashes)
 
     def warm(self, scope: str, recipe: str) -> None:
         self._index(scope, recipe)
