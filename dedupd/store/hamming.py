@@ -65,6 +65,17 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(offsets - lo, lens)
 
 
+_CHUNK = 1 << 20
+
+
+def _take(source: np.ndarray, indices: np.ndarray, out: np.ndarray) -> None:
+    """np.take(source, indices, out=out) a million at a time: numpy widens int32 indices
+    to a temporary int64 copy, 80 MB per table at 10M hashes."""
+    for start in range(0, len(indices), _CHUNK):
+        end = start + _CHUNK
+        np.take(source, indices[start:end], out=out[start:end])
+
+
 class HammingIndex:
     """Near-duplicate lookup over `bits`-wide hashes, keyed by integer record ids.
 
@@ -217,8 +228,9 @@ class HammingIndex:
         index._ids, index._hashes, index._alive = ids, hashes, alive
         index._n, index._built, index._live = n, built, int(alive.sum())
         index._slot_of = np.full(max(int(ids.max()) + 1 if n else 0, 1024), -1, np.int64)
-        live = np.flatnonzero(alive)
-        index._slot_of[ids[live]] = live
+        for start in range(0, n, _CHUNK):  # in slices: no 10M-long temporaries
+            live = np.flatnonzero(alive[start:start + _CHUNK]) + start
+            index._slot_of[ids[live]] = live
         index._tab_slot, index._starts = tab_slot, starts
         index._tab_hash = np.empty(len(tab_slot), np.uint64)
         if tables:
@@ -226,7 +238,7 @@ class HammingIndex:
 
             def gather(j: int) -> None:  # numpy gathers outside the GIL
                 part = slice(j * built, (j + 1) * built)
-                np.take(low, tab_slot[part], out=index._tab_hash[part])
+                _take(low, tab_slot[part], index._tab_hash[part])
 
             with ThreadPoolExecutor(min(SUBSTRINGS, os.cpu_count() or 1)) as pool:
                 list(pool.map(gather, range(SUBSTRINGS)))
@@ -282,7 +294,7 @@ class HammingIndex:
                 part = slots[j * n:(j + 1) * n]
                 part[:] = np.argsort(keys, kind="stable")
                 counts[j * _BUCKETS:(j + 1) * _BUCKETS] = np.bincount(keys, minlength=_BUCKETS)
-                np.take(low, part, out=tab_hash[j * n:(j + 1) * n])
+                _take(low, part, tab_hash[j * n:(j + 1) * n])
 
             with ThreadPoolExecutor(min(SUBSTRINGS, os.cpu_count() or 1)) as pool:
                 list(pool.map(build, range(SUBSTRINGS)))
