@@ -219,6 +219,17 @@ def bench_size(n: int, rng: np.random.Generator, args: argparse.Namespace) -> No
         bk_txt = f"{bk[0]:>8.0f}/{bk[1]:<9.0f}" if bk else f"{'-':>18}"
         print(f"{d:>3} {mih[0]:>8.1f}/{mih[1]:<9.1f} {flat[0]:>8.0f}/{flat[1]:<9.0f} "
               f"{bk_txt} {hits:>6.1f}")
+    # Steady state: hashes added one at a time since the last rebuild (the delta, up to
+    # 1/64 of the index before the next one), as in a daemon that keeps ingesting.
+    extra = max(4096, n // 64) - 1
+    for i, h in enumerate(rng.integers(0, 2**64, extra, dtype=np.uint64).tolist()):
+        index.add(n + 1 + i, h)
+    delta = index._n - index._built
+    for d in (0, 8):
+        p50, p99 = percentiles(lambda q, k: index.query(q, k),
+                               queries * (4 if d == 0 else 1), d)
+        print(f"{d:>3} {p50:>8.1f}/{p99:<9.1f} with {delta:,} hashes added since the last "
+              "rebuild")
     if not args.no_sqlite:
         bench_sqlite(n, hashes)
 

@@ -163,3 +163,28 @@ def test_adopt_equals_add_many(data) -> None:
     usual.add_many(np.array([5, 6, 5]), np.array([[1], [2], [3]], np.uint64))
     assert twice._slot_of[5] == usual._slot_of[5] == 2
     assert [twice.query(h, 0) for h in (1, 2, 3)] == [usual.query(h, 0) for h in (1, 2, 3)]
+
+
+def test_exact_queries_see_the_delta(data) -> None:
+    # Hashes added since the last rebuild are found through the delta's own map, not a
+    # scan: same answers as brute force for new, shared, removed and re-added entries.
+    ids, hashes, _, _ = data
+    index = HammingIndex(64)
+    index.add_many(ids[:10_000], hashes[:10_000].reshape(-1, 1))
+    live = {int(i): int(h) for i, h in zip(ids[:10_000], hashes[:10_000], strict=True)}
+    assert index._built == 10_000
+    news = [(int(ids[i]), int(hashes[i])) for i in range(10_000, 12_000)]
+    news += [(int(ids[12_000]), live[int(ids[5])]), (int(ids[12_001]), int(hashes[10_500]))]
+    for i, h in news:
+        index.add(i, h)
+        live[i] = h
+    for i in (int(ids[10_007]), int(ids[3])):
+        index.remove(i)
+        del live[i]
+    index.add(int(ids[10_009]), 4242)  # re-added with a new hash
+    live[int(ids[10_009])] = 4242
+    assert index._n > index._built  # still a delta
+    for h in {*list(live.values())[::50], int(hashes[10_007]), int(hashes[3]),
+              int(hashes[10_009]), 4242, live[int(ids[5])], int(hashes[10_500])}:
+        want = sorted(i for i, v in live.items() if v == h)
+        assert [i for i, _ in index.query(h, 0)] == want, h
