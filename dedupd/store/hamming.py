@@ -6,8 +6,9 @@ substring. So a query probes, in each of the 4 tables, the buckets of every 16-b
 within that radius of its own substring (1, 17, 137 or 697 values for radius 0..3) and
 checks the candidates with one vectorised XOR + popcount. Tables are CSR arrays (a
 sorted permutation plus 65,537 bucket offsets), built in bulk with numpy, so 10M hashes
-take ~0.4 GB and load in a second or two. New hashes go to a small delta scanned flat
-until the next rebuild; removals are tombstones. When the probed buckets would hold too
+take ~0.4 GB and load in a second or two. New hashes go to a small delta (at most 1/64
+of the index) until the next rebuild: near-duplicate queries scan it flat, exact ones
+look it up in a hash map. Removals are tombstones. When the probed buckets would hold too
 many candidates (large d, or crowded buckets: real dHash values cluster, flat images
 hash to 0) a flat vectorised scan is cheaper and is used instead. 256-bit hashes always
 use the flat scan.
