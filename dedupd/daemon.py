@@ -312,13 +312,7 @@ class Daemon:
         try:
             self.store.ping()
             for entry in self.quarantine.finish_moves():
-                self.pipeline.count("quarantined")
-                emit(Event.DUPLICATE_QUARANTINED, f"{entry.original_path}: duplicate of "
-                     f"{entry.matched_path} (distance {entry.distance}); moved to "
-                     f"{entry.quarantine_path}", path=entry.original_path,
-                     match=entry.matched_path, distance=entry.distance, hash=entry.hash,
-                     policy=entry.policy, action="quarantine",
-                     quarantine_path=entry.quarantine_path)
+                self.pipeline.report_quarantined(entry)
         except StoreError as exc:
             self._store_failed(exc)
             return False

@@ -18,7 +18,7 @@ from dedupd.events import Event, emit
 from dedupd.hashing import ImageHash, hash_to_hex
 from dedupd.policy import ACCEPT, REPLACE, Breaker, big_enough, decide
 from dedupd.quarantine import Quarantine, QuarantineError
-from dedupd.store import ImageRecord, Match, Store
+from dedupd.store import ImageRecord, Match, QuarantineEntry, Store
 from dedupd.store.base import LIVE_STATUSES
 
 log = logging.getLogger("dedupd.pipeline")
@@ -158,12 +158,19 @@ class Pipeline:
                      path=loser.path, reason=str(exc), kind="quarantine_failed",
                      root=str(watch.path))
                 return replace(outcome, action="log")
-            self.count("quarantined")
-            emit(Event.DUPLICATE_QUARANTINED, f"{loser.path}: duplicate of {winner.path} "
-                 f"(distance {match.distance}); moved to {entry.quarantine_path}",
-                 quarantine_path=entry.quarantine_path, **fields)
+            self.report_quarantined(entry, root=str(watch.path), identical=match.identical)
             outcome = replace(outcome, moved_to=entry.quarantine_path)
         return outcome
+
+    def report_quarantined(self, entry: QuarantineEntry, **fields: object) -> None:
+        """Count and log a finished quarantine move: one just made, or one an outage
+        interrupted and Quarantine.finish_moves() completed later."""
+        self.count("quarantined")
+        emit(Event.DUPLICATE_QUARANTINED, f"{entry.original_path}: duplicate of "
+             f"{entry.matched_path} (distance {entry.distance}); moved to "
+             f"{entry.quarantine_path}", path=entry.original_path, match=entry.matched_path,
+             distance=entry.distance, hash=entry.hash, policy=entry.policy,
+             action="quarantine", quarantine_path=entry.quarantine_path, **fields)
 
     def _keep(self, record: ImageRecord,
               report: tuple[Event, str, dict[str, object]] | None = None) -> None:
