@@ -95,6 +95,14 @@ SNAPSHOT_MIN = 100_000
 ITER_PAGE = 5000
 
 
+def _in_chunks(values: list) -> Iterator[tuple[str, tuple]]:
+    """("?,?,...", values) in slices of 500, for `x IN (...)` under SQLite's limit on
+    bound parameters."""
+    for start in range(0, len(values), 500):
+        chunk = tuple(values[start:start + 500])
+        yield ",".join("?" * len(chunk)), chunk
+
+
 @functools.lru_cache(maxsize=64)
 def _hash_bytes(recipe: str) -> int:
     return Recipe.from_key(recipe).bits // 8
@@ -264,10 +272,8 @@ class SQLiteStore(Store):
             "SELECT DISTINCT image_id FROM index_log WHERE seq > ?", (seq,))]
         for image_id in changed:
             index.remove(image_id)
-        for start in range(0, len(changed), 500):
-            chunk = changed[start:start + 500]
-            self._load_rows(scope, recipe, index, f"id IN ({','.join('?' * len(chunk))})",
-                            tuple(chunk))
+        for marks, chunk in _in_chunks(changed):
+            self._load_rows(scope, recipe, index, f"id IN ({marks})", chunk)
         self._saved_at[(scope, recipe)] = (max_id, seq)
         return index
 
@@ -370,11 +376,9 @@ class SQLiteStore(Store):
 
     def existing_paths(self, paths: list[str]) -> set[str]:
         found: set[str] = set()
-        for i in range(0, len(paths), 500):  # under SQLite's bound-parameter limit
-            chunk = paths[i:i + 500]
+        for marks, chunk in _in_chunks(paths):
             found.update(row[0] for row in self._query(
-                f"SELECT path FROM images WHERE path IN ({','.join('?' * len(chunk))})",
-                tuple(chunk)))
+                f"SELECT path FROM images WHERE path IN ({marks})", chunk))
         return found
 
     def get(self, record_id: int) -> ImageRecord | None:
@@ -433,13 +437,9 @@ class SQLiteStore(Store):
             # `limit` may have cut (thousands of flat images share a hash).
             hits.update(index.query(hash, 0))
         records: dict[int, ImageRecord] = {}
-        ids = list(hits)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            for row in self._query(
-                f"SELECT {_IMAGE_COLS} FROM images WHERE id IN ({','.join('?' * len(chunk))})",
-                tuple(chunk),
-            ):
+        for marks, chunk in _in_chunks(list(hits)):
+            for row in self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE id IN ({marks})",
+                                   chunk):
                 records[row[0]] = _record(row)
         return nearest_first((Match(rec, hits[i], bool(digest) and rec.digest == digest)
                               for i, rec in records.items()), limit)
