@@ -1,4 +1,5 @@
-"""Command line: ``dedupd [--config PATH] COMMAND``. Exit 0 ok, 1 duplicate found, 2 error."""
+"""Command line: ``dedupd [--config PATH] COMMAND``. Exit 0 ok, 1 duplicate found, 2 error,
+78 configuration error (EX_CONFIG: the service unit does not restart on it)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from dedupd.hashing import (
 from dedupd.store import ImageRecord, Match, StoreError, open_store
 
 EXIT_OK, EXIT_DUPLICATE, EXIT_ERROR = 0, 1, 2
+# sysexits.h EX_CONFIG: a configuration error is permanent, so the unit lists it in
+# RestartPreventExitStatus= and the service ends `failed` instead of restarting forever.
+EXIT_CONFIG = 78
 
 DESCRIPTION = """\
 dedupd keeps image datasets free of duplicates. It hashes images with a perceptual
@@ -50,7 +54,10 @@ commands:
 exit status:
   0  success (check: the image is unique)
   1  check: the image is a duplicate; scan: duplicates were found
-  2  error: bad arguments, bad configuration, unreadable input, store failure
+  2  error: bad arguments, unreadable input, store failure (run: cannot start)
+  78 configuration error: the file is unreadable, not valid YAML, has a bad key or
+     value, or names a path the service cannot write (EX_CONFIG; systemd does not
+     restart the service on it)
 
 files:
   /etc/dedupd/dedupd.yaml   configuration used when --config and $DEDUPD_CONFIG are unset
@@ -500,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
 
     add("stats", cmd_stats, "show what the dictionary holds")
-    add("validate", cmd_validate, "check the configuration and exit (2 if invalid)")
+    add("validate", cmd_validate, "check the configuration and exit (78 if invalid)")
 
     p = add("run", _lazy("dedupd.daemon", "cmd_run"), "run the daemon",
             "Watch every configured root, hash images once fully written, and apply each\n"
@@ -564,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args, config)
     except ConfigError as exc:
         _err(str(exc))
-        return EXIT_ERROR
+        return EXIT_CONFIG
     except (UsageError, StoreError) as exc:
         _err(str(exc))
         return EXIT_ERROR

@@ -55,10 +55,10 @@ def test_scan_then_check(make_photo, tmp_path: Path, config_file) -> None:
     assert stats["images"] == 6
 
 
-def test_bad_config_one_line_exit_2(tmp_path: Path) -> None:
+def test_bad_config_one_line_exit_78(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("policies:\n  default:\n    max_distance: lots\n")
-    proc = dedupd("--config", str(cfg), "validate", check=2)
+    proc = dedupd("--config", str(cfg), "validate", check=78)
     assert proc.stderr.strip().count("\n") == 0
     assert "policies.default.max_distance" in proc.stderr and str(cfg) in proc.stderr
 
@@ -85,7 +85,7 @@ def test_validate_json_and_missing_config(tmp_path: Path, config_file) -> None:
     js = json.loads(dedupd("--config", str(config_file()), "validate", "--json",
                            check=0).stdout)
     assert js["valid"] is True and js["policies"] == ["default"]
-    proc = dedupd("--config", str(tmp_path / "nope.yaml"), "validate", check=2)
+    proc = dedupd("--config", str(tmp_path / "nope.yaml"), "validate", check=78)
     assert str(tmp_path / "nope.yaml") in proc.stderr and proc.stderr.count("\n") == 1
 
 

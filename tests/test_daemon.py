@@ -349,11 +349,12 @@ def test_reload_to_an_unwatchable_root_keeps_the_old_watches(setup, tmp_path: Pa
         assert daemon.stop() == 0
 
 
-def test_bad_config_at_start_exits_2(tmp_path: Path) -> None:
+def test_bad_config_at_start_exits_78(tmp_path: Path) -> None:
+    """EX_CONFIG: the unit's RestartPreventExitStatus=78 makes it end `failed`."""
     cfg = write_config(tmp_path / "bad.yaml", {"watches": [{"path": str(tmp_path),
                                                             "recursiv": True}]})
     proc = DaemonProcess(cfg, tmp_path / "log").start(wait_ready=False)
-    assert proc.proc.wait(30) == 2
+    assert proc.proc.wait(30) == 78
     assert "watches[0].recursiv: unknown key" in proc.log()
     proc.kill()
 
