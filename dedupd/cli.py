@@ -49,6 +49,7 @@ commands:
   validate     check the configuration file and exit
   quarantine   list or purge quarantined duplicates
   restore      move a quarantined file back and allow it
+  review       look at the quarantine in a browser (or write it as a static gallery)
   db           store maintenance (migrate, export, import)
 
 exit status:
@@ -529,6 +530,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("restore", _lazy("dedupd.quarantine", "cmd_restore"),
             "move a quarantined file back and mark it allowed")
     p.add_argument("target", metavar="ID|PATH")
+
+    p = add("review", _lazy("dedupd.review", "cmd_review"),
+            "review the quarantine in a browser, or write it as a static gallery",
+            "Serve a small web page of the quarantine, newest first: each quarantined image\n"
+            "beside the kept image it matched, with filters and actions (restore, confirm =\n"
+            "delete now, not a duplicate). Loopback only unless --listen says otherwise.")
+    from dedupd.review import add_arguments as add_review_arguments
+
+    add_review_arguments(p)
 
     p = add("db", _lazy("dedupd.store.admin", "cmd_db"), "store maintenance",
             "Maintain the configured store (`index:`): create or upgrade its schema, or copy\n"

@@ -70,6 +70,14 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics: an HTTP endpoint and/or node_exporter's textfile collector."""
+
+    listen: tuple[str, int] | None = None  # (host, port)
+    textfile: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     source: str
     index: str
@@ -86,6 +94,7 @@ class Config:
     follow_symlinks: bool = False
     circuit_breaker: CircuitBreaker = CircuitBreaker()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     watches: tuple[Watch, ...] = ()
     policies: Mapping[str, Policy] = field(default_factory=dict)
 
@@ -235,6 +244,8 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
     )
     lg.done()
 
+    metrics = _parse_metrics(source, top.get("metrics", dict, None), base)
+
     policies = _parse_policies(source, top.get("policies", dict, None))
     watches = _parse_watches(source, top.get("watches", list, None), policies, base)
 
@@ -254,6 +265,7 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
         follow_symlinks=top.get("follow_symlinks", bool, False),
         circuit_breaker=breaker,
         log=log,
+        metrics=metrics,
         watches=watches,
         policies=policies,
     )
@@ -264,6 +276,29 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
             raise ConfigError(source, f"watches[{i}].path",
                               f"{w.path} contains quarantine_dir {q}; keep them apart")
     return config
+
+
+def _parse_metrics(source: str, raw: Any, base: Path) -> MetricsConfig:
+    r = _Reader(source, "metrics", raw)
+    listen = r.get("listen", str, None)
+    textfile = r.path("textfile", None, base)
+    r.done()
+    if listen is None:
+        return MetricsConfig(None, textfile)
+    try:
+        return MetricsConfig(parse_listen(listen), textfile)
+    except ValueError as exc:
+        raise r.fail("listen", str(exc)) from None
+
+
+def parse_listen(text: str, *, any_port: bool = False) -> tuple[str, int]:
+    """HOST:PORT or [IPV6]:PORT -> (host, port); ValueError says what is wrong.
+    any_port allows port 0 (the kernel picks one)."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not any_port <= int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9468)")
+    return host, int(port)
 
 
 def _parse_policies(source: str, raw: Any) -> dict[str, Policy]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from dedupd.config import Config, ConfigError, Watch, load_config
 from dedupd.events import Event, emit, emit_summary, setup_logging
 from dedupd.hashing import ImageError, hash_file
+from dedupd.metrics import DaemonState, Metrics
 from dedupd.pipeline import Pipeline
 from dedupd.policy import wanted
 from dedupd.quarantine import Quarantine, move_no_replace
@@ -79,6 +80,7 @@ class WorkQueue:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._due: dict[Path, float] = {}
+        self._arrived: dict[Path, float] = {}  # first put of a path not yet done (metrics)
         self._taken: set[Path] = set()  # handed to a worker, not yet done()
         self._heap: list[tuple[float, int, Path]] = []
         self._seq = 0
@@ -102,6 +104,7 @@ class WorkQueue:
             # A close/rename makes a file due now; a modification postpones it.
             due = now + delay if delay > 0 else min(old if old is not None else now, now)
             self._due[path] = due
+            self._arrived.setdefault(path, now)
             self._seq += 1
             heapq.heappush(self._heap, (due, self._seq, path))
             self._cond.notify()
@@ -115,10 +118,19 @@ class WorkQueue:
     def done(self, path: Path) -> None:
         with self._cond:
             self._taken.discard(path)
+            if path not in self._due:
+                self._arrived.pop(path, None)
 
     def discard(self, path: Path) -> None:
         with self._cond:
             self._due.pop(path, None)
+            if path not in self._taken:
+                self._arrived.pop(path, None)
+
+    def arrived(self, path: Path) -> float | None:
+        """When (monotonic) path was first queued, for the decision latency."""
+        with self._cond:
+            return self._arrived.get(path)
 
     def get(self, timeout: float = 0.5) -> Path | None:
         deadline = time.monotonic() + timeout
@@ -173,6 +185,8 @@ class Daemon:
         self._store_down: tuple[str, float] | None = None
         self._store_lock = threading.Lock()
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
+        self.last_reconcile: float | None = None  # Unix time of the last finished root scan
+        self.metrics = Metrics(config, self.metrics_state)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -184,6 +198,7 @@ class Daemon:
         for scope in {w.scope for w in self.config.watches}:
             self.store.warm(scope, self.config.recipe.key)  # the first file must not wait
         release_free_heap()  # what loading a big index left behind
+        self.metrics.start()
         self.watcher.arm(self._roots())
         workers = self.config.workers or len(os.sched_getaffinity(0))
         for i in range(workers):
@@ -254,6 +269,7 @@ class Daemon:
             t.join(max(0.0, deadline - time.monotonic()))
         emit_summary()
         emit(Event.STOPPED, "stopped", **self._count_fields())
+        self.metrics.stop()
         if not any(t.is_alive() for t in self._threads):
             self.store.close()
 
@@ -280,6 +296,7 @@ class Daemon:
         else:
             self.config = new
             self.pipeline.configure(new)
+            self.metrics.configure(new)
             emit(Event.RELOADED, f"configuration reloaded from {new.source}",
                  roots=",".join(str(w.path) for w in new.watches))
             self.request_scan(*(w.path for w in new.watches))
@@ -362,6 +379,16 @@ class Daemon:
                 f"{c['processed']} processed, {c['accepted']} accepted, "
                 f"{c['quarantined']} quarantined, {c['rejected']} rejected; "
                 f"queue {len(self.queue)}")
+
+    def metrics_state(self) -> DaemonState:
+        """The gauges of the metrics, read when they are scraped."""
+        scopes = {w.scope for w in self.config.watches}
+        indexed = {s: self.store.live_count(s, self.config.recipe.key) for s in scopes}
+        return DaemonState(
+            queue_depth=len(self.queue), store_available=self._store_down is None,
+            indexed={s: n for s, n in indexed.items() if n is not None},
+            breakers_open={str(root): b.open for root, b in self.pipeline.breakers.items()},
+            last_reconcile=self.last_reconcile)
 
     def _count_fields(self) -> dict[str, object]:
         return {f"count_{k}": v for k, v in self.pipeline.counts.items()}
@@ -524,6 +551,8 @@ class Daemon:
                             not os.path.lexists(rec.path):
                         self.store.delete(rec.id)  # type: ignore[arg-type]
                         counts["forgotten"] += 1
+        if any(w.path == top for w in self.config.watches):
+            self.last_reconcile = time.time()
         log.debug("reconciled %s: %s", top, counts)
         return counts
 
@@ -539,6 +568,7 @@ class Daemon:
             if path is None:
                 continue
             self._busy[me] = time.monotonic()
+            self.metrics.arrived(self.queue.arrived(path))
             try:
                 self.process(path)
             except StoreError as exc:
@@ -582,11 +612,13 @@ class Daemon:
                                                                        st.st_mtime_ns):
             self.pipeline.report_interrupted(path)  # decided just before an outage
             return
+        started = time.monotonic()
         try:
             h = hash_file(path, config.recipe, config.max_pixels)
         except ImageError as exc:
             self._reject(path, watch, exc, st)
             return
+        self.metrics.observe_hash(time.monotonic() - started)
         self.pipeline.ingest(path, watch, h, st.st_mtime_ns, known)
 
     def _symlink_allowed(self, path: Path) -> bool:

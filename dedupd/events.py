@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 # syslog priorities
@@ -93,6 +94,7 @@ class _State:
     total: Counter[str] = Counter()
     since: Counter[str] = Counter()
     since_time = time.monotonic()
+    listeners: list[Callable[[Event, dict[str, Any]], None]] = []
 
 
 def under_systemd() -> bool:
@@ -162,6 +164,16 @@ def journal_fields(event: Event, fields: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def add_listener(listener: Callable[[Event, dict[str, Any]], None]) -> None:
+    """Call listener(event, fields) for every event, whatever the log level (metrics)."""
+    _State.listeners.append(listener)
+
+
+def remove_listener(listener: Callable[[Event, dict[str, Any]], None]) -> None:
+    with contextlib.suppress(ValueError):
+        _State.listeners.remove(listener)
+
+
 def emit(event: Event, message: str, *, priority: int | None = None, **fields: Any) -> None:
     """Log one event. Fields: path, match, distance, action, quarantine_path, hash, policy,
     root, reason, kind, ... (become DEDUPD_PATH, DEDUPD_MATCH, ...)."""
@@ -170,6 +182,11 @@ def emit(event: Event, message: str, *, priority: int | None = None, **fields: A
         _State.total[event.value] += 1
         if event is not Event.SUMMARY:
             _State.since[event.value] += 1
+    for listener in _State.listeners:
+        try:
+            listener(event, fields)
+        except Exception:  # monitoring failing never takes the service down
+            logging.getLogger("dedupd.events").debug("event listener failed", exc_info=True)
     if prio > _State.threshold:
         return
     if _State.mode == "journald":

@@ -36,6 +36,8 @@ from dedupd.store.base import (
 
 PARTIAL_PREFIX = ".dedupd-partial-"
 SIDECAR_SUFFIX = ".json"
+# The journal entry's reason once an operator restored it saying it was no duplicate.
+NOT_A_DUPLICATE = "not_a_duplicate"
 
 
 class QuarantineError(Exception):
@@ -274,11 +276,35 @@ class Quarantine:
         gone = [e for e in self.store.list_quarantine((DONE,)) if e.created < cutoff]
         if not dry_run:
             for entry in gone:
-                path = Path(entry.quarantine_path)
-                path.unlink(missing_ok=True)
-                _remove_sidecar(path)
-                self._forget(entry)
+                self.purge_entry(entry)
         return gone
+
+    def purge_entry(self, entry: QuarantineEntry) -> None:
+        """Delete one quarantined file and its sidecar; the journal says purged."""
+        if entry.state != DONE:
+            raise QuarantineError(f"entry {entry.id} is {entry.state}, not quarantined")
+        path = Path(entry.quarantine_path)
+        path.unlink(missing_ok=True)
+        _remove_sidecar(path)
+        self._forget(entry)
+
+
+def restore_and_report(q: Quarantine, entry: QuarantineEntry, *,
+                       not_a_duplicate: bool = False) -> Path:
+    """Restore an entry and log `restored`: the one way `dedupd restore` and the review
+    page do it. not_a_duplicate also records, in the journal entry's reason, that the
+    operator judged the match wrong."""
+    from dedupd.events import Event, emit
+
+    if not_a_duplicate:
+        entry = replace(entry, reason=NOT_A_DUPLICATE)
+    back = q.restore(entry)
+    emit(Event.RESTORED, f"{back}: restored from quarantine and allowed"
+         + (" (not a duplicate)" if not_a_duplicate else ""),
+         path=str(back), quarantine_path=entry.quarantine_path, match=entry.matched_path,
+         distance=entry.distance, policy=entry.policy,
+         reason=NOT_A_DUPLICATE if not_a_duplicate else None)
+    return back
 
 
 def _remove_sidecar(path: Path) -> None:
@@ -343,18 +369,15 @@ def cmd_restore(args: argparse.Namespace, config: object) -> int:
     store = open_store(config.index)  # type: ignore[attr-defined]
     try:
         q = Quarantine(store, config.quarantine_dir)  # type: ignore[attr-defined]
+        from dedupd.events import setup_logging
+
+        setup_logging(args.log or "auto", "info")
         try:
             entry = q.find(args.target)
-            back = q.restore(entry)
+            back = restore_and_report(q, entry)
         except (QuarantineError, OSError, StoreError) as exc:
             print(f"dedupd: {exc}", file=sys.stderr)
             return 2
-        from dedupd.events import Event, emit, setup_logging
-
-        setup_logging(args.log or "auto", "info")
-        emit(Event.RESTORED, f"{back}: restored from quarantine and allowed",
-             path=str(back), quarantine_path=entry.quarantine_path, match=entry.matched_path,
-             distance=entry.distance, policy=entry.policy)
         if args.json:
             json.dump({"id": entry.id, "restored": str(back)}, sys.stdout)
             sys.stdout.write("\n")

@@ -73,6 +73,59 @@ class QuarantineEntry:
     id: int | None = None
 
 
+@dataclass(frozen=True)
+class QuarantineFilter:
+    """Which journal entries a review shows: states, and optionally one root (original
+    paths under a directory), one policy, a distance range and a time range."""
+
+    states: tuple[str, ...] = (DONE,)
+    root: str | None = None
+    policy: str | None = None
+    min_distance: int | None = None
+    max_distance: int | None = None
+    since: float | None = None  # created at or after (Unix time)
+    until: float | None = None  # created before
+
+    def matches(self, e: QuarantineEntry) -> bool:
+        root = self.root.rstrip("/") + "/" if self.root else None
+        return (e.state in self.states and (root is None or e.original_path.startswith(root))
+                and self.policy in (None, e.policy)
+                and (self.min_distance is None or e.distance >= self.min_distance)
+                and (self.max_distance is None or e.distance <= self.max_distance)
+                and (self.since is None or e.created >= self.since)
+                and (self.until is None or e.created < self.until))
+
+    def where(self, mark: str) -> tuple[str, list[object]]:
+        """The same test as SQL (`mark`: the backend's placeholder), with its arguments."""
+        sql = [f"state IN ({','.join([mark] * len(self.states))})"]
+        args: list[object] = list(self.states)
+        if self.root:
+            root = self.root.rstrip("/") + "/"
+            sql.append(f"substr(original_path, 1, CAST({mark} AS INTEGER)) = {mark}")
+            args += [len(root), root]
+        for cond, value in (("policy = ", self.policy), ("distance >= ", self.min_distance),
+                            ("distance <= ", self.max_distance), ("created >= ", self.since),
+                            ("created < ", self.until)):
+            if value is not None:
+                sql.append(f"{cond}{mark}")
+                args.append(value)
+        return " AND ".join(sql), args
+
+    def page_sql(self, columns: str, mark: str, before: int | None, after: int | None,
+                 limit: int) -> tuple[str, tuple[object, ...]]:
+        """SELECT of a page of the journal, newest first, by keyset (id) so that the last
+        page costs what the first does."""
+        sql, args = self.where(mark)
+        if before is not None:
+            sql, args = f"{sql} AND id < {mark}", [*args, before]
+        elif after is not None:  # the page just newer than `after`: ascending, then reversed
+            inner = (f"SELECT {columns} FROM quarantine WHERE {sql} AND id > {mark} "
+                     f"ORDER BY id LIMIT {mark}")
+            return f"SELECT * FROM ({inner}) AS newer ORDER BY id DESC", (*args, after, limit)
+        return (f"SELECT {columns} FROM quarantine WHERE {sql} ORDER BY id DESC LIMIT {mark}",
+                (*args, limit))
+
+
 class Store(ABC):
     """Persistent hash dictionary with near-duplicate search."""
 
@@ -154,6 +207,19 @@ class Store(ABC):
 
     @abstractmethod
     def list_quarantine(self, states: tuple[str, ...] | None = None) -> list[QuarantineEntry]: ...
+
+    def page_quarantine(self, where: QuarantineFilter, *, before: int | None = None,
+                        after: int | None = None, limit: int = 50) -> list[QuarantineEntry]:
+        """One page of matching entries, newest (highest id) first: those with ids below
+        `before`, or the `limit` just above `after` (paging back). Backends answer with
+        one indexed query, so a page stays fast at 100k entries."""
+        entries = [e for e in self.list_quarantine(where.states) if where.matches(e)
+                   and (before is None or e.id < before) and (after is None or e.id > after)]
+        entries.sort(key=lambda e: e.id, reverse=True)  # type: ignore[arg-type, return-value]
+        return entries[-limit:] if after is not None and before is None else entries[:limit]
+
+    def count_quarantine(self, where: QuarantineFilter) -> int:
+        return sum(where.matches(e) for e in self.list_quarantine(where.states))
 
 
 def open_store(url: str, *, create: bool = True) -> Store:

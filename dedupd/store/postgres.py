@@ -45,6 +45,7 @@ from dedupd.store.base import (
     ImageRecord,
     Match,
     QuarantineEntry,
+    QuarantineFilter,
     Store,
     StoreError,
     nearest_first,
@@ -612,3 +613,12 @@ class PostgresStore(Store):
         else:
             rows = self._query(f"SELECT {_QUAR_COLS} FROM quarantine ORDER BY id")
         return [_entry(r) for r in rows]
+
+    def page_quarantine(self, where: QuarantineFilter, *, before: int | None = None,
+                        after: int | None = None, limit: int = 50) -> list[QuarantineEntry]:
+        return [_entry(r) for r in self._query(*where.page_sql(_QUAR_COLS, "%s", before,
+                                                               after, limit))]
+
+    def count_quarantine(self, where: QuarantineFilter) -> int:
+        sql, args = where.where("%s")
+        return int(self._query(f"SELECT count(*) FROM quarantine WHERE {sql}", tuple(args))[0][0])

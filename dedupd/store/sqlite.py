@@ -25,6 +25,7 @@ from dedupd.store.base import (
     ImageRecord,
     Match,
     QuarantineEntry,
+    QuarantineFilter,
     Store,
     StoreError,
     nearest_first,
@@ -504,3 +505,13 @@ class SQLiteStore(Store):
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
             args = tuple(states)
         return [_entry(r) for r in self._query(sql + " ORDER BY id", args)]
+
+    def page_quarantine(self, where: QuarantineFilter, *, before: int | None = None,
+                        after: int | None = None, limit: int = 50) -> list[QuarantineEntry]:
+        return [_entry(r) for r in self._query(*where.page_sql(_QUAR_COLS, "?", before, after,
+                                                               limit))]
+
+    def count_quarantine(self, where: QuarantineFilter) -> int:
+        sql, args = where.where("?")
+        return int(self._query(f"SELECT count(*) FROM quarantine WHERE {sql}", tuple(args))[0][0])
+

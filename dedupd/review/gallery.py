@@ -1,0 +1,62 @@
+"""`dedupd review --html DIR`: the review page as a static gallery (for a ticket or an
+email), thumbnails included, no server and no actions."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from dedupd.review.model import PAGE_SIZE, Review, now_text
+from dedupd.review.thumbs import ThumbnailCache, ThumbnailError
+from dedupd.store.base import QuarantineFilter
+
+
+def page_name(n: int) -> str:
+    return "index.html" if n == 1 else f"page-{n}.html"
+
+
+def write_gallery(review: Review, thumbs: ThumbnailCache, out: Path,
+                  where: QuarantineFilter, limit: int | None = None) -> dict[str, int]:
+    """Write index.html, page-2.html, ... and thumbs/ under out; returns counts."""
+    env = Environment(loader=PackageLoader("dedupd.review", "templates"),
+                      autoescape=select_autoescape(["html"]))
+    template = env.get_template("review.html")
+    (out / "thumbs").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("static") / "review.css", out / "review.css")
+    counts = {"pages": 0, "entries": 0, "thumbnails": 0}
+    made: set[str] = set()
+
+    def thumb(entry_id: int, side: str) -> str:
+        name = f"thumbs/{entry_id}-{side}.jpg"
+        if name not in made:
+            path = review.thumbnail_path(entry_id, side)
+            try:
+                data = thumbs.get(path) if path else None
+            except ThumbnailError:
+                data = None
+            if data is None:
+                return ""
+            (out / name).write_bytes(data)
+            made.add(name)
+            counts["thumbnails"] += 1
+        return name
+
+    before, n, generated = None, 1, now_text()
+    while True:
+        size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - counts["entries"])
+        page = review.page(where, before=before, limit=size)
+        counts["entries"] += len(page.rows)
+        older = page.older if limit is None or counts["entries"] < limit else None
+        shown = replace(page, newer=n - 1 if n > 1 else None, older=older)
+        html = template.render(
+            page=shown, review=review, args={}, static=True, read_only=True,
+            css="review.css", thumb=thumb, generated=generated, first_link=page_name(1),
+            link=lambda after=None, before=None, _n=n: page_name(_n - 1 if after else _n + 1))
+        (out / page_name(n)).write_text(html, encoding="utf-8")
+        counts["pages"] += 1
+        if older is None:
+            return counts
+        before, n = older, n + 1

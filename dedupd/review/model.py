@@ -1,0 +1,154 @@
+"""What the review shows and does, independent of HTTP: pages of the quarantine journal
+as rows (the quarantined image beside the kept one it matched), the files a thumbnail
+may be made of, and the actions, through the same code as the CLI's commands.
+
+The client names entries by id only; every path comes from the store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dedupd.config import Config
+from dedupd.quarantine import Quarantine, QuarantineError, restore_and_report
+from dedupd.store import QuarantineEntry, Store, StoreError
+from dedupd.store.base import DONE, QuarantineFilter
+
+PAGE_SIZE = 50
+ACTIONS = ("restore", "confirm", "not_duplicate")
+SIDES = ("quarantined", "kept")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One of the two images of a pair, as the store knows it."""
+
+    path: str
+    known: bool  # the store has a record of it (else: no thumbnail)
+    width: int | None = None
+    height: int | None = None
+    size: int | None = None
+    digest: str | None = None
+
+    @property
+    def resolution(self) -> str:
+        return f"{self.width}×{self.height}" if self.width else "?"
+
+
+@dataclass(frozen=True)
+class Row:
+    entry: QuarantineEntry
+    root: str
+    quarantined: Side
+    kept: Side
+
+    @property
+    def identical(self) -> bool:
+        return bool(self.quarantined.digest) and self.quarantined.digest == self.kept.digest
+
+    @property
+    def when(self) -> str:
+        return datetime.fromtimestamp(self.entry.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[Row]
+    total: int  # entries matching the filter
+    newer: int | None  # `after=` of the previous (newer) page, if any
+    older: int | None  # `before=` of the next (older) page, if any
+
+
+def parse_day(text: str | None, end: bool = False) -> float | None:
+    """YYYY-MM-DD (UTC) -> Unix time of its start, or of the next day's start if end."""
+    if not text:
+        return None
+    day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+    return day + 86400 if end else day
+
+
+class Review:
+    """The quarantine of one configured store, for the review page and the gallery."""
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config, self.store = config, store
+        self.quarantine = Quarantine(store, config.quarantine_dir)
+
+    def roots(self) -> list[str]:
+        return [str(w.path) for w in self.config.watches]
+
+    def policies(self) -> list[str]:
+        return sorted(self.config.policies)
+
+    def page(self, where: QuarantineFilter, *, before: int | None = None,
+             after: int | None = None, limit: int = PAGE_SIZE) -> Page:
+        entries = self.store.page_quarantine(where, before=before, after=after,
+                                             limit=limit + 1)
+        if after is not None and before is None:  # paging back: the extra one is newest
+            more_newer = len(entries) > limit
+            entries = entries[-limit:] if more_newer else entries
+            more_older = True
+        else:
+            more_older = len(entries) > limit
+            entries = entries[:limit]
+            more_newer = before is not None
+        rows = [self.row(e) for e in entries]
+        newer = entries[0].id if entries and more_newer else None
+        older = entries[-1].id if entries and more_older else None
+        return Page(rows, self.store.count_quarantine(where), newer, older)
+
+    def row(self, entry: QuarantineEntry) -> Row:
+        q_rec = self.store.get(entry.image_id) if entry.image_id is not None else None
+        if q_rec is not None and q_rec.path != entry.quarantine_path:
+            q_rec = None  # the record moved on (restored): not this file any more
+        k_rec = self.store.get_by_path(entry.matched_path)
+        watch = self.config.watch_for(entry.original_path)
+
+        def side(path: str, rec: object) -> Side:
+            if rec is None:
+                return Side(path, False)
+            return Side(path, True, rec.width, rec.height, rec.file_size,  # type: ignore[attr-defined]
+                        rec.digest)  # type: ignore[attr-defined]
+
+        quarantined = side(entry.quarantine_path, q_rec)
+        if q_rec is None and entry.state == DONE:  # journalled here: the store knows it
+            quarantined = Side(entry.quarantine_path, True)
+        return Row(entry, str(watch.path) if watch else "", quarantined,
+                   side(entry.matched_path, k_rec))
+
+    def thumbnail_path(self, entry_id: int, side: str) -> str | None:
+        """The file a thumbnail of an entry's side may be made of: the quarantined file of
+        a done entry, or the kept file if the store has its record. None otherwise."""
+        entry = self.store.get_quarantine(entry_id)
+        if entry is None or side not in SIDES:
+            return None
+        if side == "quarantined":
+            return entry.quarantine_path if entry.state == DONE else None
+        return entry.matched_path if self.store.get_by_path(entry.matched_path) else None
+
+    def act(self, action: str, entry_id: int) -> str:
+        """Carry out one action on one entry as the CLI would; returns what was done.
+        Raises QuarantineError (one line) when it cannot be done."""
+        if action not in ACTIONS:
+            raise QuarantineError(f"unknown action {action!r}")
+        entry = self.store.get_quarantine(entry_id)
+        if entry is None:
+            raise QuarantineError(f"no quarantine entry {entry_id}")
+        try:
+            if action == "confirm":
+                self.quarantine.purge_entry(entry)
+                return f"{entry_id}: purged {Path(entry.quarantine_path).name}"
+            back = restore_and_report(self.quarantine, entry,
+                                      not_a_duplicate=action == "not_duplicate")
+        except OSError as exc:
+            raise QuarantineError(f"{entry_id}: {exc.strerror or exc}") from None
+        except StoreError as exc:
+            raise QuarantineError(f"{entry_id}: store: {exc}") from None
+        return f"{entry_id}: restored {back}"
+
+
+def now_text() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
