@@ -296,7 +296,7 @@ def parse_listen(text: str, *, any_port: bool = False) -> tuple[str, int]:
     any_port allows port 0 (the kernel picks one)."""
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not any_port <= int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9468)")
     return host, int(port)
 

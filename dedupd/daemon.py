@@ -81,6 +81,7 @@ class WorkQueue:
         self.limit = limit
         self._due: dict[Path, float] = {}
         self._arrived: dict[Path, float] = {}  # first put of a path not yet done (metrics)
+        self.arrivals = 0  # paths that entered the queue (metrics)
         self._taken: set[Path] = set()  # handed to a worker, not yet done()
         self._heap: list[tuple[float, int, Path]] = []
         self._seq = 0
@@ -104,7 +105,9 @@ class WorkQueue:
             # A close/rename makes a file due now; a modification postpones it.
             due = now + delay if delay > 0 else min(old if old is not None else now, now)
             self._due[path] = due
-            self._arrived.setdefault(path, now)
+            if path not in self._arrived:
+                self._arrived[path] = now
+                self.arrivals += 1
             self._seq += 1
             heapq.heappush(self._heap, (due, self._seq, path))
             self._cond.notify()
@@ -385,7 +388,8 @@ class Daemon:
         scopes = {w.scope for w in self.config.watches}
         indexed = {s: self.store.live_count(s, self.config.recipe.key) for s in scopes}
         return DaemonState(
-            queue_depth=len(self.queue), store_available=self._store_down is None,
+            queue_depth=len(self.queue), queued_total=self.queue.arrivals,
+            store_available=self._store_down is None,
             indexed={s: n for s, n in indexed.items() if n is not None},
             breakers_open={str(root): b.open for root, b in self.pipeline.breakers.items()},
             last_reconcile=self.last_reconcile)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, write_to_textfile
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
@@ -42,6 +42,7 @@ class DaemonState:
     """What the gauges show, read from the daemon at scrape time."""
 
     queue_depth: int
+    queued_total: int  # files that entered the queue since the start
     store_available: bool
     indexed: dict[str, int] = field(default_factory=dict)  # group -> live images
     pending_quarantines: int | None = None
@@ -53,7 +54,7 @@ class _StateCollector(Collector):
     def __init__(self, read: Callable[[], DaemonState]) -> None:
         self.read = read
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         try:
             state = self.read()
         except Exception:  # a scrape must not fail because the daemon is busy
@@ -61,6 +62,8 @@ class _StateCollector(Collector):
             return
         yield GaugeMetricFamily("dedupd_queue_depth", "Files waiting to be hashed",
                                 value=state.queue_depth)
+        yield CounterMetricFamily("dedupd_files_queued", "Files queued to be looked at "
+                                  "(new, changed, or found by a scan)", value=state.queued_total)
         yield GaugeMetricFamily("dedupd_store_available",
                                 "1 while the hash dictionary answers, 0 during an outage",
                                 value=int(state.store_available))
