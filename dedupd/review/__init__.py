@@ -76,7 +76,7 @@ def _serve(args: argparse.Namespace, review: Any, thumbs: Any, host: str, port: 
 
     import waitress
 
-    from dedupd.review.app import create_app, is_loopback
+    from dedupd.review.app import bind_port, create_app, is_loopback
 
     token = None
     if not is_loopback(host):
@@ -91,6 +91,7 @@ def _serve(args: argparse.Namespace, review: Any, thumbs: Any, host: str, port: 
         print(f"dedupd: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     bound = server.effective_port  # type: ignore[union-attr]
+    bind_port(app, host, bound)
     name = f"[{host}]" if ":" in host else host
     url = f"http://{name}:{bound}/" + (f"?token={token}" if token else "")
     _out(args, {"url": url, "read_only": args.read_only},

@@ -62,12 +62,11 @@ def create_app(review: Review, thumbs: ThumbnailCache, *, host: str, port: int,
     app.config.update(SECRET_KEY=secrets.token_bytes(32), WTF_CSRF_TIME_LIMIT=None,
                       SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_HTTPONLY=True,
                       MAX_CONTENT_LENGTH=1 << 20)
-    CSRFProtect(app)
-    allowed_hosts = _host_names(host, port)
+    bind_port(app, host, port)
 
     @app.before_request
     def guard() -> Response | None:
-        if token is None and request.host.lower() not in allowed_hosts:
+        if token is None and request.host.lower() not in app.config["REVIEW_HOSTS"]:
             abort(400, "unexpected Host header")  # a rebound DNS name on loopback
         if token is not None:
             given = request.args.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
@@ -76,6 +75,8 @@ def create_app(review: Review, thumbs: ThumbnailCache, *, host: str, port: int,
         if read_only and request.method not in ("GET", "HEAD"):
             abort(403, "this review server is read-only")
         return None
+
+    CSRFProtect(app)  # after the guard: a read-only or tokenless request stops there
 
     @app.after_request
     def headers(response: Response) -> Response:
@@ -153,6 +154,11 @@ def _ids(values: Iterable[str]) -> list[int]:
             abort(400, "entries are named by id")
         out.append(int(v))
     return out[:1000]
+
+
+def bind_port(app: Flask, host: str, port: int) -> None:
+    """The Host headers this server answers on loopback (set again once port 0 is bound)."""
+    app.config["REVIEW_HOSTS"] = _host_names(host, port)
 
 
 def _host_names(host: str, port: int) -> set[str]:

@@ -49,6 +49,11 @@ class Row:
     def identical(self) -> bool:
         return bool(self.quarantined.digest) and self.quarantined.digest == self.kept.digest
 
+    def short(self, path: str) -> str:
+        """path below the entry's root (shown beside it), else the whole path."""
+        prefix = self.root.rstrip("/") + "/"
+        return path[len(prefix):] if self.root and path.startswith(prefix) else path
+
     @property
     def when(self) -> str:
         return datetime.fromtimestamp(self.entry.created, UTC).strftime("%Y-%m-%d %H:%M:%S")

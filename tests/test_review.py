@@ -1,0 +1,433 @@
+"""`dedupd review` on real parts: a real daemon's quarantine, the review server as a
+subprocess, real HTTP, and a headless Chromium clicking its buttons."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from daemonproc import DaemonProcess, wait_for, write_config
+
+from dedupd.config import parse_config
+from dedupd.quarantine import NOT_A_DUPLICATE
+from dedupd.review.app import TOKEN_COOKIE, create_app, filter_from
+from dedupd.review.model import Review
+from dedupd.review.thumbs import ThumbnailCache
+from dedupd.store import QuarantineEntry, open_store
+from dedupd.store.base import DONE, PURGED, RESTORED, QuarantineFilter
+
+PHOTOS = Path(__file__).resolve().parent / "fixtures" / "photos"
+NAMES = ("astronaut", "chelsea", "coffee", "hubble", "rocket")
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def near_copy(src: Path, dst: Path) -> None:
+    """A look-alike: cropped 2% each side, resized, brightened, re-encoded (distance 3-10
+    from the fixture photos)."""
+    img = cv2.imread(str(src))
+    h, w = img.shape[:2]
+    img = img[h // 50:h - h // 50, w // 50:w - w // 50]
+    img = cv2.resize(img, (w * 3 // 5, h * 3 // 5), interpolation=cv2.INTER_AREA)
+    img = cv2.convertScaleAbs(img, alpha=1.1, beta=10)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 70])
+    assert ok
+    dst.write_bytes(buf.tobytes())
+
+
+class Site:
+    """A daemon that quarantined some look-alikes, and what it did."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.root = tmp, tmp / "photos"
+        self.config, self.db = tmp / "dedupd.yaml", tmp / "state" / "index.sqlite"
+
+    def write_config(self) -> None:
+        self.root.mkdir()
+        write_config(self.config, {
+            "index": str(self.db), "quarantine_dir": str(self.tmp / "state" / "quarantine"),
+            "settle_seconds": 0.2, "workers": 1,
+            "policies": {"default": {"max_distance": 10}},
+            "watches": [{"path": str(self.root)}]})
+
+    def entries(self) -> list[QuarantineEntry]:
+        store = open_store(str(self.db))
+        try:
+            return store.list_quarantine()
+        finally:
+            store.close()
+
+    def entry(self, entry_id: int) -> QuarantineEntry:
+        return next(e for e in self.entries() if e.id == entry_id)
+
+
+@pytest.fixture(scope="module")
+def site_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A quarantine made once by a real daemon: 5 photos kept, 4 look-alikes and one
+    byte-identical copy quarantined. Each test gets its own copy of it."""
+    tmp = tmp_path_factory.mktemp("site")
+    site = Site(tmp)
+    site.write_config()
+    daemon = DaemonProcess(site.config, tmp / "daemon.log",
+                           env={"XDG_STATE_HOME": str(tmp / "xdg")}).start()
+    try:
+        for name in NAMES:
+            shutil.copyfile(PHOTOS / f"{name}.jpg", site.root / f"{name}.jpg")
+        wait_for(lambda: daemon.log_since_start().count("accepted") >= 5, 60, "5 accepted")
+        for name in NAMES[:4]:
+            near_copy(PHOTOS / f"{name}.jpg", site.root / f"{name}-small.jpg")
+        shutil.copyfile(PHOTOS / "rocket.jpg", site.root / "rocket-copy.jpg")
+        wait_for(lambda: daemon.log_since_start().count("duplicate_quarantined") >= 5, 60,
+                 "5 quarantined")
+    finally:
+        assert daemon.stop() == 0
+    return tmp
+
+
+@pytest.fixture
+def site(site_template: Path, tmp_path: Path) -> Site:
+    """A private copy of the template site: same absolute layout under tmp_path/site."""
+    dst = tmp_path / "site"
+    shutil.copytree(site_template, dst, symlinks=True)
+    # The store names absolute paths of the template: rewrite their prefix (only: the
+    # quarantine's layout repeats the root's path below it).
+    import sqlite3
+
+    conn = sqlite3.connect(dst / "state" / "index.sqlite")
+    with conn:
+        for table, cols in (("images", ("path",)),
+                            ("quarantine", ("original_path", "quarantine_path",
+                                            "matched_path"))):
+            for col in cols:
+                conn.execute(f"UPDATE {table} SET {col} = ? || substr({col}, ?)",
+                             (str(dst), len(str(site_template)) + 1))
+    conn.close()
+    for snap in (dst / "state").glob("index.sqlite.hamming-*"):
+        snap.unlink()
+    text = (dst / "dedupd.yaml").read_text().replace(str(site_template), str(dst))
+    (dst / "dedupd.yaml").write_text(text)
+    return Site(dst)
+
+
+class Server:
+    """`dedupd review` as a subprocess; its URL read from its --json start-up line."""
+
+    def __init__(self, site: Site, *extra: str) -> None:
+        self.log_path = site.tmp / "review.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dedupd", "--config", str(site.config), "--log", "json",
+             "review", "--json", "--listen", "127.0.0.1:0", "--cache",
+             str(site.tmp / "cache"), *extra],
+            stdout=subprocess.PIPE, stderr=self._log, text=True,
+            env={**os.environ, "XDG_STATE_HOME": str(site.tmp / "xdg")})
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        assert line, self.log()
+        self.url = json.loads(line)["url"]
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), _NoRedirect())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self, kind: str) -> list[dict]:
+        out = []
+        for line in self.log().splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if obj.get("event") == kind:
+                out.append(obj)
+        return out
+
+    def get(self, path: str = "", headers: dict[str, str] | None = None
+            ) -> tuple[int, bytes, dict[str, str]]:
+        return self._open(urllib.request.Request(self.url.rstrip("/") + "/" + path.lstrip("/"),
+                                                 headers=headers or {}))
+
+    def post(self, form: list[tuple[str, str]]) -> tuple[int, bytes, dict[str, str]]:
+        return self._open(urllib.request.Request(
+            self.url.rstrip("/") + "/action", data=urllib.parse.urlencode(form).encode(),
+            method="POST"))
+
+    def _open(self, req: urllib.request.Request) -> tuple[int, bytes, dict[str, str]]:
+        try:
+            with self.opener.open(req, timeout=30) as resp:
+                return resp.status, resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), dict(err.headers)
+
+    def csrf(self) -> str:
+        status, body, _ = self.get("/")
+        assert status == 200
+        return re.search(rb'name="csrf_token" value="([^"]+)"', body).group(1).decode()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+        self._log.close()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return None  # the test looks at the 303 itself
+
+
+@pytest.fixture
+def server(site: Site) -> Iterator[Server]:
+    s = Server(site)
+    yield s
+    s.stop()
+
+
+def pair_ids(body: bytes) -> list[int]:
+    return [int(x) for x in re.findall(rb'<li class="pair" id="entry-(\d+)"', body)]
+
+
+# ---------------------------------------------------------------- over HTTP
+
+
+def test_page_shows_every_pair_newest_first_with_thumbnails(site: Site, server: Server) -> None:
+    done = [e for e in site.entries() if e.state == DONE]
+    assert len(done) == 5
+    status, body, headers = server.get("/")
+    assert status == 200
+    assert pair_ids(body) == sorted((e.id for e in done), reverse=True)
+    assert b'<span id="total">5</span>' in body
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert b"byte-identical" in body  # the rocket copy
+    assert b"<script" not in body
+    for e in done:
+        for side in ("quarantined", "kept"):
+            status, jpeg, headers = server.get(f"/thumb/{e.id}/{side}")
+            assert status == 200 and headers["Content-Type"] == "image/jpeg"
+            thumb = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            assert thumb is not None and max(thumb.shape[:2]) <= 240
+    assert len(list((site.tmp / "cache").glob("*.jpg"))) == 10  # cached server-side
+
+
+def test_filters_narrow_the_page(site: Site, server: Server) -> None:
+    done = [e for e in site.entries() if e.state == DONE]
+    assert sorted(e.distance for e in done) == [0, 3, 6, 7, 10]
+    status, body, _ = server.get("/?dmax=0")
+    assert pair_ids(body) == [e.id for e in done if e.distance == 0]
+    status, body, _ = server.get("/?dmin=4&dmax=7")
+    assert pair_ids(body) == sorted((e.id for e in done if 4 <= e.distance <= 7), reverse=True)
+    status, body, _ = server.get("/?" + urllib.parse.urlencode({"root": "/elsewhere"}))
+    assert pair_ids(body) == [] and b"nothing here" in body
+    assert server.get("/?dmin=x")[0] == 400
+
+
+def test_thumbnails_only_of_files_the_store_knows(site: Site, server: Server) -> None:
+    entry = next(e for e in site.entries() if e.state == DONE)
+    assert server.get("/thumb/9999/kept")[0] == 404
+    assert server.get(f"/thumb/{entry.id}/other")[0] == 404
+    assert server.get(f"/thumb/{entry.id}/..%2F..%2Fetc%2Fpasswd")[0] == 404
+    # A symlink planted where the quarantined file was is never followed.
+    q = Path(entry.quarantine_path)
+    q.unlink()
+    q.symlink_to(site.root / "coffee.jpg")
+    assert server.get(f"/thumb/{entry.id}/quarantined")[0] == 404
+
+
+def test_forged_actions_are_refused(site: Site, server: Server) -> None:
+    entry = next(e for e in site.entries() if e.state == DONE)
+    for form in ([("act", f"restore:{entry.id}")],
+                 [("act", f"restore:{entry.id}"), ("csrf_token", "forged")]):
+        status, body, _ = server.post(form)
+        assert status == 400 and b"refused" in body and b"CSRF" in body
+    assert site.entry(entry.id).state == DONE
+    assert Path(entry.quarantine_path).exists() and not Path(entry.original_path).exists()
+    assert server.events("restored") == []
+    # A page reached under another host name (DNS rebinding) is refused too.
+    assert server.get("/", {"Host": "evil.example:80"})[0] == 400
+
+
+def test_actions_go_through_the_cli_code_paths(site: Site, server: Server) -> None:
+    done = sorted((e for e in site.entries() if e.state == DONE), key=lambda e: e.id)
+    token = server.csrf()
+    a, b, c, d = done[:4]
+    status, _, headers = server.post([("csrf_token", token), ("act", f"not_duplicate:{a.id}")])
+    assert status == 303
+    assert site.entry(a.id).state == RESTORED and site.entry(a.id).reason == NOT_A_DUPLICATE
+    assert Path(a.original_path).exists() and not Path(a.quarantine_path).exists()
+    status, _, _ = server.post([("csrf_token", token), ("act", f"confirm:{b.id}")])
+    assert status == 303 and site.entry(b.id).state == PURGED
+    assert not Path(b.quarantine_path).exists() and not Path(b.original_path).exists()
+    # A selection: two at once.
+    status, _, _ = server.post([("csrf_token", token), ("act", "restore"),
+                                ("ids", str(c.id)), ("ids", str(d.id))])
+    assert status == 303
+    assert {site.entry(c.id).state, site.entry(d.id).state} == {RESTORED}
+    restored = {e["path"] for e in server.events("restored")}
+    assert restored == {a.original_path, c.original_path, d.original_path}
+    assert [e.get("reason") for e in server.events("restored")
+            if e["path"] == a.original_path] == [NOT_A_DUPLICATE]
+    # The second try on a restored entry is refused, in one line, nothing moves.
+    status, _, headers = server.post([("csrf_token", token), ("act", f"restore:{a.id}")])
+    status, body, _ = server.get(headers["Location"])
+    assert b"not done" in body and b"not quarantined" in body
+    # Paths are never accepted in place of ids.
+    status, _, _ = server.post([("csrf_token", token), ("act", "restore"),
+                                ("ids", a.quarantine_path)])
+    assert status == 400
+
+
+def test_read_only_shows_but_never_acts(site: Site) -> None:
+    server = Server(site, "--read-only")
+    try:
+        status, body, _ = server.get("/")
+        assert status == 200 and len(pair_ids(body)) == 5
+        assert b'method="post"' not in body and b"csrf_token" not in body
+        entry = next(e for e in site.entries() if e.state == DONE)
+        assert server.post([("act", f"restore:{entry.id}")])[0] == 403
+        assert site.entry(entry.id).state == DONE
+    finally:
+        server.stop()
+
+
+def test_away_from_loopback_every_request_needs_the_token(site: Site) -> None:
+    config = parse_config(__import__("yaml").safe_load(site.config.read_text()), "c.yaml")
+    store = open_store(str(site.db))
+    try:
+        app = create_app(Review(config, store), ThumbnailCache(None, config.max_pixels),
+                         host="192.0.2.10", port=9469, token="s3cret")
+        client = app.test_client()
+        assert client.get("/", base_url="http://192.0.2.10:9469").status_code == 403
+        assert client.get("/?token=wrong", base_url="http://192.0.2.10:9469").status_code == 403
+        first = client.get("/?token=s3cret", base_url="http://192.0.2.10:9469")
+        assert first.status_code == 200
+        assert TOKEN_COOKIE in first.headers["Set-Cookie"]
+        assert "HttpOnly" in first.headers["Set-Cookie"]
+        # The cookie carries it from then on.
+        assert client.get("/", base_url="http://192.0.2.10:9469").status_code == 200
+    finally:
+        store.close()
+
+
+def test_static_gallery(site: Site, tmp_path: Path) -> None:
+    out = tmp_path / "gallery"
+    run = subprocess.run(
+        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", "--json",
+         "--html", str(out), "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["entries"] == 5 and summary["thumbnails"] == 10 and summary["pages"] == 1
+    html = (out / "index.html").read_bytes()
+    assert len(pair_ids(html)) == 5
+    assert b'method="post"' not in html and b"csrf" not in html
+    for src in re.findall(rb'<img src="([^"]+)"', html):
+        assert cv2.imread(str(out / src.decode())) is not None
+    assert (out / "review.css").exists()
+
+
+# ---------------------------------------------------------------- paging, both backends
+
+
+def test_keyset_paging_and_filters(store_url: str, tmp_path: Path) -> None:
+    """130 entries: every page walk, forward and back, sees each match exactly once."""
+    store = open_store(store_url)
+    try:
+        ids = {}
+        for i in range(130):
+            root = "/data/a" if i % 3 else "/data/b"
+            e = store.add_quarantine(QuarantineEntry(
+                original_path=f"{root}/{i}.jpg", quarantine_path=f"/q/{i}.jpg",
+                matched_path=f"{root}/k{i}.jpg", distance=i % 7, hash="0",
+                policy="strict" if i % 2 else "default", created=1_700_000_000 + i * 3600,
+                state=DONE if i % 10 else RESTORED))
+            ids[e.id] = e
+        config = parse_config({"watches": ["/data/a", "/data/b"],
+                               "quarantine_dir": str(tmp_path / "q")}, "c.yaml")
+        review = Review(config, store)
+        for where in (QuarantineFilter(), QuarantineFilter(root="/data/a"),
+                      QuarantineFilter(policy="strict", max_distance=3),
+                      QuarantineFilter(min_distance=2, since=1_700_000_000 + 50 * 3600,
+                                       until=1_700_000_000 + 100 * 3600),
+                      filter_from({"root": "/data/b", "dmin": "0", "dmax": "0"})):
+            want = sorted((i for i, e in ids.items() if where.matches(e)), reverse=True)
+            seen, page = [], review.page(where, limit=20)
+            pages = [page]
+            while True:
+                seen += [r.entry.id for r in page.rows]
+                assert page.total == len(want)
+                if page.older is None:
+                    break
+                page = review.page(where, before=page.older, limit=20)
+                pages.append(page)
+            assert seen == want, where
+            back = []  # and back again from the last page
+            while page.newer is not None:
+                page = review.page(where, after=page.newer, limit=20)
+                back = [r.entry.id for r in page.rows] + back
+            assert back == want[:len(back)] and len(back) + len(pages[-1].rows) == len(want)
+        with pytest.raises(ValueError):
+            filter_from({"since": "yesterday"})
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- in a real browser
+
+
+def _chrome(tmp: Path):  # type: ignore[no-untyped-def]
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.skip("chromium and chromium-driver are not installed (apt-get install "
+                    "chromium chromium-driver; ./dev test does it as root)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
+                 f"--user-data-dir={tempfile.mkdtemp(dir=tmp)}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def test_browser_restores_a_pair_by_clicking(site: Site, server: Server, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser = _chrome(tmp_path)
+    try:
+        browser.get(server.url)
+        pairs = browser.find_elements(By.CSS_SELECTOR, "li.pair")
+        assert len(pairs) == 5 == len([e for e in site.entries() if e.state == DONE])
+        images = browser.find_elements(By.CSS_SELECTOR, "li.pair img")
+        assert len(images) == 10
+        for img in images:  # every thumbnail decoded in the browser
+            wait_for(lambda img=img: img.get_property("naturalWidth"), 30, "a thumbnail")
+        shot = Path(os.environ.get("DEDUPD_REVIEW_SCREENSHOT") or tmp_path / "review.png")
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        victim = next(e for e in site.entries() if e.state == DONE and e.distance > 0)
+        browser.find_element(By.CSS_SELECTOR, f"button[value='restore:{victim.id}']").click()
+        wait_for(lambda: not browser.find_elements(By.ID, f"entry-{victim.id}"), 30,
+                 "the restored pair to leave the page")
+        assert f"{victim.id}: restored {victim.original_path}" in \
+            browser.find_element(By.CSS_SELECTOR, ".messages").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "li.pair")) == 4
+    finally:
+        browser.quit()
+    assert Path(victim.original_path).exists() and not Path(victim.quarantine_path).exists()
+    assert site.entry(victim.id).state == RESTORED
+    [event] = server.events("restored")
+    assert event["path"] == victim.original_path
+    assert event["message_id"] == "9e19c9ec7390403ebd2deae89b7f4d06"
