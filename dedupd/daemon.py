@@ -20,11 +20,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dedupd.config import Config, ConfigError, Watch, load_config
 from dedupd.events import Event, emit, emit_summary, setup_logging
 from dedupd.hashing import ImageError, hash_file
-from dedupd.metrics import DaemonState, Metrics
 from dedupd.pipeline import Pipeline
 from dedupd.policy import wanted
 from dedupd.quarantine import Quarantine, move_no_replace
@@ -32,6 +32,9 @@ from dedupd.service import Notifier, WatchdogPinger
 from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError, open_store
 from dedupd.store.base import LIVE_STATUSES
 from dedupd.watcher import Root, Watcher, WatchError, is_ignored
+
+if TYPE_CHECKING:
+    from dedupd.metrics import DaemonState
 
 log = logging.getLogger("dedupd.daemon")
 
@@ -189,6 +192,8 @@ class Daemon:
         self._store_lock = threading.Lock()
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
         self.last_reconcile: float | None = None  # Unix time of the last finished root scan
+        from dedupd.metrics import Metrics  # prometheus_client: loaded by a daemon only
+
         self.metrics = Metrics(config, self.metrics_state)
 
     # ------------------------------------------------------------ lifecycle
@@ -385,6 +390,8 @@ class Daemon:
 
     def metrics_state(self) -> DaemonState:
         """The gauges of the metrics, read when they are scraped."""
+        from dedupd.metrics import DaemonState
+
         scopes = {w.scope for w in self.config.watches}
         indexed = {s: self.store.live_count(s, self.config.recipe.key) for s in scopes}
         return DaemonState(
