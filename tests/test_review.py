@@ -25,7 +25,7 @@ from daemonproc import DaemonProcess, wait_for, write_config
 from dedupd.config import parse_config
 from dedupd.quarantine import NOT_A_DUPLICATE
 from dedupd.review.app import TOKEN_COOKIE, create_app, filter_from
-from dedupd.review.model import Review
+from dedupd.review.model import Review, shown
 from dedupd.review.thumbs import ThumbnailCache
 from dedupd.store import QuarantineEntry, open_store
 from dedupd.store.base import DONE, PURGED, RESTORED, QuarantineFilter
@@ -317,6 +317,31 @@ def test_away_from_loopback_every_request_needs_the_token(site: Site) -> None:
         assert client.get("/", base_url="http://192.0.2.10:9469").status_code == 200
     finally:
         store.close()
+
+
+def test_file_names_are_data_on_the_page(tmp_path: Path) -> None:
+    """Markup and bytes that are not UTF-8 in a file name are shown, never run or fatal."""
+    store = open_store(str(tmp_path / "i.sqlite"))
+    try:
+        root = tmp_path / "root"
+        for name in ("<script>alert(1)</script>.jpg",):
+            store.add_quarantine(QuarantineEntry(
+                original_path=f"{root}/{name}", quarantine_path=f"{tmp_path}/q/{name}",
+                matched_path=f"{root}/\"><img src=x onerror=alert(2)>.jpg", distance=1,
+                hash="0", policy="default", state=DONE))
+        config = parse_config({"watches": [str(root)],
+                               "quarantine_dir": str(tmp_path / "q")}, "c.yaml")
+        app = create_app(Review(config, store), ThumbnailCache(None, config.max_pixels),
+                         host="127.0.0.1", port=9469)
+        page = app.test_client().get("/", base_url="http://127.0.0.1:9469")
+        assert page.status_code == 200
+        body = page.get_data(as_text=True)
+        assert "<script>alert" not in body and "<img src=x" not in body
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;.jpg" in body
+    finally:
+        store.close()
+    # Bytes that are not UTF-8 (os.fsdecode's surrogates) print as U+FFFD, not a 500.
+    assert shown("/d/caf\udce9.jpg") == "/d/caf\ufffd.jpg"
 
 
 def test_static_gallery(site: Site, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from flask import Flask, Response, abort, flash, redirect, render_template, requ
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
 from dedupd.quarantine import QuarantineError
-from dedupd.review.model import ACTIONS, PAGE_SIZE, Review, parse_day
+from dedupd.review.model import ACTIONS, PAGE_SIZE, Review, parse_day, shown
 from dedupd.review.thumbs import ThumbnailCache, ThumbnailError
 from dedupd.store.base import QuarantineFilter
 
@@ -63,6 +63,7 @@ def create_app(review: Review, thumbs: ThumbnailCache, *, host: str, port: int,
                       SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_HTTPONLY=True,
                       MAX_CONTENT_LENGTH=1 << 20)
     bind_port(app, host, port)
+    app.jinja_env.globals["shown"] = shown
 
     @app.before_request
     def guard() -> Response | None:
@@ -135,7 +136,7 @@ def create_app(review: Review, thumbs: ThumbnailCache, *, host: str, port: int,
             try:
                 flash(review.act(name, entry_id))
             except QuarantineError as exc:
-                flash(f"not done: {exc}", "error")
+                flash(shown(f"not done: {exc}"), "error")
         back = {k: request.form.get(k, "") for k in (*FILTER_KEYS, "before", "after")}
         return redirect("/?" + urlencode({k: v for k, v in back.items() if v}), code=303)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from dedupd.review.model import PAGE_SIZE, Review, now_text
+from dedupd.review.model import PAGE_SIZE, Review, now_text, shown
 from dedupd.review.thumbs import ThumbnailCache, ThumbnailError
 from dedupd.store.base import QuarantineFilter
 
@@ -23,6 +23,7 @@ def write_gallery(review: Review, thumbs: ThumbnailCache, out: Path,
     """Write index.html, page-2.html, ... and thumbs/ under out; returns counts."""
     env = Environment(loader=PackageLoader("dedupd.review", "templates"),
                       autoescape=select_autoescape(["html"]))
+    env.globals["shown"] = shown
     template = env.get_template("review.html")
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(__file__).with_name("static") / "review.css", out / "review.css")
@@ -50,9 +51,9 @@ def write_gallery(review: Review, thumbs: ThumbnailCache, out: Path,
         page = review.page(where, before=before, limit=size)
         counts["entries"] += len(page.rows)
         older = page.older if limit is None or counts["entries"] < limit else None
-        shown = replace(page, newer=n - 1 if n > 1 else None, older=older)
+        view = replace(page, newer=n - 1 if n > 1 else None, older=older)
         html = template.render(
-            page=shown, review=review, args={}, static=True, read_only=True,
+            page=view, review=review, args={}, static=True, read_only=True,
             css="review.css", thumb=thumb, generated=generated, first_link=page_name(1),
             link=lambda after=None, before=None, _n=n: page_name(_n - 1 if after else _n + 1))
         (out / page_name(n)).write_text(html, encoding="utf-8")

@@ -52,7 +52,7 @@ class Row:
     def short(self, path: str) -> str:
         """path below the entry's root (shown beside it), else the whole path."""
         prefix = self.root.rstrip("/") + "/"
-        return path[len(prefix):] if self.root and path.startswith(prefix) else path
+        return shown(path[len(prefix):] if self.root and path.startswith(prefix) else path)
 
     @property
     def when(self) -> str:
@@ -65,6 +65,12 @@ class Page:
     total: int  # entries matching the filter
     newer: int | None  # `after=` of the previous (newer) page, if any
     older: int | None  # `before=` of the next (older) page, if any
+
+
+def shown(path: str) -> str:
+    """A path as text for a page: bytes that are not UTF-8 (kept by surrogateescape)
+    become U+FFFD instead of failing the page's encoding."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def parse_day(text: str | None, end: bool = False) -> float | None:
@@ -145,14 +151,14 @@ class Review:
         try:
             if action == "confirm":
                 self.quarantine.purge_entry(entry)
-                return f"{entry_id}: purged {Path(entry.quarantine_path).name}"
+                return f"{entry_id}: purged {shown(Path(entry.quarantine_path).name)}"
             back = restore_and_report(self.quarantine, entry,
                                       not_a_duplicate=action == "not_duplicate")
         except OSError as exc:
             raise QuarantineError(f"{entry_id}: {exc.strerror or exc}") from None
         except StoreError as exc:
             raise QuarantineError(f"{entry_id}: store: {exc}") from None
-        return f"{entry_id}: restored {back}"
+        return f"{entry_id}: restored {shown(str(back))}"
 
 
 def now_text() -> str:
