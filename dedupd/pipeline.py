@@ -16,10 +16,10 @@ from pathlib import Path
 from dedupd.config import Config, Watch
 from dedupd.events import Event, emit
 from dedupd.hashing import ImageHash, hash_to_hex
-from dedupd.policy import ACCEPT, REPLACE, Breaker, big_enough, decide
+from dedupd.policy import ACCEPT, DUPLICATE, REPLACE, Breaker, Decision, big_enough, decide
 from dedupd.quarantine import Quarantine, QuarantineError
 from dedupd.store import ImageRecord, Match, QuarantineEntry, Store
-from dedupd.store.base import LIVE_STATUSES
+from dedupd.store.base import LIVE_STATUSES, Lookup, nearest_first
 
 log = logging.getLogger("dedupd.pipeline")
 
@@ -80,6 +80,16 @@ class Pipeline:
                              hash=hashed.hash, digest=hashed.digest,
                              file_size=hashed.file_size, mtime_ns=mtime_ns,
                              width=hashed.width, height=hashed.height)
+        if known is None:
+            # The usual case takes no lock: look (a shared store may answer from a copy
+            # that lags), decide, and let store.claim() confirm a keep (see _settle).
+            if not path.exists():
+                return None
+            seen = self.store.lookup(watch.scope, record.recipe, record.hash, record.digest,
+                                     policy.max_distance, limit=8)
+            matches = [m for m in seen.matches if m.record.path != record.path]
+            if not self._gone(matches):
+                return self._decide_and_act(path, watch, record, matches, seen)
         with self.store.locked(watch.scope):
             if not path.exists():
                 return None
@@ -90,10 +100,7 @@ class Pipeline:
             matches = [m for m in self.store.find_matches(
                 watch.scope, record.recipe, record.hash, record.digest, policy.max_distance,
                 limit=8) if m.record.path != record.path]
-            # The disk is the truth only under our own roots: a shared dictionary holds
-            # other hosts' records, whose paths this host cannot see.
-            gone = [m for m in matches if self.config.watch_for(m.record.path) is not None
-                    and not os.path.lexists(m.record.path)]
+            gone = self._gone(matches)
             if known is None:
                 moved = next((m for m in gone if m.identical), None)
                 if moved is not None:  # moved while nobody was watching
@@ -101,13 +108,46 @@ class Pipeline:
                                                          mtime_ns=record.mtime_ns))
                     return None
             matches = [m for m in matches if m not in gone]
-            return self._decide_and_act(path, watch, record, matches)
+            return self._decide_and_act(path, watch, record, matches, Lookup(matches))
+
+    def _gone(self, matches: list[Match]) -> list[Match]:
+        """Matches whose files vanished from under our roots. The disk is the truth only
+        there: a shared dictionary holds other hosts' records, whose paths we cannot see."""
+        return [m for m in matches if self.config.watch_for(m.record.path) is not None
+                and not os.path.lexists(m.record.path)]
+
+    def _settle(self, path: Path, watch: Watch, record: ImageRecord, matches: list[Match],
+                seen: Lookup, breaker_open: bool) -> Decision:
+        """The decision, with a newcomer that is to be kept already claimed in the store:
+        a look-alike that arrived meanwhile (here or on another host) makes the claim
+        fail and is decided against instead. The accept report waits in _unreported from
+        before the claim (see _keep)."""
+        policy = self.config.policy_for(watch)
+        while True:
+            decision = decide(policy, record, matches, breaker_open=breaker_open)
+            if decision.verdict == DUPLICATE or record.id is not None:
+                return decision
+            if decision.verdict == ACCEPT:
+                self._unreported[record.path] = self._accepted(path, watch, record)
+            newer = self.store.claim(record, policy.max_distance, seen)
+            if not newer:
+                return decision
+            self._unreported.pop(record.path, None)
+            matches = nearest_first([*matches, *newer], 8)
+            seen = Lookup(matches, seen.horizon)
+
+    def _accepted(self, path: Path, watch: Watch, record: ImageRecord
+                  ) -> tuple[Event, str, dict[str, object]]:
+        return (Event.IMAGE_ACCEPTED, f"{path}: accepted", dict(
+            path=str(path), hash=hash_to_hex(record.hash, self.config.recipe.size),
+            root=str(watch.path), policy=self.config.policy_for(watch).name))
 
     def _decide_and_act(self, path: Path, watch: Watch, record: ImageRecord,
-                        matches: list[Match]) -> Outcome:
+                        matches: list[Match], seen: Lookup) -> Outcome:
         policy = self.config.policy_for(watch)
         breaker = self.breakers.setdefault(watch.path, Breaker(self.config.circuit_breaker))
-        decision = decide(policy, record, matches, breaker_open=breaker.open)
+        decision = self._settle(path, watch, record, matches, seen, breaker.open)
+        claimed = record.id is None and decision.verdict != DUPLICATE
         removes = decision.verdict != ACCEPT and decision.action in ("quarantine", "delete")
         if breaker.record(removes):
             emit(Event.CIRCUIT_OPEN, f"{watch.path}: {breaker.share:.0%} of the last "
@@ -117,9 +157,7 @@ class Pipeline:
             decision = replace(decision, action="log")
         size = self.config.recipe.size
         if decision.verdict == ACCEPT:
-            self._keep(record, (Event.IMAGE_ACCEPTED, f"{path}: accepted", dict(
-                path=str(path), hash=hash_to_hex(record.hash, size), root=str(watch.path),
-                policy=policy.name)))
+            self._keep(record, self._accepted(path, watch, record), claimed=claimed)
             self.count("accepted")
             return Outcome(accepted=True)
         match = decision.match
@@ -127,7 +165,7 @@ class Pipeline:
         self.count("duplicates")
         if decision.verdict == REPLACE:  # the newcomer is larger: the older copy goes
             loser, winner = match.record, record
-            self._keep(winner)
+            self._keep(winner, claimed=claimed)
         else:
             loser, winner = record, match.record
         outcome = Outcome(accepted=decision.verdict == REPLACE, action=decision.action,
@@ -173,14 +211,17 @@ class Pipeline:
              action="quarantine", quarantine_path=entry.quarantine_path, **fields)
 
     def _keep(self, record: ImageRecord,
-              report: tuple[Event, str, dict[str, object]] | None = None) -> None:
-        """Record a file as part of its dataset, then emit `report`. If the store fails
-        mid-write the report waits: the retry finds the record (the write did commit)
-        and emits it then, or decides afresh; either way it is said exactly once."""
+              report: tuple[Event, str, dict[str, object]] | None = None,
+              claimed: bool = False) -> None:
+        """Record a file as part of its dataset (unless `claimed` did), then emit
+        `report`. If the store fails mid-write the report waits: the retry finds the
+        record (the write did commit) and emits it then, or decides afresh; either way
+        it is said exactly once."""
         if report is not None:
             self._unreported[record.path] = report
         if record.id is None:
-            self.store.insert(record)
+            if not claimed:
+                self.store.insert(record)
         elif record.status not in LIVE_STATUSES:
             self.store.update(record.with_(status="kept"))
         if report is not None:

@@ -52,6 +52,15 @@ class Match:
     identical: bool  # same content digest: a byte-for-byte copy
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """What a lookup found, and how far the backend's view reached when it looked
+    (`horizon`: opaque to callers, handed back to claim())."""
+
+    matches: list[Match]
+    horizon: object = None
+
+
 def nearest_first(matches: Iterable[Match], limit: int) -> list[Match]:
     """The find_matches order of every backend: distance, then byte-identical copies
     before look-alikes, then the oldest record (lowest id)."""
@@ -170,6 +179,26 @@ class Store(ABC):
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
                      max_distance: int, limit: int = 10) -> list[Match]:
         """Live records within max_distance (and byte-identical ones), nearest first."""
+
+    def lookup(self, scope: str, recipe: str, hash: int, digest: str | None,
+               max_distance: int, limit: int = 10) -> Lookup:
+        """find_matches without any lock, for a decision that claim() then confirms.
+        A backend may answer from a copy that lags behind (the horizon says how far)."""
+        return Lookup(self.find_matches(scope, recipe, hash, digest, max_distance, limit))
+
+    def claim(self, record: ImageRecord, max_distance: int, seen: Lookup) -> list[Match]:
+        """Insert `record` (new, live) unless a live record of its scope within
+        max_distance, or with its digest, exists that `seen` did not report: then write
+        nothing and return those. This is the one step serialised per group: two
+        look-alikes claimed at the same instant, anywhere, cannot both succeed."""
+        with self.locked(record.scope):
+            known = {m.record.id for m in seen.matches}
+            new = [m for m in self.find_matches(record.scope, record.recipe, record.hash,
+                                                record.digest, max_distance, limit=8)
+                   if m.record.id not in known]
+            if not new:
+                self.insert(record)
+            return new
 
     def warm(self, scope: str, recipe: str) -> None:
         """Load whatever makes the first query of (scope, recipe) fast (a cheap query)."""

@@ -266,6 +266,15 @@ class HammingIndex:
             live = np.flatnonzero(self._alive[: self._n])
             return self._ids[live].copy(), self._hashes[live].copy()
 
+    def has(self, id: int, hash: int) -> bool:
+        """Is `id` live here with exactly this (64-bit) hash? A replica's tail skips rows
+        its own host already added, instead of re-adding them (a tombstone each)."""
+        with self._lock:
+            if not 0 <= id < len(self._slot_of) or self._slot_of[id] < 0:
+                return False
+            slot = int(self._slot_of[id])
+            return bool(self._alive[slot]) and int(self._hashes[slot, 0]) == hash
+
     def remove(self, id: int) -> None:
         with self._lock:
             if 0 <= id < len(self._slot_of) and self._slot_of[id] >= 0:

@@ -30,6 +30,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from dedupd.hashing import Recipe
 from dedupd.store.base import (
     LIVE_STATUSES,
     ImageRecord,
+    Lookup,
     Match,
     QuarantineEntry,
     QuarantineFilter,
@@ -51,6 +53,7 @@ from dedupd.store.base import (
     nearest_first,
 )
 from dedupd.store.hamming import SUBSTRINGS, substring_probes
+from dedupd.store.replica import Replicas
 
 T = TypeVar("T")
 # The pool's own reconnect chatter: outages are reported once, as dedupd events.
@@ -121,6 +124,68 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX quarantine_state ON quarantine (state);
     CREATE INDEX quarantine_original ON quarantine (original_path);
+    """,
+    # 2: hosts keep replicas of a group's hashes in memory (replica.py). Every write
+    # numbers its rows from its collection's counter (`seq`, taken under that row's lock,
+    # so within a collection numbers commit in order) and wakes the tails. Rows written
+    # before this version keep 0: a replica's first load reads them all anyway.
+    # dedupd_claim is the group's whole critical section, in one round trip.
+    """
+    ALTER TABLE collections ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE images ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX images_seq ON images (coll, seq);
+    CREATE FUNCTION dedupd_bump(p_coll integer, p_rows integer) RETURNS bigint
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        top bigint;
+    BEGIN
+        UPDATE collections SET seq = seq + p_rows WHERE id = p_coll RETURNING seq INTO top;
+        PERFORM pg_notify('dedupd_images', p_coll::text);
+        RETURN top;
+    END $$;
+    CREATE FUNCTION dedupd_claim(
+        p_lock integer, p_epoch timestamptz, p_coll integer, p_after bigint,
+        p_seen bigint[], p_d integer, p_scope text, p_path text, p_recipe text,
+        p_hash bigint, p_digest text, p_size bigint, p_mtime bigint, p_width integer,
+        p_height integer, p_first_seen double precision, p_status text,
+        OUT new_id bigint, OUT conflicts bigint[], OUT held_us double precision)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        t0 timestamptz;
+        newer bigint;
+    BEGIN
+        IF p_epoch IS DISTINCT FROM pg_postmaster_start_time() THEN
+            RAISE EXCEPTION 'dedupd: the replica belongs to another server start'
+                USING ERRCODE = '55000';
+        END IF;
+        PERFORM pg_advisory_xact_lock(1684366453, p_lock);
+        t0 := clock_timestamp();
+        -- What the replica has not seen: rows numbered after its watermark (read in
+        -- number order, which keeps the planner on images_seq), and the digest.
+        SELECT count(*), array_agg(id) FILTER (WHERE status IN ('kept', 'allowed')
+                                            AND bit_count((hash # p_hash)::bit(64)) <= p_d
+                                            AND id <> ALL (p_seen))
+            INTO newer, conflicts
+            FROM (SELECT id, hash, status FROM images WHERE coll = p_coll AND seq > p_after
+                  ORDER BY seq LIMIT 50001) t;
+        IF newer > 50000 THEN
+            RAISE EXCEPTION 'dedupd: the replica is too far behind' USING ERRCODE = '55000';
+        END IF;
+        SELECT conflicts || array_agg(id) INTO conflicts FROM images
+            WHERE scope = p_scope AND digest = p_digest AND status IN ('kept', 'allowed')
+                AND id <> ALL (p_seen);
+        IF conflicts IS NULL THEN
+            INSERT INTO images (coll, scope, path, recipe, hash, digest, file_size, mtime_ns,
+                                width, height, first_seen, status, seq)
+            VALUES (p_coll, p_scope, p_path, p_recipe, p_hash, p_digest, p_size, p_mtime,
+                    p_width, p_height, p_first_seen, p_status, dedupd_bump(p_coll, 1))
+            RETURNING id INTO new_id;
+            -- Visible at once, durable a moment later: the caller flushes the WAL after
+            -- the lock is gone (see PostgresStore.claim).
+            PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
+        held_us := extract(epoch FROM clock_timestamp() - t0) * 1e6;
+    END $$;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -228,13 +293,19 @@ class PostgresStore(Store):
     """Store in a PostgreSQL database; safe to share between threads, processes and hosts."""
 
     def __init__(self, url: str, *, pool_size: int = 16, attempts: int = 5,
-                 timeout: float = 3.0, migrate: bool = True) -> None:
+                 timeout: float = 3.0, migrate: bool = True, replicate: bool = True) -> None:
+        """replicate: warm() loads a replica of the group (hosts that ingest); without
+        one, lookups and claims use the database's indexes under the group lock."""
         self.url = redact(url)
         params = conninfo_to_dict(url)
         for key, value in _CONN_DEFAULTS.items():
             params.setdefault(key, value)
         self._dsn = make_conninfo(**params)
         self.attempts, self.timeout = attempts, timeout
+        self.replicate = replicate
+        self._replicas = Replicas(lambda: psycopg.connect(self._dsn, autocommit=True))
+        # Server-side time each claim held its group's lock (for benchmarks), bounded.
+        self.claim_held_us: deque[float] = deque(maxlen=100_000)
         self._tls = threading.local()
         self._mutex = threading.Lock()
         self._scope_locks: dict[str, threading.RLock] = {}
@@ -242,6 +313,9 @@ class PostgresStore(Store):
         self.migrated: tuple[int, int] = (SCHEMA_VERSION, SCHEMA_VERSION)
         try:  # one direct connection first: its error names the real problem
             with psycopg.connect(self._dsn, autocommit=True) as conn:
+                # `options=-c synchronous_commit=off` in the DSN: claims are not flushed
+                # one by one (see claim()); journal writes still are.
+                self.durable = conn.execute("SHOW synchronous_commit").fetchone()[0] != "off"
                 if migrate:
                     self.migrated = self._migrate(conn)
                 else:
@@ -346,6 +420,7 @@ class PostgresStore(Store):
             raise StoreError(f"{self.url}: database unavailable: {_one_line(exc)}") from None
 
     def close(self) -> None:
+        self._replicas.close()
         self._pool.close()
 
     def _coll(self, conn: psycopg.Connection, scope: str, recipe: str, create: bool
@@ -379,20 +454,26 @@ class PostgresStore(Store):
         def write(conn: psycopg.Connection) -> list[int]:
             colls = {(r.scope, r.recipe): self._coll(conn, r.scope, r.recipe, True)
                      for r in records}
+            per_coll = Counter(colls[(r.scope, r.recipe)] for r in records)
             with conn.transaction():
                 ids = [row[0] for row in conn.execute(
                     "SELECT nextval(pg_get_serial_sequence('images', 'id')) "
                     "FROM generate_series(1, %s)", (len(records),))]
+                # Numbers for the replicas' tails, collections in a fixed order (two bulk
+                # writers never wait for each other crosswise).
+                seqs = {c: conn.execute("SELECT dedupd_bump(%s, %s)", (c, n)).fetchone()[0]
+                        - n for c, n in sorted(per_coll.items())}
                 with conn.cursor().copy(
                         "COPY images (id, coll, scope, path, recipe, hash, hash_hi, digest, "
-                        "file_size, mtime_ns, width, height, first_seen, status) "
+                        "file_size, mtime_ns, width, height, first_seen, status, seq) "
                         "FROM STDIN") as copy:
                     for rid, r in zip(ids, records, strict=True):
                         low, high = _split(r.hash, _words(r.recipe))
-                        copy.write_row((rid, colls[(r.scope, r.recipe)], r.scope, r.path,
-                                        r.recipe, low, high, r.digest, r.file_size,
-                                        r.mtime_ns, r.width, r.height, r.first_seen,
-                                        r.status))
+                        coll = colls[(r.scope, r.recipe)]
+                        seqs[coll] += 1
+                        copy.write_row((rid, coll, r.scope, r.path, r.recipe, low, high,
+                                        r.digest, r.file_size, r.mtime_ns, r.width, r.height,
+                                        r.first_seen, r.status, seqs[coll]))
             return ids
 
         def committed(conn: psycopg.Connection) -> list[int] | None:
@@ -431,10 +512,10 @@ class PostgresStore(Store):
             return conn.execute(
                 "UPDATE images SET coll=%s, scope=%s, path=%s, recipe=%s, hash=%s, "
                 "hash_hi=%s::bigint[], digest=%s, file_size=%s, mtime_ns=%s, width=%s, "
-                "height=%s, first_seen=%s, status=%s WHERE id=%s",
+                "height=%s, first_seen=%s, status=%s, seq=dedupd_bump(%s, 1) WHERE id=%s",
                 (coll, record.scope, record.path, record.recipe, low, high, record.digest,
                  record.file_size, record.mtime_ns, record.width, record.height,
-                 record.first_seen, record.status, record.id)).rowcount
+                 record.first_seen, record.status, coll, record.id)).rowcount
 
         if self._run(write) == 0:
             raise StoreError(f"no image record {record.id}")
@@ -496,7 +577,118 @@ class PostgresStore(Store):
         return nearest_first(found.values(), limit)
 
     def warm(self, scope: str, recipe: str) -> None:
-        self._run(lambda conn: self._coll(conn, scope, recipe, False))
+        """Load this host's replica of (scope, recipe) (64-bit hashes; see replica.py)."""
+        coll = self._run(lambda conn: self._coll(conn, scope, recipe, _words(recipe) == 1))
+        if coll is None or _words(recipe) != 1 or not self.replicate:
+            return
+        try:
+            self._replicas.want(coll)
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.url}: loading the replica: {_one_line(exc)}") from None
+
+    def live_count(self, scope: str, recipe: str) -> int | None:
+        coll = self._colls.get((scope, recipe))
+        replica = self._replicas.get(coll) if coll is not None else None
+        return len(replica.index) if replica is not None else None
+
+    def lookup(self, scope: str, recipe: str, hash: int, digest: str | None,
+               max_distance: int, limit: int = 10) -> Lookup:
+        """From this host's replica when it has one: no lock, and a round trip only to
+        read the hits' records (the replica may hold deleted ones; the database says)."""
+        coll = self._colls.get((scope, recipe))
+        replica = self._replicas.get(coll) if coll is not None else None
+        if replica is None:
+            return super().lookup(scope, recipe, hash, digest, max_distance, limit)
+        watermark, hits = replica.query(hash, max_distance, limit)
+        if digest and len(hits) >= limit:  # byte-identical copies may be beyond `limit`
+            hits.update(replica.query(hash, 0, None)[1])
+        horizon = (replica, watermark)
+        if not hits:  # the claim checks the digest (and everything newer) anyway
+            return Lookup([], horizon)
+        rows = self._query(
+            f"SELECT {_SELECT_IMAGE}, coll FROM images WHERE id = ANY(%s) OR (scope = %s "
+            f"AND digest = %s AND status IN ({_LIVE}))", (list(hits), scope, digest or ""))
+        found = self._matches(rows, coll, hash, digest, max_distance)
+        for gone in set(hits) - {r[0] for r in rows}:  # deleted: the tail cannot see that
+            replica.forget(gone)
+        return Lookup(nearest_first(found, limit), horizon)
+
+    @staticmethod
+    def _matches(rows: list[tuple], coll: int, hash: int, digest: str | None,
+                 max_distance: int) -> list[Match]:
+        """Matches among rows (image columns + coll) as the database has them now."""
+        found = []
+        for row in rows:
+            rec = _record(row)
+            if rec.status not in LIVE_STATUSES:
+                continue
+            if digest and rec.digest == digest:
+                found.append(Match(rec, 0, True))
+            elif row[13] == coll and (rec.hash ^ hash).bit_count() <= max_distance:
+                found.append(Match(rec, (rec.hash ^ hash).bit_count(), False))
+        return found
+
+    def claim(self, record: ImageRecord, max_distance: int, seen: Lookup) -> list[Match]:
+        """With a replica: one call of dedupd_claim, which under the group's lock
+        re-checks only what the replica had not seen (rows numbered after its watermark,
+        and the digest) and inserts, committing without waiting for the disk. The WAL is
+        flushed after the lock is gone, before anyone acts on the claim: whatever another
+        host does because it saw this row commits after it, so it cannot outlive it."""
+        if not isinstance(seen.horizon, tuple) or record.id is not None:
+            return super().claim(record, max_distance, seen)
+        replica, watermark = seen.horizon
+        args = (_lock_key(record.scope), replica.epoch, replica.coll, watermark,
+                [m.record.id for m in seen.matches], max_distance, record.scope, record.path,
+                record.recipe, _signed(record.hash), record.digest, record.file_size,
+                record.mtime_ns, record.width, record.height, record.first_seen,
+                record.status)
+
+        def write(conn: psycopg.Connection) -> tuple:
+            return conn.execute(
+                "SELECT new_id, conflicts, held_us FROM dedupd_claim(%s, %s, %s, %s, "
+                "%s::bigint[], %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                args).fetchone()
+
+        def committed(conn: psycopg.Connection) -> tuple | None:
+            row = conn.execute("SELECT id, digest FROM images WHERE path = %s",
+                               (record.path,)).fetchone()
+            return (row[0], None, None) if row and row[1] == record.digest else None
+
+        try:
+            new_id, conflicts, held = self._run(write, committed)
+        except StoreError as exc:
+            if "another server start" in str(exc):  # the replica may miss rows: drop it
+                self._replicas.drop(replica)
+                return super().claim(record, max_distance, seen)
+            if "too far behind" in str(exc):  # paused for long: the indexes, this once
+                return super().claim(record, max_distance, seen)
+            if "duplicate key" in str(exc):
+                raise StoreError(f"insert failed: {exc}") from None
+            raise
+        if held is not None:
+            self.claim_held_us.append(held)
+        if new_id is None:
+            rows = self._query(f"SELECT {_SELECT_IMAGE}, coll FROM images WHERE id = ANY(%s)",
+                               (conflicts,))
+            return nearest_first(self._matches(rows, replica.coll, record.hash,
+                                               record.digest, max_distance), 8)
+
+        if self.durable and self._run(lambda conn: self._flush(conn, new_id)) is None:
+            raise StoreError(f"{self.url}: the record of {record.path} was lost in a "
+                             "server crash")
+        replica.add_own(new_id, record.hash)
+        return []
+
+    @staticmethod
+    def _flush(conn: psycopg.Connection, image_id: int | None = None) -> object:
+        """Make every commit so far durable: a transactional WAL message commits with
+        synchronous_commit on, which flushes the WAL up to it. With image_id: only if
+        that row is there (a crash may have taken it), else None."""
+        sql = ("SELECT set_config('synchronous_commit', 'on', true), "
+               "pg_logical_emit_message(true, 'dedupd', 'flush')")
+        if image_id is None:
+            return conn.execute(sql).fetchone()
+        return conn.execute(sql + " FROM images WHERE id = %s", (image_id,)).fetchone()
 
     def locked(self, scope: str) -> AbstractContextManager[None]:
         with self._mutex:
@@ -582,6 +774,8 @@ class PostgresStore(Store):
             (qid,) = conn.execute(
                 f"INSERT INTO quarantine ({_QUAR_COLS.removeprefix('id, ')}) "
                 "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id", values).fetchone()
+            if not self.durable:  # the intent must be on disk before the file moves
+                self._flush(conn)
             return QuarantineEntry(**{**entry.__dict__, "id": qid})
 
         def committed(conn: psycopg.Connection) -> QuarantineEntry | None:
@@ -594,13 +788,18 @@ class PostgresStore(Store):
         return self._run(write, committed)
 
     def update_quarantine(self, entry: QuarantineEntry) -> None:
-        self._run(lambda conn: conn.execute(
-            "UPDATE quarantine SET image_id=%s, original_path=%s, quarantine_path=%s, "
-            "matched_path=%s, distance=%s, hash=%s, policy=%s, reason=%s, created=%s, "
-            "state=%s WHERE id=%s",
-            (entry.image_id, entry.original_path, entry.quarantine_path, entry.matched_path,
-             entry.distance, entry.hash, entry.policy, entry.reason, entry.created,
-             entry.state, entry.id)))
+        def write(conn: psycopg.Connection) -> None:
+            conn.execute(
+                "UPDATE quarantine SET image_id=%s, original_path=%s, quarantine_path=%s, "
+                "matched_path=%s, distance=%s, hash=%s, policy=%s, reason=%s, created=%s, "
+                "state=%s WHERE id=%s",
+                (entry.image_id, entry.original_path, entry.quarantine_path,
+                 entry.matched_path, entry.distance, entry.hash, entry.policy, entry.reason,
+                 entry.created, entry.state, entry.id))
+            if not self.durable:
+                self._flush(conn)
+
+        self._run(write)
 
     def get_quarantine(self, entry_id: int) -> QuarantineEntry | None:
         rows = self._query(f"SELECT {_QUAR_COLS} FROM quarantine WHERE id = %s", (entry_id,))
