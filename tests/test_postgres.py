@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,9 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -33,7 +36,7 @@ from test_store import RECIPE, rec
 
 from dedupd.cli import main
 from dedupd.store import QuarantineEntry, StoreError, open_store
-from dedupd.store.base import ALLOWED, DONE, QUARANTINED
+from dedupd.store.base import ALLOWED, DONE, QUARANTINED, Lookup
 from dedupd.store.postgres import SCHEMA_VERSION, PostgresStore, near_query, redact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,6 +320,66 @@ def test_two_daemons_on_one_database_keep_exactly_one_of_each_pair(pg_url: str,
     assert codes == [0, 0]
 
 
+def test_a_host_with_a_stale_replica_still_keeps_exactly_one(pg_url: str,
+                                                             tmp_path: Path) -> None:
+    """Host B is paused (SIGSTOP) while host A takes in originals, then B's replica is
+    held stale (its tail's server process is stopped too) while twins of every original
+    land on both hosts at once: B's lookups miss the originals, and only the claim's
+    re-check in the database stands between it and a second kept copy."""
+    if os.geteuid() != 0:
+        pytest.skip("stopping a PostgreSQL server process needs root")
+    roots = [tmp_path / "host_a" / "drop", tmp_path / "host_b" / "drop"]
+    quarantines = [tmp_path / "host_a" / "q", tmp_path / "host_b" / "q"]
+    for r in roots:
+        r.mkdir(parents=True)
+    PostgresStore(pg_url).close()
+    db = urlsplit(pg_url).path.lstrip("/")
+
+    def tail_pids() -> set[int]:
+        return {pid for (pid,) in sql(pg_url, "SELECT pid FROM pg_stat_activity WHERE "
+                                      "application_name = 'dedupd-replica' AND datname = %s",
+                                      (db,))}
+
+    host_b = DaemonProcess(daemon_config(tmp_path / "b.yaml", pg_url, roots[1],
+                                         quarantines[1]), tmp_path / "b.log").start()
+    b_tail = wait_for(tail_pids, 30, "host B's replica tail")
+    host_a = DaemonProcess(daemon_config(tmp_path / "a.yaml", pg_url, roots[0],
+                                         quarantines[0]), tmp_path / "a.log").start()
+    seeds = distinct_seeds(120, (320, 240))
+    stopped: list[int] = []
+    try:
+        host_b.signal(signal.SIGSTOP)
+        for pid in b_tail:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        for s in seeds:
+            img = photo(s, 320, 240)
+            (roots[0] / f".{s}.jpg").write_bytes(encode(img, 90))
+            os.rename(roots[0] / f".{s}.jpg", roots[0] / f"{s}.jpg")
+            (roots[0] / f"{s}-a.jpg.tmp").write_bytes(encode(img, 75))
+            (roots[1] / f"{s}-b.jpg.tmp").write_bytes(encode(img, 60))
+        wait_for(lambda: len(statuses(pg_url)) >= len(seeds), 120, "A to take the originals")
+        host_b.signal(signal.SIGCONT)  # B runs again; its replica stays stale
+        for n, s in enumerate(seeds):  # twins land on both hosts at the same instant
+            pair = [(roots[0], f"{s}-a.jpg"), (roots[1], f"{s}-b.jpg")]
+            for root, name in (pair if n % 2 else pair[::-1]):
+                os.rename(root / f"{name}.tmp", root / name)
+        wait_for(lambda: len(statuses(pg_url)) >= 3 * len(seeds), 240, "every twin decided")
+        recs = statuses(pg_url)
+        assert Counter(recs.values()) == {"kept": len(seeds), "quarantined": 2 * len(seeds)}
+        for s in seeds:  # the original stays; both twins go, B's included
+            assert recs[str(roots[0] / f"{s}.jpg")] == "kept"
+            assert not (roots[1] / f"{s}-b.jpg").exists()
+        assert set(decisions(host_b.log()).values()) == {1}
+        assert len(decisions(host_b.log())) == len(seeds)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        host_b.signal(signal.SIGCONT)
+        codes = [d.stop() for d in (host_a, host_b)]
+    assert codes == [0, 0]
+
+
 def test_records_of_other_hosts_are_trusted_not_forgotten(pg_url: str, tmp_path: Path,
                                                           make_photo) -> None:
     """A path this host cannot see, outside its roots, is another host's file."""
@@ -468,3 +531,74 @@ def test_daemon_rides_out_a_database_restart(private_cluster: PrivateCluster,
         code = daemon.stop()
         notify.close()
     assert code == 0
+
+
+# ---------------------------------------------------------------- replicas and claims
+
+
+def test_claims_find_what_a_lagging_replica_missed(pg_url: str) -> None:
+    """Two hosts' stores: a lookup answered from a replica that has not seen the other
+    host's look-alike yet still cannot keep both (the claim re-checks in the database);
+    the tail brings the replica up to date; deleted hits are re-read, not trusted."""
+    a, b = PostgresStore(pg_url), PostgresStore(pg_url)
+    a.insert_many([rec(f"/old/{i}", i * 0x9E3779B97F4A7C15 % 2**64) for i in range(2000)])
+    a.warm("s", RECIPE)
+    b.warm("s", RECIPE)
+    assert a.live_count("s", RECIPE) == b.live_count("s", RECIPE) == 2000
+    try:
+        first, twin = rec("/a/new.jpg", 0xDEADBEEF12345678), rec("/b/new.jpg",
+                                                                   0xDEADBEEF12345678 ^ 0b101)
+        seen_a = a.lookup("s", RECIPE, first.hash, first.digest, 4)
+        seen_b = b.lookup("s", RECIPE, twin.hash, twin.digest, 4)
+        assert seen_a.matches == seen_b.matches == []  # neither knows of the other
+        assert a.claim(first, 4, seen_a) == []
+        lost = b.claim(twin, 4, seen_b)  # b's look was older than a's claim
+        assert [(m.record.path, m.distance) for m in lost] == [("/a/new.jpg", 2)]
+        assert b.get_by_path("/b/new.jpg") is None  # nothing written by the loser
+        # Byte-identical content is caught too (by digest), at any distance.
+        copy = rec("/b/copy.jpg", 0x7A5A5A5A5A5A5A5A, digest="d-/a/new.jpg")
+        horizon = b.lookup("s", RECIPE, copy.hash, None, 4).horizon
+        assert [m.identical for m in b.claim(copy, 4, Lookup([], horizon))] == [True]
+        # The tail delivers a's row to b's replica without anyone asking.
+        wait_for(lambda: [m.record.path for m in b.lookup("s", RECIPE, twin.hash, None,
+                                                          4).matches] == ["/a/new.jpg"],
+                 10, "b's replica to see a's claim")
+        # A deleted record is never a match, though b's replica still held it.
+        a.delete(a.get_by_path("/a/new.jpg").id)
+        assert b.lookup("s", RECIPE, twin.hash, None, 4).matches == []
+        assert b.claim(twin, 4, b.lookup("s", RECIPE, twin.hash, twin.digest, 4)) == []
+        # A replica from another server start is refused by the claim, which falls back
+        # to the database's indexes (and the tail reloads it).
+        coll = b._colls[("s", RECIPE)]
+        replica = b._replicas.get(coll)
+        replica.epoch = replica.epoch.replace(year=2000)
+        late = rec("/b/late.jpg", 0x0F0F0F0F0F0F0F0F)
+        a.insert(rec("/a/late.jpg", 0x0F0F0F0F0F0F0F0E))
+        stale = Lookup([], (replica, replica.watermark + 10**9))  # would miss a's row
+        assert [m.record.path for m in b.claim(late, 4, stale)] == ["/a/late.jpg"]
+        wait_for(lambda: b._replicas.get(coll) not in (None, replica), 10,
+                 "the tail to reload the replica")
+        live = sql(pg_url, "SELECT count(*) FROM images WHERE status = 'kept'")[0][0]
+        assert b.live_count("s", RECIPE) == a.live_count("s", RECIPE) == live == 2002
+    finally:
+        a.close()
+        b.close()
+
+
+def test_synchronous_commit_off_in_the_dsn_relaxes_only_claims(pg_url: str) -> None:
+    """Claims are flushed one by one unless the DSN says synchronous_commit=off (the
+    embedded store's trade-off); quarantine journal writes are flushed either way."""
+    for dsn, durable in ((pg_url, True), (pg_url + "?options=-csynchronous_commit%3Doff",
+                                          False)):
+        store = PostgresStore(dsn)
+        try:
+            assert store.durable is durable
+            store.warm("s", RECIPE)
+            r = rec(f"/c/{durable}", 0xABCDEF00)
+            assert store.claim(r, 4, store.lookup("s", RECIPE, r.hash, r.digest, 4)) == []
+            entry = store.add_quarantine(QuarantineEntry(r.path, "/q" + r.path, "/x", 1,
+                                                         "ab", "default"))
+            store.update_quarantine(replace(entry, state=DONE))
+            assert store.get_quarantine(entry.id).state == DONE
+        finally:
+            store.close()

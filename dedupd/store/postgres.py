@@ -303,7 +303,8 @@ class PostgresStore(Store):
         self._dsn = make_conninfo(**params)
         self.attempts, self.timeout = attempts, timeout
         self.replicate = replicate
-        self._replicas = Replicas(lambda: psycopg.connect(self._dsn, autocommit=True))
+        self._replicas = Replicas(lambda: psycopg.connect(
+            self._dsn, autocommit=True, application_name="dedupd-replica"))
         # Server-side time each claim held its group's lock (for benchmarks), bounded.
         self.claim_held_us: deque[float] = deque(maxlen=100_000)
         self._tls = threading.local()
@@ -522,6 +523,7 @@ class PostgresStore(Store):
 
     def delete(self, record_id: int) -> None:
         self._run(lambda conn: conn.execute("DELETE FROM images WHERE id = %s", (record_id,)))
+        self._replicas.forget(record_id)  # other hosts' replicas learn it on a hit
 
     def iter_records(self, scope: str | None = None, prefix: str | None = None
                      ) -> Iterator[ImageRecord]:

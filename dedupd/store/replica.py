@@ -157,6 +157,11 @@ class Replicas:
                 self._thread.start()
             return replica
 
+    def forget(self, record_id: int) -> None:
+        """A record this host deleted leaves its replicas at once."""
+        for replica in list(self._by_coll.values()):
+            replica.forget(record_id)
+
     def drop(self, replica: Replica) -> None:
         """Stop using a replica (its server restarted): the tail thread reloads it."""
         with self._lock:
