@@ -86,6 +86,9 @@ class WorkQueue:
         self._arrived: dict[Path, float] = {}  # first put of a path not yet done (metrics)
         self.arrivals = 0  # paths that entered the queue (metrics)
         self._taken: set[Path] = set()  # handed to a worker, not yet done()
+        # Due again while a worker still has it: handed out after done(), never to a second
+        # worker at once (two would both decide it, and log it twice).
+        self._held: dict[Path, float] = {}
         self._heap: list[tuple[float, int, Path]] = []
         self._seq = 0
         self._cond = threading.Condition()
@@ -126,6 +129,11 @@ class WorkQueue:
             self._taken.discard(path)
             if path not in self._due:
                 self._arrived.pop(path, None)
+            due = self._held.pop(path, None)
+            if due is not None and self._due.get(path) == due:
+                self._seq += 1
+                heapq.heappush(self._heap, (due, self._seq, path))
+                self._cond.notify()
 
     def discard(self, path: Path) -> None:
         with self._cond:
@@ -143,8 +151,11 @@ class WorkQueue:
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:
-                    heapq.heappop(self._heap)  # superseded entry
+                while self._heap and (self._due.get(self._heap[0][2]) != self._heap[0][0]
+                                      or self._heap[0][2] in self._taken):
+                    due, _, held = heapq.heappop(self._heap)  # superseded, or in a worker
+                    if self._due.get(held) == due:
+                        self._held[held] = due
                 if self._heap and self._heap[0][0] <= now:
                     _, _, path = heapq.heappop(self._heap)
                     del self._due[path]

@@ -40,9 +40,10 @@ class DaemonProcess:
     """`dedupd --config CFG run` with its log captured to a file."""
 
     def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
-                 prefix: list[str] | None = None) -> None:
-        """prefix: a command the daemon runs under (e.g. setpriv dropping capabilities)."""
-        self.config, self.log_path = config, log
+                 prefix: list[str] | None = None, log_mode: str = "stderr") -> None:
+        """prefix: a command the daemon runs under (e.g. setpriv dropping capabilities);
+        log_mode: its --log (stderr or json: both land in `log`)."""
+        self.config, self.log_path, self.log_mode = config, log, log_mode
         self.env = {**os.environ, **(env or {})}
         self.prefix = prefix or []
         self.proc: subprocess.Popen[bytes] | None = None
@@ -52,9 +53,10 @@ class DaemonProcess:
         self._fh = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "dedupd", "--config", str(self.config),
-             "--log", "stderr", "run"], stdout=self._fh, stderr=self._fh, env=self.env)
+             "--log", self.log_mode, "run"], stdout=self._fh, stderr=self._fh, env=self.env)
+        started = '"event": "started"' if self.log_mode == "json" else "started:"
         if wait_ready:
-            wait_for(lambda: "started:" in self.log_since_start() or self.proc.poll() is not None,
+            wait_for(lambda: started in self.log_since_start() or self.proc.poll() is not None,
                      60, "the daemon to start")
             assert self.proc.poll() is None, self.log()
         return self
