@@ -75,11 +75,13 @@ KNOWN_DEFECTS = {
     "slow_write": "#12 item 9",
     "replace_root": "#12 item 10",
     "fs_full": "#12 item 7",
+    # New, found by this test (not a #12 item): see test_model_move_into_a_new_directory.
+    "move_into_new_dir": "moved into a just-created directory, a file is decided anew",
 }
 
 SOAK = os.environ.get("DEDUPD_SOAK") == "1"
 settings.register_profile(
-    "dedupd-ci", max_examples=8, stateful_step_count=25, deadline=None, database=None,
+    "dedupd-ci", max_examples=10, stateful_step_count=30, deadline=None, database=None,
     derandomize=True, phases=(Phase.explicit, Phase.generate),
     suppress_health_check=list(HealthCheck))
 settings.register_profile(
@@ -87,6 +89,9 @@ settings.register_profile(
     stateful_step_count=int(os.environ.get("DEDUPD_SOAK_STEPS", "60")), deadline=None,
     database=None, suppress_health_check=list(HealthCheck))
 FIGURES: Counter[str] = Counter()  # steps run per rule, files, kills... (printed by the soak)
+# What each failed check saw: a daemon's timing varies, so Hypothesis's replay of a failing
+# sequence may fail elsewhere (it then reports "flaky"); the first real finding is kept here.
+FAILURES: list[str] = []
 
 
 @functools.cache
@@ -313,7 +318,10 @@ class World:
         for path in self.arrivals:
             n = decided.get(path, 0)
             if n > 1 or (n == 0 and path not in self.in_flight_at_kill):
-                out.append(f"{path}: {n} decisions logged")
+                kinds = [f"{e['event']} ({e.get('kind') or e.get('action') or ''})"
+                         for e in self.log.events if e.get("path") == path
+                         and e.get("event") in DECISIONS]
+                out.append(f"{path}: {n} decisions logged {kinds}")
         out += [f"{p}: decided {n}x but never arrived" for p, n in decided.items()
                 if p not in self.arrivals]
         return out
@@ -324,8 +332,9 @@ class World:
         try:
             wait_for(lambda: not self.problems(), timeout, "the model to hold", interval=0.1)
         except AssertionError:
-            raise AssertionError("the model does not hold:\n  " +
-                                 "\n  ".join(self.problems()[:40])) from None
+            why = "the model does not hold:\n  " + "\n  ".join(self.problems()[:40])
+            FAILURES.append(why)
+            raise AssertionError(why) from None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -417,6 +426,8 @@ class DaemonMachine(RuleBasedStateMachine):
         src = self._pick(w.root_files(), index)
         if src is None:
             return
+        if not (w.root / sub).is_dir() and "move_into_new_dir" not in self.enabled:
+            sub = ""  # KNOWN_DEFECTS
         dst = w.new_path("moved", sub)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)  # not an arrival: the record follows the file, no new decision
@@ -487,8 +498,14 @@ def test_model_random_steps_against_a_real_daemon() -> None:
     """The random machine, known-defect rules off (CI profile; DEDUPD_SOAK=1 soaks)."""
     started = time.monotonic()
     FIGURES.clear()
+    FAILURES.clear()
     profile = settings.get_profile("dedupd-soak" if SOAK else "dedupd-ci")
-    run_state_machine_as_test(DaemonMachine, settings=profile)
+    try:
+        run_state_machine_as_test(DaemonMachine, settings=profile)
+    except Exception as exc:
+        if not FAILURES:
+            raise
+        raise AssertionError(f"{FAILURES[0]}\n(then: {type(exc).__name__})") from exc
     figures = ", ".join(f"{k} {v}" for k, v in sorted(FIGURES.items()))
     print(f"\nmodel test: {time.monotonic() - started:.0f} s; {figures}")
 
@@ -514,7 +531,7 @@ def world(tmp_path: Path):
 def test_model_slow_writer(world) -> None:
     w = world()
     w.slow_write(image_bytes(0), 0.3)
-    w.settle(20)
+    w.settle(10)
 
 
 @pytest.mark.xfail(strict=True, reason="#12 item 10: a replaced root is not re-armed; new "
@@ -526,7 +543,7 @@ def test_model_replace_root(world) -> None:
     w.replace_root()
     w.settle()
     w.create(image_bytes(2), "after")
-    w.settle(20)
+    w.settle(10)
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a small tmpfs needs root")
@@ -539,10 +556,10 @@ def test_model_quarantine_fs_full_then_freed(world) -> None:
     w.fill_quarantine(True)
     w.create(original.read_bytes(), "dup_while_full")
     with contextlib.suppress(AssertionError):
-        w.settle(10)  # nothing can be quarantined now
+        w.settle(5)  # nothing can be quarantined now
     w.fill_quarantine(False)
     w.reload()  # "retry when the cause may be gone (reconcile, reload, restart)"
-    w.settle(20)
+    w.settle(10)
 
 
 # ---------------------------------------------------------------- new defects the model found
@@ -558,6 +575,22 @@ def test_model_files_in_new_subdirectories(world) -> None:
     w.settle()
 
 
+@pytest.mark.xfail(strict=True, reason="new defect: a file moved into a directory created "
+                   "just before is forgotten (its IN_MOVED_TO comes before the new directory "
+                   "is watched: an unpaired IN_MOVED_FROM deletes the record) and decided "
+                   "again as a new arrival, with a new id and first_seen")
+def test_model_move_into_a_new_directory(world) -> None:
+    w = world()
+    for i in range(12):
+        w.create(image_bytes(i), "original")
+    w.settle()
+    for i, path in enumerate(w.root_files()):
+        dst = w.root / f"new{i}" / "deeper" / path.name
+        dst.parent.mkdir(parents=True)
+        os.rename(path, dst)
+    w.settle(10)
+
+
 def test_work_queue_never_hands_out_a_path_being_processed() -> None:
     from dedupd.daemon import WorkQueue
 
@@ -570,3 +603,12 @@ def test_work_queue_never_hands_out_a_path_being_processed() -> None:
     assert q.get(1.0) == path  # handed out again once the worker is done with it
     q.done(path)
     assert q.get(0.1) is None and len(q) == 0
+
+
+def test_model_copies_into_new_subdirectories(world) -> None:
+    w = world()
+    w.create(image_bytes(0), "original")
+    w.settle()
+    for i, how in enumerate(["half", "reencode", "exact", "three_quarters"] * 3):
+        w.create(variant(image_bytes(0), how), f"copy_{how}", sub=f"new{i}")
+    w.settle(10)
