@@ -31,6 +31,9 @@ EXIT_OK, EXIT_DUPLICATE, EXIT_ERROR = 0, 1, 2
 # sysexits.h EX_CONFIG: a configuration error is permanent, so the unit lists it in
 # RestartPreventExitStatus= and the service ends `failed` instead of restarting forever.
 EXIT_CONFIG = 78
+# Commands that open the store or move files: run as root on the service's state, they
+# act as its owner (dedupd.access).
+STATEFUL_COMMANDS = ("run", "scan", "check", "stats", "quarantine", "restore", "db")
 
 DESCRIPTION = """\
 dedupd keeps image datasets free of duplicates. It hashes images with a perceptual
@@ -50,6 +53,7 @@ commands:
   quarantine   list or purge quarantined duplicates
   restore      move a quarantined file back and allow it
   review       look at the quarantine in a browser (or write it as a static gallery)
+  reload       make the running daemon reload its config and wait for its answer
   db           store maintenance (migrate, export, import)
 
 exit status:
@@ -63,6 +67,9 @@ exit status:
 files:
   /etc/dedupd/dedupd.yaml   configuration used when --config and $DEDUPD_CONFIG are unset
   $STATE_DIRECTORY or ~/.local/state/dedupd/index.sqlite   default embedded store
+  Run as root on state owned by another user (the service's: the index, else the
+  quarantine directory), commands that touch it act as that user, so nothing they
+  create is left root-owned for the service.
 
 environment:
   DEDUPD_CONFIG   configuration file when --config is not given
@@ -517,6 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
             "run the daemon on a throwaway folder with generated images")
     p.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
 
+    p = add("reload", _lazy("dedupd.service", "cmd_reload"),
+            "make the running daemon reload its config, and wait until it has",
+            "For ExecReload=: the configuration is checked first (exit 78 if invalid,\n"
+            "nothing sent), then SIGHUP goes to the daemon ($MAINPID, or --pid) and the\n"
+            "command waits for its answer: 0 reloaded; 78 the daemon refused the new\n"
+            "config (it keeps the old one; e.g. a root the unit's sandbox does not let it\n"
+            "write: restart needed); 2 no answer.")
+    p.add_argument("--pid", type=int, default=0,
+                   help="the daemon's pid (default: $MAINPID, set by systemd)")
+    p.add_argument("--timeout", type=float, default=90.0, metavar="SECONDS",
+                   help="how long to wait for the daemon's answer (default 90)")
+
     p = add("quarantine", _lazy("dedupd.quarantine", "cmd_quarantine"),
             "list or purge quarantined duplicates")
     qsub = p.add_subparsers(dest="quarantine_command", metavar="ACTION", required=True)
@@ -578,6 +597,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        if args.command in STATEFUL_COMMANDS:
+            from dedupd.access import act_as_state_owner
+
+            act_as_state_owner(config)  # root must not leave files the service can't write
         return args.handler(args, config)
     except ConfigError as exc:
         _err(str(exc))

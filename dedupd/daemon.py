@@ -22,13 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dedupd.access import check_writable
 from dedupd.config import Config, ConfigError, Watch, load_config
 from dedupd.events import Event, emit, emit_summary, setup_logging
 from dedupd.hashing import ImageError, hash_file
 from dedupd.pipeline import Pipeline
 from dedupd.policy import wanted
 from dedupd.quarantine import Quarantine, move_no_replace
-from dedupd.service import Notifier, WatchdogPinger
+from dedupd.service import Notifier, WatchdogPinger, write_reload_ack
 from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError, open_store
 from dedupd.store.base import LIVE_STATUSES
 from dedupd.watcher import Root, Watcher, WatchError, is_ignored
@@ -302,11 +303,13 @@ class Daemon:
             new = load_config(self.config_path)
             if new.index != old.index:
                 raise ConfigError(new.source, "index", "cannot change while running; restart")
+            check_writable(new)  # a root outside the unit's ReadWritePaths: restart
             self.watcher.ignore = new.ignore
             self.watcher.arm(self._roots(new))
         except (ConfigError, WatchError) as exc:
             emit(Event.RELOAD_FAILED, f"reload failed, keeping the previous config: {exc}",
                  reason=str(exc))
+            write_reload_ack(False, f"reload failed, keeping the previous config: {exc}")
             if isinstance(exc, WatchError):  # the old watches were stopped: back to them
                 self.watcher.ignore = old.ignore
                 with contextlib.suppress(WatchError):
@@ -318,6 +321,7 @@ class Daemon:
             self.metrics.configure(new)
             emit(Event.RELOADED, f"configuration reloaded from {new.source}",
                  roots=",".join(str(w.path) for w in new.watches))
+            write_reload_ack(True, f"configuration reloaded from {new.source}")
             self.request_scan(*(w.path for w in new.watches))
         self.notifier.ready(self.status_line())
 
@@ -695,6 +699,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     setup_logging(args.log or config.log.mode, config.log.level)
     if not config.watches:
         raise ConfigError(config.source, "watches", "nothing to watch (add at least one root)")
+    check_writable(config)  # one clear line and EX_CONFIG, not a failure per file later
     notifier = Notifier()
     try:
         daemon = Daemon(config, config_path=args.config, notifier=notifier)

@@ -371,7 +371,10 @@ def cmd_restore(args: argparse.Namespace, config: object) -> int:
         q = Quarantine(store, config.quarantine_dir)  # type: ignore[attr-defined]
         from dedupd.events import setup_logging
 
-        setup_logging(args.log or "auto", "info")
+        # A restore belongs in the service's log even when run from a shell: to journald
+        # when the machine has one (`journalctl -t dedupd` shows it beside the service's).
+        journald = os.path.exists("/run/systemd/journal/socket")
+        setup_logging(args.log or ("journald" if journald else "auto"), "info")
         try:
             entry = q.find(args.target)
             back = restore_and_report(q, entry)

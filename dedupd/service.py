@@ -5,11 +5,16 @@ runs in a terminal, in tests and under systemd.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("dedupd.service")
 
@@ -93,3 +98,86 @@ class WatchdogPinger:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+
+
+# ---------------------------------------------------------------- reload acknowledgement
+#
+# systemd 252 (Debian bookworm) has no Type=notify-reload: `systemctl reload` returns as
+# soon as ExecReload= exits. So ExecReload= runs `dedupd reload`, which validates the file,
+# sends SIGHUP to $MAINPID and waits for the daemon's answer in reload.json (in
+# $RUNTIME_DIRECTORY, which both processes share), so a refused reload fails the command.
+
+RELOAD_ACK = "reload.json"
+
+
+def ack_directory() -> Path:
+    """$RUNTIME_DIRECTORY under systemd (RuntimeDirectory=), else the state directory."""
+    from dedupd.config import default_state_dir
+
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    return Path(runtime.split(":")[0]) if runtime else default_state_dir()
+
+
+def _monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def write_reload_ack(ok: bool, message: str) -> None:
+    """The daemon's answer to a SIGHUP: who, when (monotonic µs), whether it took."""
+    directory = ack_directory()
+    body = json.dumps({"pid": os.getpid(), "at_usec": _monotonic_usec(), "ok": ok,
+                       "message": message})
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{RELOAD_ACK}.{os.getpid()}"
+        tmp.write_text(body + "\n", encoding="utf-8")
+        os.replace(tmp, directory / RELOAD_ACK)
+    except OSError as exc:  # `dedupd reload` then times out and says why it waited
+        log.warning("cannot write the reload acknowledgement in %s: %s", directory, exc)
+
+
+def _read_ack(path: Path) -> dict[str, object] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_reload(args: argparse.Namespace, config: object) -> int:
+    """ExecReload=: the config was loaded (and so validated) before this runs; signal the
+    daemon and wait for its acknowledgement. 0 reloaded, 78 refused, 2 no answer."""
+    pid = args.pid or int(os.environ.get("MAINPID") or 0)
+    if pid <= 0:
+        print("dedupd: reload: no daemon pid (give --pid, or run `systemctl reload dedupd`)",
+              file=sys.stderr)
+        return 2
+    ack = ack_directory() / RELOAD_ACK
+    sent = _monotonic_usec()
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"dedupd: reload: cannot signal pid {pid}: {exc.strerror}", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        answer = _read_ack(ack)
+        if answer and answer.get("pid") == pid and int(answer.get("at_usec", 0)) > sent:
+            out = {"reloaded": bool(answer["ok"]), "message": answer["message"]}
+            if args.json:
+                json.dump(out, sys.stdout)
+                sys.stdout.write("\n")
+            else:
+                print(f"dedupd: {answer['message']}",
+                      file=sys.stdout if answer["ok"] else sys.stderr)
+            return 0 if answer["ok"] else 78
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"dedupd: reload: the daemon (pid {pid}) exited", file=sys.stderr)
+            return 2
+        except PermissionError:
+            pass
+        time.sleep(0.05)  # polling a file the daemon replaces; the deadline bounds it
+    print(f"dedupd: reload: no answer from pid {pid} in {args.timeout:g} s "
+          f"(expected in {ack})", file=sys.stderr)
+    return 2
