@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_example_config_is_valid() -> None:
     config = load_config(ROOT / "config" / "dedupd.yaml")
-    assert [w.scope for w in config.watches] == ["cats", "cats", "/srv/incoming"]
+    assert [w.scope for w in config.watches] == ["cats", "cats", "/srv/dedupd/incoming"]
     assert config.policies["strict"].action == "log"
-    assert config.watch_for("/srv/datasets/cats/test/a/b.jpg").path == Path(
-        "/srv/datasets/cats/test")
+    assert config.watch_for("/srv/dedupd/datasets/cats/test/a/b.jpg").path == Path(
+        "/srv/dedupd/datasets/cats/test")
     assert config.watch_for("/srv/elsewhere/x.jpg") is None
 
 
