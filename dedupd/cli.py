@@ -33,7 +33,7 @@ EXIT_OK, EXIT_DUPLICATE, EXIT_ERROR = 0, 1, 2
 EXIT_CONFIG = 78
 # Commands that open the store or move files: run as root on the service's state, they
 # act as its owner (dedupd.access).
-STATEFUL_COMMANDS = ("run", "scan", "check", "stats", "quarantine", "restore", "db")
+STATEFUL_COMMANDS = ("run", "scan", "check", "stats", "quarantine", "restore", "review", "db")
 
 DESCRIPTION = """\
 dedupd keeps image datasets free of duplicates. It hashes images with a perceptual

@@ -78,8 +78,15 @@ def facts(config: Config) -> dict[str, str]:
             devices.add(p.stat().st_dev)
     network = config.index.startswith(("postgresql://", "postgres://"))
     extra = [str(p) for p in (config.quarantine_dir, config.rejected_dir) if p is not None]
+    metrics = getattr(config, "metrics", None)
+    listen = metrics.listen if metrics is not None else None
+    textfile = metrics.textfile if metrics is not None else None
+    loopback = listen is not None and listen[0] in ("127.0.0.1", "::1", "localhost")
     return {
         "parent": str(parent),
+        # Prometheus: the textfile's directory is written too; an HTTP endpoint needs IP.
+        "textfile_dir": str(textfile.parent) if textfile is not None else "",
+        "listen": "no" if listen is None else "loopback" if loopback else "any",
         "home": "yes" if str(parent).startswith(("/home/", "/root/")) else "no",
         "network": "yes" if network else "no",
         "dirs": str(dirs_under_roots(config)),

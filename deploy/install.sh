@@ -94,13 +94,21 @@ fact() { printf '%s\n' "$facts" | sed -n "s/^$1=//p"; }
   echo "# (separate ReadWritePaths= entries are separate mounts: rename across them is EXDEV)."
   echo "[Service]"
   echo "ReadWritePaths=$(fact parent)"
+  if [ -n "$(fact textfile_dir)" ]; then
+    echo "# metrics.textfile: node_exporter's collector directory."
+    echo "ReadWritePaths=$(fact textfile_dir)"
+  fi
   if [ "$(fact home)" = yes ]; then
     echo "ProtectHome=read-only"
   fi
-  if [ "$(fact network)" = yes ]; then
-    echo "# The index is PostgreSQL: allow IP sockets."
+  if [ "$(fact network)" = yes ] || [ "$(fact listen)" != no ]; then
+    echo "# The index is PostgreSQL, or metrics.listen serves HTTP: allow IP sockets."
     echo "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"
+  fi
+  if [ "$(fact network)" = yes ] || [ "$(fact listen)" = any ]; then
     echo "IPAddressDeny="
+  elif [ "$(fact listen)" = loopback ]; then
+    echo "IPAddressAllow=localhost"
   fi
 } | write "$UNIT_DIR/dedupd.service.d/paths.conf" 0644
 # The quarantine and rejected directories belong to the service (tmpfiles.d).

@@ -108,6 +108,13 @@ def test_installer_dry_run_derives_paths_from_config(tmp_path: Path) -> None:
                                      "quarantine_dir": str(tmp_path / "q"),
                                      "watches": [{"path": str(roots[0])}]})
     assert "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6" in pg
+    assert "IPAddressDeny=\n" in pg
+    metrics = installer(tmp_path / "metrics", {
+        "quarantine_dir": str(tmp_path / "q"), "watches": [{"path": str(roots[0])}],
+        "metrics": {"listen": "127.0.0.1:9468", "textfile": str(tmp_path / "prom" / "d.prom")}})
+    assert "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6" in metrics
+    assert "IPAddressAllow=localhost" in metrics and "IPAddressDeny=\n" not in metrics
+    assert f"ReadWritePaths={tmp_path / 'prom'}\n" in metrics
 
 
 # ---------------------------------------------------------------- placement and access
