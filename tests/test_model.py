@@ -75,6 +75,9 @@ KNOWN_DEFECTS = {
     "slow_write": "#12 item 9",
     "replace_root": "#12 item 10",
     "fs_full": "#12 item 7",
+    # Two workers' events glued on one line (print writes text and newline apart): it
+    # shows at random, so the log check tolerates it rather than an xfail that would flap.
+    "glued_lines": "#12 item 18",
     # New, found by this test (not a #12 item): see test_model_move_into_a_new_directory.
     "move_into_new_dir": "moved into a just-created directory, a file is decided anew",
 }
@@ -119,6 +122,11 @@ def variant(data: bytes, how: str) -> bytes:
     return near_copy(img, {"reencode": 0, "half": 1, "three_quarters": 2}[how])
 
 
+def is_decision(event: dict) -> bool:
+    """A final decision about a file (a removal that failed and will be retried is not)."""
+    return event.get("event") in DECISIONS and event.get("kind") != "quarantine_failed"
+
+
 class EventLog:
     """The daemon's `--log json` output, read incrementally: events and bad lines."""
 
@@ -136,19 +144,37 @@ class EventLog:
         end = chunk.rfind(b"\n") + 1  # only whole lines
         self._offset += end
         for line in chunk[:end].decode("utf-8", "replace").splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                obj = None
-            if not isinstance(obj, dict):
-                self.bad.append(line)
-            elif "exception" in obj:
-                self.bad.append(f"{obj.get('message')}: {obj['exception']}")
-            elif obj.get("priority", 7) <= 3 and obj.get("event") != "stopped":
-                self.bad.append(line)  # err or worse: nothing in a model run warrants it
-            else:
-                self.events.append(obj)
+            for obj in self._objects(line):
+                if not isinstance(obj, dict):
+                    self.bad.append(line)
+                elif "exception" in obj:
+                    self.bad.append(f"{obj.get('message')}: {obj['exception']}")
+                elif obj.get("priority", 7) <= 3 and obj.get("event") != "stopped":
+                    self.bad.append(line)  # err or worse: nothing in a model run warrants it
+                else:
+                    self.events.append(obj)
         return self.events
+
+    @staticmethod
+    def _objects(line: str) -> list[object]:
+        """The line's JSON object; while #12 item 18 is open, also the objects of two
+        events glued on one line (and the empty line that follows them)."""
+        try:
+            return [json.loads(line)]
+        except ValueError:
+            if "glued_lines" not in KNOWN_DEFECTS:
+                return [None]
+        if not line.strip():
+            FIGURES["glued lines (#12 item 18)"] += 1
+            return []
+        objects, decoder, at = [], json.JSONDecoder(), 0
+        try:
+            while at < len(line):
+                obj, at = decoder.raw_decode(line, at)
+                objects.append(obj)
+        except ValueError:
+            return [None]
+        return objects
 
     def count(self, event: str) -> int:
         return sum(1 for e in self.read() if e.get("event") == event)
@@ -179,7 +205,9 @@ class World:
         self.expected: Counter[str] = Counter()  # digest -> copies that must exist
         self.arrivals: set[str] = set()  # paths that must be decided, exactly once
         self.in_flight_at_kill: set[str] = set()  # decided at most once (event may be lost)
+        self.full = False  # the quarantine's file system is full: duplicates stay unresolved
         self.names = 0
+        self.history: list[str] = []  # the steps so far (Hypothesis's own report can be lost)
 
     # ------------------------------------------------------------ the file system side
 
@@ -231,7 +259,7 @@ class World:
 
     def fill_quarantine(self, full: bool) -> None:
         """Fill the quarantine's file system up (or free it again)."""
-        filler = self.quarantine / FILLER
+        filler, self.full = self.quarantine / FILLER, full
         if not full:
             filler.unlink(missing_ok=True)
             return
@@ -257,7 +285,7 @@ class World:
                  "config_reloaded")
 
     def decisions(self) -> Counter[str]:
-        return Counter(e.get("path") for e in self.log.read() if e.get("event") in DECISIONS)
+        return Counter(e.get("path") for e in self.log.read() if is_decision(e))
 
     def index(self) -> list[tuple[str, str, str, int]]:
         """(path, status, digest, hash) of every record, read straight from the store."""
@@ -299,7 +327,8 @@ class World:
             return [*out, f"index unreadable: {exc}"]
         by_path = {p: (s, d, h) for p, s, d, h in index}
         for p, digest in on_disk.items():
-            want = ("quarantined",) if self.quarantine in p.parents else ("kept", "allowed")
+            want = ("quarantined",) if self.quarantine in p.parents else \
+                ("kept", "allowed", "unresolved") if self.full else ("kept", "allowed")
             rec = by_path.get(str(p))
             if rec is None or rec[0] not in want:
                 out.append(f"{p}: on disk, index says {rec and rec[0]}")
@@ -320,7 +349,7 @@ class World:
             if n > 1 or (n == 0 and path not in self.in_flight_at_kill):
                 kinds = [f"{e['event']} ({e.get('kind') or e.get('action') or ''})"
                          for e in self.log.events if e.get("path") == path
-                         and e.get("event") in DECISIONS]
+                         and is_decision(e)]
                 out.append(f"{path}: {n} decisions logged {kinds}")
         out += [f"{p}: decided {n}x but never arrived" for p, n in decided.items()
                 if p not in self.arrivals]
@@ -332,7 +361,8 @@ class World:
         try:
             wait_for(lambda: not self.problems(), timeout, "the model to hold", interval=0.1)
         except AssertionError:
-            why = "the model does not hold:\n  " + "\n  ".join(self.problems()[:40])
+            why = ("the model does not hold:\n  " + "\n  ".join(self.problems()[:40]) +
+                   "\nafter the steps:\n  " + "\n  ".join(self.history))
             FAILURES.append(why)
             raise AssertionError(why) from None
 
@@ -355,7 +385,9 @@ subdirs = st.sampled_from(["", "", "a", "a/b", "c"])
 class DaemonMachine(RuleBasedStateMachine):
     """Steps of the model test. `enabled` names the KNOWN_DEFECTS rules that run."""
 
-    enabled: frozenset[str] = frozenset()
+    # DEDUPD_MODEL_RULES=slow_write,replace_root,... turns known-defect rules on (to check
+    # a fix before its xfail goes).
+    enabled = frozenset(os.environ.get("DEDUPD_MODEL_RULES", "").split(","))
 
     def __init__(self) -> None:
         super().__init__()
@@ -377,8 +409,9 @@ class DaemonMachine(RuleBasedStateMachine):
     def _pick(self, files: list[Path], index: int) -> Path | None:
         return files[index % len(files)] if files else None
 
-    def _ran(self, name: str) -> None:
-        FIGURES[f"rule {name}"] += 1
+    def _ran(self, name: str, **args: object) -> None:
+        FIGURES[f"rule {name.split()[0]}"] += 1
+        self.world.history.append(f"{name}({', '.join(f'{k}={v!r}' for k, v in args.items())})")
 
     @rule(source=sources, how=st.sampled_from(["direct", "tmp_rename", "chunks"]), sub=subdirs)
     def create(self, source: int, how: str, sub: str) -> None:
@@ -397,7 +430,7 @@ class DaemonMachine(RuleBasedStateMachine):
         else:
             path.write_bytes(data)
         w.arrive(path, data)
-        self._ran("create")
+        self._ran("create", source=source, how=how, sub=sub)
 
     @rule(index=st.integers(0, 10_000), how=near_kinds, sub=subdirs)
     def copy(self, index: int, how: str, sub: str) -> None:
@@ -406,7 +439,7 @@ class DaemonMachine(RuleBasedStateMachine):
         if src is None:
             return
         w.create(variant(src.read_bytes(), how), f"copy_{how}", sub)
-        self._ran(f"copy {how}")
+        self._ran("copy", index=index, how=how, sub=sub, src=src.name)
 
     @rule(source=sources, how=near_kinds, sub=subdirs)
     def rename_in(self, source: int, how: str, sub: str) -> None:
@@ -418,7 +451,7 @@ class DaemonMachine(RuleBasedStateMachine):
         path.parent.mkdir(parents=True, exist_ok=True)
         os.rename(staged, path)
         w.arrive(path, data)
-        self._ran("rename_in")
+        self._ran("rename_in", source=source, how=how, sub=sub)
 
     @rule(index=st.integers(0, 10_000), sub=subdirs)
     def move_within(self, index: int, sub: str) -> None:
@@ -431,7 +464,7 @@ class DaemonMachine(RuleBasedStateMachine):
         dst = w.new_path("moved", sub)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)  # not an arrival: the record follows the file, no new decision
-        self._ran("move_within")
+        self._ran("move_within", src=src.name, dst=str(dst.relative_to(w.root)))
 
     @rule(index=st.integers(0, 10_000))
     def delete(self, index: int) -> None:
@@ -439,7 +472,7 @@ class DaemonMachine(RuleBasedStateMachine):
         victim = self._pick(w.root_files(), index)
         if victim is not None:
             w.delete(victim)
-            self._ran("delete")
+            self._ran("delete", victim=victim.name)
 
     @rule(burst=st.lists(sources, min_size=1, max_size=6), instant=st.floats(0.0, 0.6))
     def sigkill_and_restart(self, burst: list[int], instant: float) -> None:
@@ -448,7 +481,7 @@ class DaemonMachine(RuleBasedStateMachine):
             w.create(image_bytes(source), f"burst{source}")
         time.sleep(instant)  # the random instant of the kill (a fault, not a sync point)
         w.kill_and_restart()
-        self._ran("sigkill_and_restart")
+        self._ran("sigkill_and_restart", burst=burst, instant=instant)
 
     @rule()
     def reload(self) -> None:
@@ -468,13 +501,13 @@ class DaemonMachine(RuleBasedStateMachine):
             conn.execute("COMMIT")
         finally:
             conn.close()
-        self._ran("store_locked")
+        self._ran("store_locked", burst=burst, hold=hold)
 
     @precondition(lambda self: "slow_write" in self.enabled)
     @rule(source=sources, cut=st.floats(0.05, 0.9))
     def slow_write(self, source: int, cut: float) -> None:
         self.world.slow_write(image_bytes(source), cut)
-        self._ran("slow_write")
+        self._ran("slow_write", source=source, cut=cut)
 
     @precondition(lambda self: "replace_root" in self.enabled)
     @rule()
@@ -486,7 +519,7 @@ class DaemonMachine(RuleBasedStateMachine):
     @rule(full=st.booleans())
     def quarantine_full(self, full: bool) -> None:
         self.world.fill_quarantine(full)
-        self._ran(f"quarantine_full {full}")
+        self._ran("quarantine_full", full=full)
 
     @invariant()
     def model_holds(self) -> None:
