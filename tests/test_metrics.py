@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -17,6 +18,7 @@ import pytest
 from conftest import photo, write_image
 from daemonproc import DaemonProcess, wait_for, write_config
 from prometheus_client.parser import text_string_to_metric_families
+from test_events import journal_entries, journald  # noqa: F401 - a fixture
 
 from dedupd.config import ConfigError, parse_config
 from dedupd.events import Event, add_listener, emit, remove_listener, setup_logging
@@ -188,7 +190,14 @@ def _promql(port: int, query: str) -> list[dict]:
     return body["data"]["result"]
 
 
-def test_prometheus_scrapes_a_burst_and_agrees_with_the_log(metered, tmp_path: Path) -> None:
+def journal_counts(root: Path) -> Counter[str]:
+    """Events about root in the real journal, by kind."""
+    return Counter(e["DEDUPD_EVENT"] for e in journal_entries("DEDUPD_ROOT", str(root)))
+
+
+@pytest.mark.usefixtures("journald")
+def test_prometheus_scrapes_a_burst_and_agrees_with_the_journal(metered, tmp_path: Path
+                                                                ) -> None:
     exe = _prometheus_or_skip()
     cfg, root, port = metered
     prom_port = free_port()
@@ -197,7 +206,9 @@ def test_prometheus_scrapes_a_burst_and_agrees_with_the_log(metered, tmp_path: P
         "rule_files": [str(DEPLOY / "dedupd-alerts.yml")],
         "scrape_configs": [{"job_name": "dedupd",
                             "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]})
-    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    with open(tmp_path / "daemon.log", "wb") as dlog:
+        daemon = subprocess.Popen([sys.executable, "-m", "dedupd", "--config", str(cfg),
+                                   "--log", "journald", "run"], stdout=dlog, stderr=dlog)
     with open(tmp_path / "prometheus.log", "wb") as plog:
         prom = subprocess.Popen(
             [exe, f"--config.file={prom_cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -208,9 +219,9 @@ def test_prometheus_scrapes_a_burst_and_agrees_with_the_log(metered, tmp_path: P
         want: Counter[str] = Counter()
         for wave in range(4):  # a burst in waves, so scrapes land in the middle of it
             want.update(burst(root, unique=25, copies=10, corrupt=2, start=100 * wave))
-        wait_for(lambda: all(logged(daemon)[k] >= n for k, n in want.items()), 120,
-                 f"the daemon to log {dict(want)}")
-        events = logged(daemon)
+        wait_for(lambda: all(journal_counts(root)[k] >= n for k, n in want.items()), 120,
+                 f"the daemon to log {dict(want)} to the journal")
+        events = journal_counts(root)
 
         def agrees() -> bool:
             got = {r["metric"]["outcome"]: float(r["value"][1]) for r in _promql(
@@ -228,7 +239,8 @@ def test_prometheus_scrapes_a_burst_and_agrees_with_the_log(metered, tmp_path: P
     finally:
         prom.terminate()
         prom.wait(30)
-        assert daemon.stop() == 0
+        daemon.terminate()
+        assert daemon.wait(30) == 0
 
 
 def _up(port: int) -> bool:
