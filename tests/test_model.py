@@ -57,6 +57,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from test_daemon import distinct_seeds, encode, near_copy
+from test_service import NotifySocket
 
 from dedupd.hashing import bytes_to_hash, hamming
 
@@ -80,6 +81,10 @@ KNOWN_DEFECTS = {
     "glued_lines": "#12 item 18",
     # New, found by this test (not a #12 item): see test_model_move_into_a_new_directory.
     "move_into_new_dir": "moved into a just-created directory, a file is decided anew",
+    # New, found by the soak: a file moved while a reconcile (the start-up one, here) runs
+    # can have its record forgotten before the move is seen, and is decided anew. Until
+    # fixed, steps after a restart wait for the start-up scan to end (STATUS=).
+    "moves_during_a_scan": "a move during a reconcile: the file is decided anew",
 }
 
 SOAK = os.environ.get("DEDUPD_SOAK") == "1"
@@ -201,11 +206,14 @@ class World:
                      "circuit_breaker": {"threshold": 1.0}, "workers": 2}
         self.cfg = write_config(base / "dedupd.yaml", self.body)
         self.log = EventLog(base / "daemon.log")
-        self.daemon = DaemonProcess(self.cfg, self.log.path, log_mode="json").start()
+        self.notify = NotifySocket(str(base / "notify.sock"))  # READY=1, STATUS=
+        self.daemon = DaemonProcess(self.cfg, self.log.path, log_mode="json",
+                                    env={"NOTIFY_SOCKET": self.notify.address}).start()
         self.expected: Counter[str] = Counter()  # digest -> copies that must exist
         self.arrivals: set[str] = set()  # paths that must be decided, exactly once
         self.in_flight_at_kill: set[str] = set()  # decided at most once (event may be lost)
         self.full = False  # the quarantine's file system is full: duplicates stay unresolved
+        self.scanned = False  # the start-up scan is known to have ended
         self.names = 0
         self.history: list[str] = []  # the steps so far (Hypothesis's own report can be lost)
 
@@ -275,7 +283,26 @@ class World:
         self.daemon.kill()
         self.in_flight_at_kill |= undecided
         FIGURES["kills"] += 1
+        self.statuses()  # drop the old daemon's
         self.daemon.start()
+        self.scanned = False
+
+    def wait_scanned(self) -> None:
+        """Until the start-up scan has ended: a periodic STATUS= (every 2 s) without
+        "(scanning)". Moves wait for it while KNOWN_DEFECTS has moves_during_a_scan."""
+        if not self.scanned:
+            wait_for(lambda: any("(scanning)" not in s for s in self.statuses(0.5)),
+                     SETTLED_TIMEOUT, "the start-up scan to end (STATUS=)")
+            self.scanned = True
+
+    def statuses(self, timeout: float = 0.01) -> list[str]:
+        """The periodic STATUS= lines received since the last call (READY's aside)."""
+        out = []
+        while (msg := self.notify.recv(timeout)) is not None:
+            if "STATUS" in msg and "READY" not in msg:
+                out.append(msg["STATUS"])
+            timeout = 0.01
+        return out
 
     def reload(self) -> None:
         before = self.log.count("config_reloaded")
@@ -358,6 +385,7 @@ class World:
     def settle(self, timeout: float = SETTLED_TIMEOUT) -> None:
         """Wait (polling, with a deadline) until the world agrees with the model."""
         FIGURES["steps"] += 1
+        self.statuses()  # keep the notify socket's buffer drained
         try:
             wait_for(lambda: not self.problems(), timeout, "the model to hold", interval=0.1)
         except AssertionError:
@@ -371,6 +399,7 @@ class World:
             code = self.daemon.stop()
             assert code == 0, f"daemon exited {code} on SIGTERM"
         self.daemon.kill()
+        self.notify.close()
         if self.mounted:
             subprocess.run(["umount", "-l", str(self.quarantine)], check=False)
 
@@ -461,6 +490,8 @@ class DaemonMachine(RuleBasedStateMachine):
             return
         if not (w.root / sub).is_dir() and "move_into_new_dir" not in self.enabled:
             sub = ""  # KNOWN_DEFECTS
+        if "moves_during_a_scan" not in self.enabled:
+            w.wait_scanned()  # KNOWN_DEFECTS
         dst = w.new_path("moved", sub)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)  # not an arrival: the record follows the file, no new decision
@@ -573,6 +604,16 @@ def test_model_replace_root(world) -> None:
     w = world()
     w.create(image_bytes(1), "before")
     w.settle()
+    w.replace_root()
+    w.settle()
+    w.create(image_bytes(2), "after")
+    w.settle(10)
+
+
+@pytest.mark.xfail(strict=True, reason="#12 item 10: found by the model on the branch "
+                   "fixing it: a root that is empty when replaced is not re-armed")
+def test_model_replace_an_empty_root(world) -> None:
+    w = world()
     w.replace_root()
     w.settle()
     w.create(image_bytes(2), "after")
