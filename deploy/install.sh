@@ -79,6 +79,7 @@ run install -D -m 0644 "$SRC/deploy/dedupd.catalog" "$LIB/systemd/catalog/dedupd
 
 # 5. What the config asks for: one writable tree for roots + quarantine, network or not.
 PY="${PYTHON:-$DESTDIR$PREFIX/venv/bin/python}"
+[ -x "$PY" ] || PY=python3  # a dry run before the venv exists (needs python3-yaml)
 cfg_src="$CONFIG"
 [ -e "$cfg_src" ] || cfg_src="$SRC/config/dedupd.yaml"
 status=0
