@@ -227,6 +227,10 @@ class Daemon:
         self.request_scan(*(w.path for w in self.config.watches))
         emit(Event.STARTED, f"watching {len(self.config.watches)} roots with {workers} workers",
              roots=",".join(str(w.path) for w in self.config.watches), index=self.store.url)
+        if threading.current_thread() is threading.main_thread():
+            # Once READY is sent, `systemctl reload` may come at once: SIGHUP's default
+            # action would end the process before run() installs its handlers.
+            signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self.notifier.ready(self.status_line())
         self.pinger.start()
 

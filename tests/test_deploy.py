@@ -298,3 +298,21 @@ def test_reload_waits_for_the_daemons_answer(tmp_path: Path, make_photo) -> None
         assert daemon.stop() == 0
     gone = reload()
     assert gone.returncode == 2 and "cannot signal" in gone.stderr
+
+
+def test_a_reload_right_after_ready_is_a_reload(tmp_path: Path) -> None:
+    """`systemctl start dedupd && systemctl reload dedupd`: SIGHUP may arrive between READY
+    and the main loop; its default action would kill the daemon."""
+    root = tmp_path / "root"
+    root.mkdir()
+    cfg = _config(tmp_path, {"index": str(tmp_path / "i.sqlite"),
+                             "quarantine_dir": str(tmp_path / "q"),
+                             "watches": [{"path": str(root)}]})
+    script = ("import os, signal, sys\n"
+              "from dedupd.config import load_config\nfrom dedupd.daemon import Daemon\n"
+              "d = Daemon(load_config(sys.argv[1]), config_path=sys.argv[1])\n"
+              "d.start()\nos.kill(os.getpid(), signal.SIGHUP)\n"
+              "ok = d._reload.wait(30)\nd.stop()\nsys.exit(0 if ok else 3)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(cfg)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
