@@ -67,6 +67,7 @@ def rootfs() -> Path:
     mirror = apt_mirror()
     if mirror is None:
         raise Unavailable("no Debian mirror in this host's apt sources")
+    CACHE.mkdir(parents=True, exist_ok=True)
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     log = CACHE / f"dedupd-debootstrap-{key}.log"
