@@ -361,6 +361,50 @@ def test_static_gallery(site: Site, tmp_path: Path) -> None:
     assert (out / "review.css").exists()
 
 
+def test_gallery_pages_link_to_each_other(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "i.sqlite"))
+    try:
+        for i in range(120):
+            store.add_quarantine(QuarantineEntry(
+                original_path=f"/data/{i}.jpg", quarantine_path=f"{tmp_path}/q/{i}.jpg",
+                matched_path=f"/data/k{i}.jpg", distance=1, hash="0", policy="default",
+                state=DONE))
+        config = parse_config({"watches": ["/data"], "quarantine_dir": str(tmp_path / "q")},
+                              "c.yaml")
+        from dedupd.review.gallery import write_gallery
+
+        counts = write_gallery(Review(config, store), ThumbnailCache(None, 10**6),
+                               tmp_path / "g", QuarantineFilter())
+        assert counts == {"pages": 3, "entries": 120, "thumbnails": 0}
+        first, second, last = ((tmp_path / "g" / n).read_text()
+                               for n in ("index.html", "page-2.html", "page-3.html"))
+        assert 'href="page-2.html" rel="next"' in first and 'rel="prev"' not in first
+        assert 'href="index.html" rel="prev"' in second and 'href="page-3.html"' in second
+        assert 'rel="next"' not in last and last.count('class="pair"') == 20
+        assert "no image" in first  # files that are not there: no broken <img>
+        limited = write_gallery(Review(config, store), ThumbnailCache(None, 10**6),
+                                tmp_path / "h", QuarantineFilter(), limit=60)
+        assert limited["entries"] == 60 and limited["pages"] == 2
+        assert 'rel="next"' not in (tmp_path / "h" / "page-2.html").read_text()
+    finally:
+        store.close()
+
+
+def test_thumbnails_refuse_bombs_and_non_images(tmp_path: Path) -> None:
+    from dedupd.review.thumbs import ThumbnailError
+
+    big = tmp_path / "big.png"
+    cv2.imwrite(str(big), np.zeros((200, 300, 3), np.uint8))
+    text = tmp_path / "x.jpg"
+    text.write_text("not an image")
+    cache = ThumbnailCache(tmp_path / "cache", max_pixels=10_000)
+    for path in (big, text, tmp_path / "missing.jpg", tmp_path):
+        with pytest.raises(ThumbnailError):
+            cache.get(str(path))
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert ThumbnailCache(tmp_path / "cache", max_pixels=10**6).get(str(big))[:2] == b"\xff\xd8"
+
+
 # ---------------------------------------------------------------- paging, both backends
 
 
