@@ -21,9 +21,10 @@ import cv2
 import numpy as np
 import pytest
 from daemonproc import DaemonProcess, wait_for, write_config
+from test_deploy import as_nobody, needs_root
 
 from dedupd.config import parse_config
-from dedupd.quarantine import NOT_A_DUPLICATE
+from dedupd.quarantine import NOT_A_DUPLICATE, QuarantineError
 from dedupd.review.app import TOKEN_COOKIE, create_app, filter_from
 from dedupd.review.model import Review, shown
 from dedupd.review.thumbs import ThumbnailCache
@@ -403,6 +404,64 @@ def test_thumbnails_refuse_bombs_and_non_images(tmp_path: Path) -> None:
             cache.get(str(path))
     assert list((tmp_path / "cache").iterdir()) == []
     assert ThumbnailCache(tmp_path / "cache", max_pixels=10**6).get(str(big))[:2] == b"\xff\xd8"
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A temp dir other users can reach (pytest's own is private to its user)."""
+    path = Path(tempfile.mkdtemp(prefix="dedupd-review-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_root
+@pytest.mark.xfail(strict=True, reason="#12 item 4: Quarantine.restore journals `restored` "
+                   "before the move, so a failed move leaves the journal saying restored "
+                   "(the restore rework of helper robust-daemon fixes it)")
+def test_a_restore_the_reviewer_may_not_do_changes_nothing(shared_dir: Path) -> None:
+    """As an unprivileged user who can read the quarantine but write neither it nor the
+    dataset: the restore fails in one line, and the journal and the file stay as they
+    were (root would hide this)."""
+    from conftest import photo, write_image
+
+    from dedupd.quarantine import Quarantine
+    from dedupd.store import ImageRecord
+
+    root, state = shared_dir / "root", shared_dir / "state"
+    state.mkdir()
+    src = write_image(root / "dup.jpg", photo(1, 64, 48))
+    config = parse_config({"index": str(state / "i.sqlite"), "quarantine_dir":
+                           str(shared_dir / "q"), "watches": [str(root)]}, "c.yaml")
+    store = open_store(config.index)
+    record = ImageRecord(scope=str(root), path=str(src), recipe="dhash:8:fast:area:v1",
+                         hash=1, digest="d", file_size=src.stat().st_size, mtime_ns=1,
+                         width=64, height=48)
+    entry = Quarantine(store, config.quarantine_dir).move_in(
+        src, root, record=record, matched_path=str(root / "orig.jpg"), distance=2,
+        hash_hex="1", policy="default")
+    store.close()
+    for path in [state, *state.iterdir()]:  # the store is the reviewer's; nothing else
+        os.chown(path, 65534, 65534)
+
+    def restore() -> int:
+        store = open_store(config.index)
+        try:
+            Review(config, store).act("restore", entry.id)  # type: ignore[arg-type]
+        except QuarantineError as exc:
+            return 3 if "ermission denied" in str(exc) and "\n" not in str(exc) else 4
+        finally:
+            store.close()
+        return 0
+
+    assert as_nobody(restore) == 3
+    assert Path(entry.quarantine_path).exists() and not src.exists()
+    store = open_store(config.index)
+    try:
+        assert store.get_quarantine(entry.id).state == DONE  # type: ignore[union-attr]
+        assert store.get_by_path(entry.quarantine_path) is not None
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------- paging, both backends
