@@ -279,21 +279,35 @@ class DaemonUnderTest:
         assert self.proc.stderr is not None
         for raw in self.proc.stderr:
             try:
-                obj = self._json.loads(raw)
+                objs = [self._json.loads(raw)]
             except ValueError:
-                print(f"daemon: {raw.decode(errors='replace').rstrip()}", file=sys.stderr)
-                continue
-            event = obj.get("event")
-            if event == "started":
-                self.started.set()
-            elif event in DECISIONS:
-                with self._cond:
-                    self.decided[obj["path"]] = event_time(obj["ts"])
-                    self.order.append(obj["path"])
-                    self.kinds[event] = self.kinds.get(event, 0) + 1
-                    self._cond.notify_all()
-            elif obj.get("priority", 6) <= 4:
-                print(f"daemon: {obj.get('message')}", file=sys.stderr)
+                objs = self._glued(raw.decode(errors="replace"))
+            for obj in objs:
+                self._note(obj)
+
+    def _glued(self, text: str) -> list[dict]:
+        """Events that threads wrote onto one line (issue #12 item 18), or noise to show."""
+        decoder, objs, at = self._json.JSONDecoder(), [], 0
+        try:
+            while at < len(text.rstrip()):
+                obj, at = decoder.raw_decode(text, at)
+                objs.append(obj)
+        except ValueError:
+            print(f"daemon: {text.rstrip()}", file=sys.stderr)
+        return objs
+
+    def _note(self, obj: dict) -> None:
+        event = obj.get("event")
+        if event == "started":
+            self.started.set()
+        elif event in DECISIONS:
+            with self._cond:
+                self.decided[obj["path"]] = event_time(obj["ts"])
+                self.order.append(obj["path"])
+                self.kinds[event] = self.kinds.get(event, 0) + 1
+                self._cond.notify_all()
+        elif obj.get("priority", 6) <= 4:
+            print(f"daemon: {obj.get('message')}", file=sys.stderr)
 
     def wait_decided(self, paths: Sequence[str], timeout: float) -> bool:
         """Wait for every path's decision. Each wake-up looks only at the decisions that
