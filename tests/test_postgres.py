@@ -602,3 +602,57 @@ def test_synchronous_commit_off_in_the_dsn_relaxes_only_claims(pg_url: str) -> N
             assert store.get_quarantine(entry.id).state == DONE
         finally:
             store.close()
+
+
+def test_two_hosts_ride_out_a_database_crash_mid_burst(private_cluster: PrivateCluster,
+                                                      tmp_path: Path) -> None:
+    """Twins land on two hosts while the server is killed (immediate stop: commits not
+    yet flushed are lost) and restarted: every pair still ends with exactly one kept,
+    nothing is decided twice, and the replicas of the old server start are not trusted
+    (claims made against them are refused, the tails reload)."""
+    url = private_cluster.url
+    roots = [tmp_path / "host_a" / "drop", tmp_path / "host_b" / "drop"]
+    quarantines = [tmp_path / "host_a" / "q", tmp_path / "host_b" / "q"]
+    for r in roots:
+        r.mkdir(parents=True)
+    PostgresStore(url).close()
+    seeds = distinct_seeds(40, (320, 240))
+    for s in seeds:
+        img = photo(s, 320, 240)
+        (roots[0] / f"{s}.jpg.tmp").write_bytes(encode(img, 90))
+        (roots[1] / f"{s}.jpg.tmp").write_bytes(encode(img, 60))
+    hosts = [DaemonProcess(daemon_config(tmp_path / f"{i}.yaml", url, roots[i], quarantines[i],
+                                         workers=1), tmp_path / f"{i}.log").start()
+             for i in range(2)]
+
+    def land(batch: list[int]) -> None:
+        for n, s in enumerate(batch):
+            for r in (roots if n % 2 else roots[::-1]):
+                os.rename(r / f"{s}.jpg.tmp", r / f"{s}.jpg")
+
+    try:
+        land(seeds[:10])
+        wait_for(lambda: len(statuses(url)) == 20, 60, "the first pairs decided")
+        land(seeds[10:25])  # in flight when the server dies
+        private_cluster.stop("immediate")
+        wait_for(lambda: all("store_unavailable" in h.log() for h in hosts), 60,
+                 "both hosts to notice the outage")
+        land(seeds[25:])  # lands during the outage
+        private_cluster.start()
+        wait_for(lambda: all("store_recovered" in h.log() for h in hosts), 60,
+                 "both hosts to reconnect")
+        wait_for(lambda: len(statuses(url)) == 80, 120, "every file decided")
+        recs = statuses(url)
+        for s in seeds:
+            here = [r / f"{s}.jpg" for r in roots if (r / f"{s}.jpg").exists()]
+            assert len(here) == 1, (s, here)
+            assert recs[str(here[0])] == "kept"
+        assert Counter(recs.values()) == {"kept": 40, "quarantined": 40}
+        assert all(Path(p).exists() for p in recs)
+        logged = Counter()
+        for h in hosts:
+            logged.update(decisions(h.log()))
+        assert set(logged.values()) == {1} and len(logged) == 80, "decided twice or never"
+    finally:
+        codes = [h.stop() for h in hosts]
+    assert codes == [0, 0]
