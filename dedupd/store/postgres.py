@@ -10,11 +10,14 @@ floor(d/4) bits of its own (`= ANY(...)`), and filters candidates by
 (d >= 16) scan the (scope, recipe) instead: the pigeonhole over the low 64 bits does
 not bound a 256-bit distance, and past radius 3 the probes cost more than a scan.
 
-Concurrency: `locked(scope)` takes a session-level advisory lock keyed on the scope on
-a connection pinned to the calling thread; every store call that thread makes inside
-the block runs on that connection, so check-then-insert is serialised per group across
-threads and hosts. Writes inside commit one by one (the quarantine journal must be
-durable before a file moves), which is why the lock is session-level.
+Ingest hosts answer lookups from a replica in memory (replica.py, loaded by warm()) and
+keep a file by claim(): dedupd_claim, one round trip under the group's advisory lock,
+re-checks what the replica had not seen and inserts. Without a replica, claim() is
+check-then-insert under `locked(scope)`: a session-level advisory lock keyed on the
+scope, on a connection pinned to the calling thread; every store call that thread makes
+inside the block runs on that connection. Writes inside commit one by one (the
+quarantine journal must be durable before a file moves), which is why that lock is
+session-level.
 
 Connection loss: calls outside a locked block retry with backoff (bounded), then raise
 StoreError; inside one they fail at once (the lock went with the connection). A write
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
@@ -189,6 +193,12 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+_CLAIM = ("SELECT new_id, conflicts, held_us FROM dedupd_claim(%s, %s, %s, %s, %s::bigint[], "
+          "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+# A transactional WAL message commits with synchronous_commit on, which flushes the WAL
+# up to it: every commit before it becomes durable.
+_FLUSH = ("SELECT set_config('synchronous_commit', 'on', true), "
+          "pg_logical_emit_message(true, 'dedupd', 'flush')")
 
 # Defaults for connection parameters the DSN does not set (TLS and the rest pass through):
 # dead peers are noticed within ~30 s instead of the kernel's two hours.
@@ -646,18 +656,31 @@ class PostgresStore(Store):
                 record.status)
 
         def write(conn: psycopg.Connection) -> tuple:
-            return conn.execute(
-                "SELECT new_id, conflicts, held_us FROM dedupd_claim(%s, %s, %s, %s, "
-                "%s::bigint[], %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                args).fetchone()
+            if not self.durable:
+                return (*conn.execute(_CLAIM, args).fetchone(), False)
+            # One round trip: the claim's transaction commits (releasing the lock, not
+            # waiting for the disk), then the flush runs as a transaction of its own.
+            cur = psycopg.ClientCursor(conn)
+            try:
+                cur.execute(f"BEGIN; {_CLAIM}; COMMIT; {_FLUSH} FROM images WHERE path = %s "
+                            "AND digest = %s", (*args, record.path, record.digest))
+            except psycopg.Error:
+                if conn.info.transaction_status == pq.TransactionStatus.INERROR:
+                    conn.execute("ROLLBACK")
+                raise
+            cur.nextset()  # BEGIN's result, then the claim's
+            claimed = cur.fetchone()
+            cur.nextset()
+            cur.nextset()  # COMMIT's, then the flush's
+            return (*claimed, cur.fetchone() is not None)
 
         def committed(conn: psycopg.Connection) -> tuple | None:
             row = conn.execute("SELECT id, digest FROM images WHERE path = %s",
                                (record.path,)).fetchone()
-            return (row[0], None, None) if row and row[1] == record.digest else None
+            return (row[0], None, None, False) if row and row[1] == record.digest else None
 
         try:
-            new_id, conflicts, held = self._run(write, committed)
+            new_id, conflicts, held, flushed = self._run(write, committed)
         except StoreError as exc:
             if "another server start" in str(exc):  # the replica may miss rows: drop it
                 self._replicas.drop(replica)
@@ -674,8 +697,8 @@ class PostgresStore(Store):
                                (conflicts,))
             return nearest_first(self._matches(rows, replica.coll, record.hash,
                                                record.digest, max_distance), 8)
-
-        if self.durable and self._run(lambda conn: self._flush(conn, new_id)) is None:
+        if self.durable and not flushed and \
+                self._run(lambda conn: self._flush(conn, new_id)) is None:
             raise StoreError(f"{self.url}: the record of {record.path} was lost in a "
                              "server crash")
         replica.add_own(new_id, record.hash)
@@ -686,11 +709,9 @@ class PostgresStore(Store):
         """Make every commit so far durable: a transactional WAL message commits with
         synchronous_commit on, which flushes the WAL up to it. With image_id: only if
         that row is there (a crash may have taken it), else None."""
-        sql = ("SELECT set_config('synchronous_commit', 'on', true), "
-               "pg_logical_emit_message(true, 'dedupd', 'flush')")
         if image_id is None:
-            return conn.execute(sql).fetchone()
-        return conn.execute(sql + " FROM images WHERE id = %s", (image_id,)).fetchone()
+            return conn.execute(_FLUSH).fetchone()
+        return conn.execute(_FLUSH + " FROM images WHERE id = %s", (image_id,)).fetchone()
 
     def locked(self, scope: str) -> AbstractContextManager[None]:
         with self._mutex:
