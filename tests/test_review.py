@@ -230,7 +230,8 @@ def test_filters_narrow_the_page(site: Site, server: Server) -> None:
     assert pair_ids(body) == sorted((e.id for e in done if 4 <= e.distance <= 7), reverse=True)
     status, body, _ = server.get("/?" + urllib.parse.urlencode({"root": "/elsewhere"}))
     assert pair_ids(body) == [] and b"nothing here" in body
-    assert server.get("/?dmin=x")[0] == 400
+    for bad in ("dmin=x", "before=99999999999999999999999", "since=2026-13-45", "after=-"):
+        assert server.get(f"/?{bad}")[0] == 400, bad
 
 
 def test_thumbnails_only_of_files_the_store_knows(site: Site, server: Server) -> None:

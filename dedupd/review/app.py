@@ -42,12 +42,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def to_int(value: object) -> int:
+    """An integer a database column can hold (ValueError otherwise: a 400, not a 500)."""
+    number = int(value)  # type: ignore[call-overload]
+    if not -(2**63) <= number < 2**63:
+        raise ValueError(f"{value} is out of range")
+    return number
+
+
 def filter_from(args: dict[str, Any]) -> QuarantineFilter:
     """The filter a query string (or the gallery's options) asks for; ValueError if bad."""
 
     def number(key: str) -> int | None:
         value = args.get(key)
-        return None if value is None or value == "" else int(value)
+        return None if value is None or value == "" else to_int(value)
 
     return QuarantineFilter(root=args.get("root") or None, policy=args.get("policy") or None,
                             min_distance=number("dmin"), max_distance=number("dmax"),
@@ -145,13 +153,13 @@ def create_app(review: Review, thumbs: ThumbnailCache, *, host: str, port: int,
 
 def _int_arg(key: str) -> int | None:
     value = request.args.get(key)
-    return int(value) if value else None
+    return to_int(value) if value else None
 
 
 def _ids(values: Iterable[str]) -> list[int]:
     out = []
     for v in values:
-        if not v.isdigit():
+        if not v.isdigit() or len(v) > 18:
             abort(400, "entries are named by id")
         out.append(int(v))
     return out[:1000]
