@@ -6,6 +6,13 @@ systemd-python; otherwise to stderr as human lines, or as one JSON object per li
 (`--log json`, for Loki/Vector/Fluent Bit) with the same fields in lower case.
 journald rate-limits a service, so a periodic SUMMARY event carries the counts per
 kind since the previous one: monitoring stays right when a burst is suppressed.
+
+Logging never takes the service down: when journald refuses an event (restarting, gone)
+it is written to stderr instead (systemd captures that too) and counted, and the next
+event tries journald again. Every event is one write(2), so lines from threads never
+interleave. File names are data: messages are escaped to one line of UTF-8 (control
+characters and bytes that are not UTF-8 as \\xNN), JSON fields hold the exact name when it is
+UTF-8, journald fields hold its exact bytes.
 """
 
 from __future__ import annotations
@@ -91,10 +98,66 @@ class _State:
     mode = "stderr"
     threshold = INFO
     lock = threading.Lock()
+    write_lock = threading.Lock()  # one event, one write(2), in order
     total: Counter[str] = Counter()
     since: Counter[str] = Counter()
     since_time = time.monotonic()
     listeners: list[Callable[[Event, dict[str, Any]], None]] = []
+    journal_down: str | None = None  # why journald refused the last event, while it does
+    fallbacks = 0  # events written to stderr because journald refused them
+    dropped = 0  # events that reached neither journald nor stderr
+
+
+# Escapes that keep any file name on one line: C0/C1 controls, DEL, and the Unicode
+# line and paragraph separators some viewers break lines at.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+                 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def _unicode(text: str) -> str:
+    """text with the bytes that are not UTF-8 (surrogate escapes of os.fsdecode) as \\xNN."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("ascii")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """One line of valid UTF-8 for any text holding file names: a name with a newline
+    cannot forge a log line, one with bytes that are not UTF-8 cannot break the writer."""
+    if text.isprintable():
+        return text
+    return _unicode(text).translate(_ESCAPES)
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON-encodable field: paths as text, names that are not UTF-8 escaped."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if isinstance(value, str):
+        return value if value.isprintable() else _unicode(value)
+    return value
+
+
+def _journal_value(value: Any) -> str | bytes:
+    """journald fields are bytes: a file name goes in exactly, whatever its encoding."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        return value
+    text = str(value)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape")  # os.fsdecode'd bytes, exactly
+        except UnicodeEncodeError:
+            return _unicode(text)
 
 
 def under_systemd() -> bool:
@@ -125,26 +188,97 @@ def setup_logging(mode: str = "auto", level: str = "info") -> str:
     root.handlers.clear()
     root.propagate = False
     root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
-    if mode == "journald":
-        from systemd.journal import JournalHandler
-
-        root.addHandler(JournalHandler(SYSLOG_IDENTIFIER="dedupd"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_JsonFormatter() if mode == "json" else
-                             logging.Formatter("dedupd: %(levelname)s: %(message)s"))
-        root.addHandler(handler)
+    root.addHandler(_Handler())
     return mode
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        obj = {"ts": _iso(record.created), "priority": _LOGGING_TO_SYSLOG.get(record.levelno,
-                                                                            INFO),
-               "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            obj["exception"] = self.formatException(record.exc_info)
-        return json.dumps(obj)
+class _Handler(logging.Handler):
+    """Log records (not events) take the same way as events: journald with the stderr
+    fallback, or one line per record on stderr, one write each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            prio = _LOGGING_TO_SYSLOG.get(record.levelno, INFO)
+            message = printable(record.getMessage())
+            trace = self.formatter.formatException(record.exc_info) if record.exc_info \
+                else ""  # type: ignore[union-attr]
+            obj = {"ts": _iso(record.created), "priority": prio, "logger": record.name,
+                   "message": message}
+            if trace:
+                obj["exception"] = trace
+            if _State.mode == "journald":
+                full = f"{message}\n{trace}" if trace else message
+                _to_journal(full, prio, {"LOGGER": record.name}, obj)
+                return
+            if _State.mode == "json":
+                line = json.dumps(obj)
+            else:
+                line = f"dedupd: {record.levelname}: {message}"
+                if trace:  # each line marked, so a traceback cannot pass for a record
+                    line += "".join(f"\ndedupd:   | {t}" for t in trace.splitlines())
+            _write_line(line)
+        except Exception:  # logging must never raise into the caller
+            with _State.lock:
+                _State.dropped += 1
+
+    formatter = logging.Formatter()
+
+
+def _write_line(line: str) -> bool:
+    """Write one line to stderr in a single write(2) (threads never interleave inside a
+    line); False if stderr is gone (the event is then counted as dropped)."""
+    data = (line + "\n").encode("utf-8", "backslashreplace")
+    with _State.write_lock:
+        try:
+            try:
+                fd = sys.stderr.fileno()
+            except (AttributeError, OSError, ValueError):  # replaced stream (tests)
+                sys.stderr.write(data.decode())
+                sys.stderr.flush()
+                return True
+            sys.stderr.flush()  # whatever print() left buffered goes first
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            return True
+        except (OSError, ValueError):
+            with _State.lock:
+                _State.dropped += 1
+            return False
+
+
+def _to_journal(message: str, prio: int, fields: dict[str, Any], obj: dict[str, Any]) -> None:
+    """Send to journald. When it refuses, write the event to stderr instead (with a note
+    the first time): `<prio>` + the JSON object, which the journal's stdout stream stores
+    with its priority and every field; the next event tries journald again."""
+    try:
+        from systemd import journal
+
+        journal.sendv(f"MESSAGE={message}", f"PRIORITY={prio}", "SYSLOG_IDENTIFIER=dedupd",
+                      *(f"{k}=".encode() + v if isinstance(v, bytes) else f"{k}={v}"
+                        for k, v in ((k, _journal_value(v)) for k, v in fields.items())))
+    except Exception as exc:  # OSError (refused, gone, full), or an unencodable field
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        with _State.lock:
+            first, _State.journal_down = _State.journal_down is None, why
+            _State.fallbacks += 1
+        if first:
+            _write_line(f"<{WARNING}>dedupd: journald refused an event ({why}): events go to "
+                        "stderr until it answers again")
+        _write_line(f"<{prio}>" + json.dumps(obj, default=str))
+        return
+    if _State.journal_down is not None:
+        with _State.lock:
+            down, _State.journal_down = _State.journal_down, None
+            fallbacks = _State.fallbacks
+        if down is not None:
+            with contextlib.suppress(Exception):
+                from systemd import journal
+
+                journal.sendv(f"MESSAGE=journald answers again; {fallbacks} events went to "
+                              f"stderr since dedupd started (last refusal: {down})",
+                              f"PRIORITY={NOTICE}", "SYSLOG_IDENTIFIER=dedupd",
+                              f"DEDUPD_JOURNAL_FALLBACKS={fallbacks}")
 
 
 def _iso(t: float) -> str:
@@ -152,15 +286,16 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
-def journal_fields(event: Event, fields: dict[str, Any]) -> dict[str, str]:
-    """DEDUPD_* journald fields for an event's keyword fields (None values dropped)."""
-    out = {"DEDUPD_EVENT": event.value}
+def journal_fields(event: Event, fields: dict[str, Any]) -> dict[str, str | bytes]:
+    """DEDUPD_* journald fields for an event's keyword fields (None values dropped); a
+    file name that is not UTF-8 is sent as its bytes."""
+    out: dict[str, str | bytes] = {"DEDUPD_EVENT": event.value}
     for key, value in fields.items():
         if value is None:
             continue
         if isinstance(value, bool):
             value = int(value)
-        out[f"DEDUPD_{key.upper()}"] = str(value)
+        out[f"DEDUPD_{key.upper()}"] = _journal_value(value)
     return out
 
 
@@ -189,24 +324,22 @@ def emit(event: Event, message: str, *, priority: int | None = None, **fields: A
             logging.getLogger("dedupd.events").debug("event listener failed", exc_info=True)
     if prio > _State.threshold:
         return
+    text = printable(message)
+    obj: dict[str, Any] = {"ts": _iso(time.time()), "event": event.value,
+                           "message_id": MESSAGE_IDS[event], "priority": prio,
+                           "message": text}
+    obj.update({k: _json_value(v) for k, v in fields.items() if v is not None})
     if _State.mode == "journald":
-        from systemd import journal
-
-        journal.send(message, MESSAGE_ID=MESSAGE_IDS[event], PRIORITY=str(prio),
-                     SYSLOG_IDENTIFIER="dedupd", **journal_fields(event, fields))
+        _to_journal(text, prio, {"MESSAGE_ID": MESSAGE_IDS[event],
+                                 **journal_fields(event, fields)}, obj)
         return
     if _State.mode == "json":
-        obj: dict[str, Any] = {"ts": _iso(time.time()), "event": event.value,
-                               "message_id": MESSAGE_IDS[event], "priority": prio,
-                               "message": message}
-        obj.update({k: v for k, v in fields.items() if v is not None})
         line = json.dumps(obj, default=str)
     else:
-        line = f"dedupd: {event.value}: {message}"
+        line = f"dedupd: {event.value}: {text}"
         if prio <= WARNING:
-            line = f"dedupd: <{_PRIORITY_NAMES[prio]}> {event.value}: {message}"
-    with contextlib.suppress(OSError, ValueError):  # stderr gone: events are best effort
-        print(line, file=sys.stderr, flush=True)
+            line = f"dedupd: <{_PRIORITY_NAMES[prio]}> {event.value}: {text}"
+    _write_line(line)
 
 
 def emit_summary() -> None:
@@ -216,12 +349,23 @@ def emit_summary() -> None:
         elapsed = time.monotonic() - _State.since_time
         _State.since_time = time.monotonic()
     text = ", ".join(f"{n} {k}" for k, n in sorted(since.items())) or "no events"
+    lost = delivery()
+    if any(lost.values()):
+        text += (f"; since start {lost['journal_fallbacks']} events went to stderr because "
+                 f"journald refused them, {lost['dropped']} were dropped")
     emit(Event.SUMMARY, f"last {elapsed:.0f} s: {text}", interval=round(elapsed, 1),
          **{f"count_{k}": since.get(k, 0) for k in (e.value for e in Event)
-            if k not in ("summary",)})
+            if k not in ("summary",)}, **lost)
 
 
 def counts() -> dict[str, int]:
     """Totals per event kind since the process started."""
     with _State.lock:
         return dict(_State.total)
+
+
+def delivery() -> dict[str, int]:
+    """Events that missed their destination since the process started: written to stderr
+    because journald refused them, or dropped because stderr failed too."""
+    with _State.lock:
+        return {"journal_fallbacks": _State.fallbacks, "dropped": _State.dropped}
