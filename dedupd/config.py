@@ -5,6 +5,7 @@ A bad file raises ConfigError whose message is one line: ``FILE: KEY: why``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 DEFAULT_IGNORE = (".*", "*.tmp", "*.part", "*.crdownload", "*.partial", "*~", "*.swp")
 SYSTEM_CONFIG = "/etc/dedupd/dedupd.yaml"
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a page of YAML, not a data file
 
 
 class ConfigError(Exception):
@@ -158,6 +160,8 @@ class _Reader:
 
     def number(self, name: str, kind: type, default: Any, low: float, high: float | None = None):
         value = self.get(name, kind, default)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(name, f"{value} is not a finite number")
         if value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise self.fail(name, f"{value} is out of range (must be {bound})")
@@ -235,6 +239,9 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
         min_decisions=cb.number("min_decisions", int, 20, 1),
     )
     cb.done()
+    if breaker.min_decisions > breaker.window:
+        raise cb.fail("min_decisions", f"{breaker.min_decisions} is more than window "
+                      f"({breaker.window}): the breaker could never judge")
 
     lg = _Reader(source, "log", top.get("log", dict, None))
     log = LogConfig(
@@ -271,10 +278,17 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
     )
     top.done()
     for i, w in enumerate(watches):
-        q = config.quarantine_dir
-        if q == w.path or w.path in q.parents:
-            raise ConfigError(source, f"watches[{i}].path",
-                              f"{w.path} contains quarantine_dir {q}; keep them apart")
+        for name, kept in (("quarantine_dir", config.quarantine_dir),
+                           ("rejected_dir", config.rejected_dir)):
+            if kept is not None and _inside(kept, w.path):
+                raise ConfigError(source, f"watches[{i}].path", f"{w.path} contains {name} "
+                                  f"{kept}; keep them apart (its files would be watched)")
+        for j, other in enumerate(watches[:i]):
+            if _inside(w.path, other.path) or _inside(other.path, w.path):
+                raise ConfigError(source, f"watches[{i}].path", f"{w.path} overlaps "
+                                  f"watches[{j}] ({other.path}); nested roots would see every "
+                                  "file twice: watch the outer one, or exclude the inner one "
+                                  "with its policy")
     return config
 
 
@@ -299,6 +313,23 @@ def parse_listen(text: str, *, any_port: bool = False) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9468)")
     return host, int(port)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_runnable(config: Config) -> None:
+    """What `run` needs beyond a well-formed file: something to watch, and every root an
+    existing directory (checked on disk, so `validate` refuses what `run` would)."""
+    if not config.watches:
+        raise ConfigError(config.source, "watches", "nothing to watch (add at least one root)")
+    for i, w in enumerate(config.watches):
+        if not w.path.exists():
+            raise ConfigError(config.source, f"watches[{i}].path", f"{w.path} does not exist")
+        if not w.path.is_dir():
+            raise ConfigError(config.source, f"watches[{i}].path",
+                              f"{w.path} is not a directory")
 
 
 def _parse_policies(source: str, raw: Any) -> dict[str, Policy]:
@@ -358,19 +389,60 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         )
     if path is None:
         return parse_config({}, "<defaults>")
-    import yaml  # only with a file to read: keeps `dedupd hash` start-up short
-
     source = str(path)
+    data = _parse_yaml(source, _read_text(source))
+    return parse_config(data, source, Path(source).resolve().parent)
+
+
+def _read_text(source: str) -> str:
+    """The file as text: at most MAX_CONFIG_BYTES of UTF-8, every failure one line."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        with open(source, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(source, "", "no such file") from None
     except OSError as exc:
         raise ConfigError(source, "", exc.strerror or str(exc)) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, "", f"larger than {MAX_CONFIG_BYTES >> 20} MiB; is this "
+                          "the configuration file?")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(source, "", "is UTF-16; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(source, "", f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at line "
+                          f"{line}, column {column}; save it as UTF-8") from None
+
+
+def _parse_yaml(source: str, text: str) -> Any:
+    """safe_load, refusing duplicate keys (YAML says they are an error; PyYAML keeps the
+    last one silently, so a second `watches:` would drop the first)."""
+    import yaml  # only with a file to read: keeps `dedupd hash` start-up short
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _value in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    break
+                if duplicate:
+                    raise ConfigError(source, str(key), f"duplicate key (line "
+                                      f"{key_node.start_mark.line + 1}); YAML keeps only one")
+            return super().construct_mapping(node, deep)
+
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(source, "", f"invalid YAML: {where}{problem}") from None
-    return parse_config(data, source, Path(source).resolve().parent)
+    except RecursionError:
+        raise ConfigError(source, "", "invalid YAML: nested too deeply") from None
