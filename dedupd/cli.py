@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dedupd import __version__
-from dedupd.config import Config, ConfigError, load_config
+from dedupd.config import Config, ConfigError, check_runnable, load_config
+from dedupd.events import json_safe, printable
 from dedupd.hashing import (
     ALGOS,
     DECODES,
@@ -87,12 +88,17 @@ class UsageError(Exception):
 
 
 def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=None, sort_keys=False)
+    json.dump(json_safe(obj), sys.stdout, indent=None, sort_keys=False)
     sys.stdout.write("\n")
 
 
+def _out(line: str) -> None:
+    """One line on stdout; file names in it escaped (a newline in a name stays inside)."""
+    print(printable(line))
+
+
 def _err(message: str) -> None:
-    print(f"dedupd: {message}", file=sys.stderr)
+    print(f"dedupd: {printable(message)}", file=sys.stderr)
 
 
 class Progress:
@@ -186,7 +192,7 @@ def cmd_hash(args: argparse.Namespace, config: Config) -> int:
                             "width": o.result.width, "height": o.result.height,
                             "digest": o.result.digest, "format": o.result.format})
             else:
-                print(f"{o.result.hex}  {o.path}")
+                _out(f"{o.result.hex}  {o.path}")
         else:
             assert o.error is not None
             status = EXIT_ERROR
@@ -268,6 +274,7 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
     from dedupd.store.hamming import HammingIndex
 
     pipeline = Pipeline(config, store)
+    pipeline.breaker_until = "the end of this scan"
     # Outside the watch roots, inserts go to the store in batches of 500, so images this
     # run has indexed (or, in a dry run, would have) are also matched against an index
     # of their own.
@@ -348,11 +355,11 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
         _print_json(summary)
     else:
         for original, dups in groups.items():
-            print(original)
+            _out(original)
             for d in dups:
                 done = f"  -> {d['moved_to']}" if d.get("moved_to") else \
                     "  (deleted)" if d.get("action") == "delete" else ""
-                print(f"  {d['distance']:>3}  {d['path']}{done}")
+                _out(f"  {d['distance']:>3}  {d['path']}{done}")
         for e in errors:
             _err(f"{e['path']}: {e['error']}: {e['reason']}")
         rate = len(files) / elapsed if elapsed > 0 else 0.0
@@ -360,6 +367,8 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
               f"known, {counts['duplicates']} duplicates ({counts['quarantined']} quarantined, "
               f"{counts['deleted']} deleted), {counts['errors']} errors in {elapsed:.1f} s "
               f"({rate:,.0f}/s){' [dry run]' if args.dry_run else ''}", file=sys.stderr)
+    if counts["errors"]:  # some files were not looked at: not a clean result either way
+        return EXIT_ERROR
     return EXIT_DUPLICATE if counts["duplicates"] else EXIT_OK
 
 
@@ -377,14 +386,16 @@ def _scan_logging(args: argparse.Namespace, config: Config) -> None:
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
     path = Path(args.file).resolve()
-    try:
-        result = hash_file(path, config.recipe, config.max_pixels)
-    except ImageError as exc:
+    outcome = hash_one((str(path), config.recipe, config.max_pixels, True))  # as `hash` does
+    if outcome.error is not None:
+        exc = outcome.error
         if args.json:
             _print_json({"path": str(path), "error": exc.kind, "reason": exc.reason})
         else:
             _err(f"{path}: {exc.kind}: {exc.reason}")
         return EXIT_ERROR
+    result = outcome.result
+    assert result is not None
     store = open_store(config.index)
     try:
         watch = config.watch_for(path)
@@ -413,33 +424,53 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
                      "matches": [_match_json(m, config.recipe.size) for m in matches]})
     elif matches:
         for m in matches:
-            print(f"{m.distance:>3}  {m.record.path}{'  (identical)' if m.identical else ''}")
+            _out(f"{m.distance:>3}  {m.record.path}{'  (identical)' if m.identical else ''}")
     else:
-        print(f"unique  {path}")
+        _out(f"unique  {path}")
     return EXIT_DUPLICATE if matches else EXIT_OK
 
 
 def cmd_stats(args: argparse.Namespace, config: Config) -> int:
-    store = open_store(config.index)
+    """Read-only: a dictionary that does not exist yet is an error, never created here."""
+    store = open_store(config.index, create=False)
     try:
         stats = store.stats()
     finally:
         store.close()
     if args.json:
         _print_json(stats)
-    else:
-        for key, value in stats.items():
-            print(f"{key}: {value}")
+        return EXIT_OK
+    for key, value in stats.items():
+        label = key.replace("_", " ")
+        if isinstance(value, dict):
+            _out(f"{label}:{'' if value else ' none'}")
+            width = max(len(str(k)) for k in value) if value else 0
+            for k, v in value.items():
+                _out(f"  {str(k):<{width}}  {v:>12,}" if isinstance(v, int) else f"  {k}  {v}")
+        elif key == "bytes" and isinstance(value, int):
+            _out(f"{label:<16}{value:,} ({value / 2**20:,.1f} MiB)")
+        else:
+            _out(f"{label:<16}{value:,}" if isinstance(value, int) else f"{label:<16}{value}")
     return EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    """The checks `run` makes before it starts, so that ok here means run will start."""
+    check_runnable(config)
+    watches = [{"path": str(w.path), "policy": w.policy, "group": w.scope,
+                "recursive": w.recursive} for w in config.watches]
     if args.json:
-        _print_json({"config": config.source, "valid": True, "watches": len(config.watches),
-                     "policies": sorted(config.policies)})
+        _print_json({"config": config.source, "valid": True, "watches": watches,
+                     "policies": sorted(config.policies), "index": config.index,
+                     "quarantine_dir": str(config.quarantine_dir),
+                     "rejected_dir": str(config.rejected_dir or "") or None})
     else:
-        print(f"{config.source}: ok ({len(config.watches)} watches, "
-              f"{len(config.policies)} policies)")
+        _out(f"{config.source}: ok ({len(config.watches)} watches, "
+             f"{len(config.policies)} policies)")
+        for w in watches:  # relative paths are shown resolved (against the config's folder)
+            _out(f"  watch {w['path']}  policy {w['policy']}  group {w['group']}")
+        _out(f"  index {config.index}")
+        _out(f"  quarantine_dir {config.quarantine_dir}")
     return EXIT_OK
 
 
@@ -457,8 +488,34 @@ def _lazy(module: str, func: str) -> Callable[[argparse.Namespace, Config], int]
 # ---------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become UsageError, so that main() prints them as JSON under --json."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    """--json at any level (`dedupd --json validate`, `dedupd validate --json`,
+    `dedupd quarantine --json list`): a level that does not see it leaves it alone."""
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="JSON output, errors included")
+
+
+def _days(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of days (0 or more)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dedupd", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -468,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log", choices=("auto", "journald", "stderr", "json"),
                         help="where logs go (default: config log.mode, auto = journald under "
                         "systemd, stderr otherwise)")
+    parser.add_argument("--json", action="store_true",
+                        help="JSON output from every command, errors included (also accepted "
+                        "after COMMAND); with run, JSON log lines (--log json)")
     parser.add_argument("--version", action="version", version=f"dedupd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -476,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description or help,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(handler=handler)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        _json_flag(p)
         return p
 
     p = add("hash", cmd_hash, "print the dHash of image files",
@@ -540,10 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
             "list or purge quarantined duplicates")
     qsub = p.add_subparsers(dest="quarantine_command", metavar="ACTION", required=True)
     q = qsub.add_parser("list", help="list quarantined files")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(q)
     q = qsub.add_parser("purge", help="delete quarantined files older than DAYS")
-    q.add_argument("--older-than", type=float, required=True, metavar="DAYS")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--older-than", type=_days, required=True, metavar="DAYS")
+    _json_flag(q)
     q.add_argument("--dry-run", "-n", action="store_true", help="only list what would go")
 
     p = add("restore", _lazy("dedupd.quarantine", "cmd_restore"),
@@ -576,26 +636,33 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Create the schema or upgrade it to this version of "
                         "dedupd (also done on every start; hosts starting at once take "
                         "turns).")
-    d.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(d)
     d = dsub.add_parser("export", help="copy this store's records into URL",
                         description="Copy the configured store's image records and "
                         "quarantine journal into the store at\nURL (created if needed).\n\n"
                         + copy_help, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("url", metavar="URL", help="the destination store")
-    d.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(d)
     d = dsub.add_parser("import", help="copy records from URL into this store",
                         description="Copy the image records and quarantine journal of the "
                         "store at URL into the\nconfigured store.\n\n" + copy_help,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("url", metavar="URL", help="the source store")
-    d.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(d)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     try:
+        args = parser.parse_args(argv)
+        as_json = args.json
+        if args.command == "run" and args.json:
+            if args.log not in (None, "json"):
+                raise UsageError(f"run --json means --log json; it contradicts --log {args.log}")
+            args.log = "json"
         config = load_config(args.config)
         if args.command in STATEFUL_COMMANDS:
             from dedupd.access import act_as_state_owner
@@ -603,15 +670,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             act_as_state_owner(config)  # root must not leave files the service can't write
         return args.handler(args, config)
     except ConfigError as exc:
-        _err(str(exc))
-        return EXIT_CONFIG
-    except (UsageError, StoreError) as exc:
-        _err(str(exc))
-        return EXIT_ERROR
+        return _fail(as_json, "config", str(exc), EXIT_CONFIG)
+    except UsageError as exc:
+        return _fail(as_json, "usage", str(exc), EXIT_ERROR)
+    except StoreError as exc:
+        return _fail(as_json, "store", str(exc), EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+
+
+def _fail(as_json: bool, kind: str, message: str, status: int) -> int:
+    """An error as one line: on stderr, or under --json as a JSON object on stdout (where a
+    script reading the command's JSON looks)."""
+    if as_json:
+        _print_json({"error": kind, "message": message, "exit_status": status})
+    else:
+        _err(message)
+    return status
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import heapq
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 from dedupd.access import check_writable
 from dedupd.config import Config, ConfigError, Watch, load_config
 from dedupd.events import Event, emit, emit_summary, setup_logging
-from dedupd.hashing import ImageError, hash_file
+from dedupd.hashing import ImageError, file_kind, hash_file
 from dedupd.pipeline import Pipeline
 from dedupd.policy import wanted
 from dedupd.quarantine import Quarantine, move_no_replace
@@ -630,12 +631,14 @@ class Daemon:
             return
         if stat.S_ISLNK(st.st_mode):
             if not self._symlink_allowed(path):
-                self._reject(path, watch, ImageError(
-                    "not_regular", "symlink pointing out of the watched roots (not followed)"),
-                    st)
+                self._reject(path, watch, ImageError("not_regular", self._symlink_reason(path)),
+                             st)
                 return
             st = path.stat()
         if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISDIR(st.st_mode):  # a FIFO, socket or device: said once
+                self._reject(path, watch, ImageError(
+                    "not_regular", f"{file_kind(st.st_mode)}, not a regular file"), st)
             return
         known = self.store.get_by_path(str(path))
         if known is not None and (known.file_size, known.mtime_ns) == (st.st_size,
@@ -650,6 +653,19 @@ class Daemon:
             return
         self.metrics.observe_hash(time.monotonic() - started)
         self.pipeline.ingest(path, watch, h, st.st_mtime_ns, known)
+
+    def _symlink_reason(self, path: Path) -> str:
+        """Why a symlink is not followed, in the words that fit it."""
+        try:
+            target = Path(os.path.realpath(path, strict=True))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symlink loop (not followed)"
+            return "dangling symlink (its target does not exist)"
+        if any(target == w.path or w.path in target.parents for w in self.config.watches):
+            return "symlink to a file inside the watched roots, not followed " \
+                "(follow_symlinks is off)"
+        return "symlink pointing out of the watched roots (not followed)"
 
     def _symlink_allowed(self, path: Path) -> bool:
         if not self.config.follow_symlinks:

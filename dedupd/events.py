@@ -143,6 +143,16 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def json_safe(obj: Any) -> Any:
+    """obj for json.dumps: every string holding bytes that are not UTF-8 escaped (\\xNN),
+    paths as text; other strings exact (JSON escapes a newline itself)."""
+    if isinstance(obj, dict):
+        return {json_safe(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return _json_value(obj)
+
+
 def _journal_value(value: Any) -> str | bytes:
     """journald fields are bytes: a file name goes in exactly, whatever its encoding."""
     if isinstance(value, os.PathLike):

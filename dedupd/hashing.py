@@ -43,6 +43,10 @@ class ImageError(Exception):
         self.kind = kind
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[ImageError], tuple[str, str]]:
+        """Picklable as (kind, reason): `scan` and `hash -j` send it back from workers."""
+        return ImageError, (self.kind, self.reason)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -338,11 +342,12 @@ def read_image_file(path: str | os.PathLike[str]) -> bytes:
     except PermissionError:
         raise ImageError("unreadable", "permission denied") from None
     except OSError as exc:
+        _refuse_special(path)  # a socket cannot be opened at all (ENXIO)
         raise ImageError("unreadable", exc.strerror or str(exc)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ImageError("not_regular", "not a regular file")
+            raise ImageError("not_regular", f"{file_kind(st.st_mode)}, not a regular file")
         # Ask for one byte more than fstat promised: getting exactly the promised size
         # means the end was reached, in one call. Anything else (the file grew or shrank,
         # a short read on a network filesystem) reads on until read() says end of file.
@@ -357,6 +362,25 @@ def read_image_file(path: str | os.PathLike[str]) -> bytes:
         raise ImageError("unreadable", exc.strerror or str(exc)) from None
     finally:
         os.close(fd)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words for a log line."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _refuse_special(path: str | os.PathLike[str]) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ImageError("not_regular", f"{file_kind(mode)}, not a regular file") from None
 
 
 def hash_file(

@@ -46,6 +46,8 @@ class Pipeline:
         self._counts_lock = threading.Lock()
         # Decisions whose store write failed mid-way: reported once a retry knows.
         self._unreported: dict[str, tuple[Event, str, dict[str, object]]] = {}
+        # How long an open circuit breaker stays open, for its message (`scan` says its own).
+        self.breaker_until = "the config is reloaded or the daemon restarts"
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -151,8 +153,8 @@ class Pipeline:
         removes = decision.verdict != ACCEPT and decision.action in ("quarantine", "delete")
         if breaker.record(removes):
             emit(Event.CIRCUIT_OPEN, f"{watch.path}: {breaker.share:.0%} of the last "
-                 f"{self.config.circuit_breaker.window} decisions would remove files; this "
-                 "root is now log-only until the config is reloaded. Check max_distance!",
+                 f"{breaker.decisions} decisions would remove files; this root is now "
+                 f"log-only until {self.breaker_until}. Check max_distance!",
                  root=str(watch.path), policy=policy.name)
             decision = replace(decision, action="log")
         size = self.config.recipe.size

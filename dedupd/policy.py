@@ -84,6 +84,12 @@ class Breaker:
             return False
 
     @property
+    def decisions(self) -> int:
+        """How many recent decisions the share is of (at most the window)."""
+        with self._lock:
+            return len(self._recent)
+
+    @property
     def share(self) -> float:
         with self._lock:
             return sum(self._recent) / len(self._recent) if self._recent else 0.0

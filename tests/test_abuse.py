@@ -1,0 +1,264 @@
+"""Issue #12 as a user and an attacker try it: bad configs, odd files, odd names, --json.
+Real processes, real files, a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import photo, write_image
+from daemonproc import DaemonProcess, records, wait_for, write_config
+
+
+def dedupd(*args: str, check: int | None = None, **kw) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "dedupd", *args], capture_output=True,
+                          text=True, timeout=120, **kw)
+    if check is not None:
+        assert proc.returncode == check, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    root.mkdir()
+    return write_config(tmp_path / "dedupd.yaml", {
+        "index": str(tmp_path / "state" / "index.sqlite"),
+        "quarantine_dir": str(tmp_path / "state" / "q"), "settle_seconds": 0.2,
+        "watches": [{"path": str(root)}]})
+
+
+# ---------------------------------------------------------------- item 2: encodings
+
+
+def test_reload_with_a_latin1_byte_keeps_the_old_config(cfg: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        good = cfg.read_bytes()
+        cfg.write_bytes(good + b"# caf\xe9\n")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload_failed" in daemon.log(), 30, "the reload to fail")
+        assert "not valid UTF-8: byte 0xe9" in daemon.log()
+        cfg.write_bytes(good.decode().encode("utf-16"))
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "is UTF-16" in daemon.log(), 30, "the second reload to fail")
+        write_image(root / "after.jpg", photo(21, 320, 240))
+        wait_for(lambda: str(root / "after.jpg") in records(tmp_path / "state" / "index.sqlite"),
+                 30, "the old config to keep working")
+        assert daemon.proc.poll() is None
+        assert "Traceback" not in daemon.log()
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_non_utf8_config_at_start_is_one_line_exit_78(tmp_path: Path, command: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"# r\xe9sum\xe9\nwatches: []\n")
+    proc = dedupd("--config", str(bad), command, check=78)
+    assert proc.stderr == f"dedupd: {bad}: not valid UTF-8: byte 0xe9 at line 1, column 4; " \
+        "save it as UTF-8\n"
+
+
+# ---------------------------------------------------------------- item 14: validate = run
+
+
+@pytest.mark.parametrize("watches, why", [
+    ([], "watches: nothing to watch"),
+    (["absent"], "does not exist"),
+    (["file"], "is not a directory"),
+])
+def test_validate_refuses_what_run_refuses(tmp_path: Path, watches: list[str], why: str) -> None:
+    (tmp_path / "file").write_text("x")
+    cfg = write_config(tmp_path / "c.yaml", {"index": str(tmp_path / "i.sqlite"),
+                                             "watches": [str(tmp_path / w) for w in watches]})
+    assert why in dedupd("--config", str(cfg), "validate", check=78).stderr
+    assert dedupd("--config", str(cfg), "--log", "stderr", "run").returncode != 0
+
+
+# ---------------------------------------------------------------- item 3: process pools
+
+
+def test_scan_and_hash_j2_survive_rejected_files(tmp_path: Path, cfg: Path) -> None:
+    folder = tmp_path / "folder"
+    for i in range(10):
+        write_image(folder / f"img{i}.jpg", photo(100 + i, 160, 120))
+    (folder / "broken.jpg").write_bytes(b"not an image at all" * 10)
+    (folder / "empty.jpg").write_bytes(b"")
+    files = sorted(str(p) for p in folder.iterdir())
+    proc = dedupd("hash", "-j", "2", *files, check=2)
+    assert "BrokenProcessPool" not in proc.stderr
+    assert len(proc.stdout.splitlines()) == 10
+    assert "broken.jpg: unsupported" in proc.stderr and "empty.jpg: empty" in proc.stderr
+    scan = dedupd("--config", str(cfg), "scan", "-j", "2", "--json", str(folder), check=2)
+    js = json.loads(scan.stdout)
+    assert (js["files"], js["indexed"], js["errors"]) == (12, 10, 2)
+    # Duplicates and failures: failures win (2), duplicates alone are 1, clean is 0.
+    write_image(folder / "copy.jpg", photo(100, 160, 120))
+    assert dedupd("--config", str(cfg), "scan", "-j", "2", str(folder)).returncode == 2
+    (folder / "broken.jpg").unlink()
+    (folder / "empty.jpg").unlink()
+    assert dedupd("--config", str(cfg), "scan", "-j", "2", str(folder)).returncode == 1
+
+
+def test_image_error_crosses_a_process_boundary() -> None:
+    import pickle
+
+    from dedupd.hashing import ImageError
+
+    back = pickle.loads(pickle.dumps(ImageError("corrupt", "JPEG data could not be decoded")))
+    assert (back.kind, back.reason) == ("corrupt", "JPEG data could not be decoded")
+
+
+# ---------------------------------------------------------------- item 16: right reasons
+
+
+def test_hash_and_check_agree_and_name_special_files(tmp_path: Path, cfg: Path) -> None:
+    missing = tmp_path / "missing.jpg"
+    h = dedupd("hash", str(missing), check=2).stderr
+    c = dedupd("--config", str(cfg), "check", str(missing), check=2).stderr
+    assert h == c == f"dedupd: {missing}: unreadable: No such file or directory\n"
+    sock_path = tmp_path / "sock.jpg"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        assert "sock.jpg: not_regular: a socket" in dedupd("hash", str(sock_path),
+                                                            check=2).stderr
+    os.mkfifo(tmp_path / "fifo.jpg")
+    assert "fifo.jpg: not_regular: a FIFO" in dedupd("hash", str(tmp_path / "fifo.jpg"),
+                                                     check=2).stderr
+
+
+def test_daemon_names_each_kind_of_link_and_special_file(cfg: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    outside = write_image(tmp_path / "outside.jpg", photo(5, 160, 120))
+    inside = write_image(root / "real.jpg", photo(6, 160, 120))
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        os.symlink(outside, root / "out.jpg")
+        os.symlink(inside, root / "in.jpg")
+        os.symlink(root / "nothing.jpg", root / "dangling.jpg")
+        os.symlink(root / "loop2.jpg", root / "loop1.jpg")
+        os.symlink(root / "loop1.jpg", root / "loop2.jpg")
+        os.mkfifo(root / "fifo.jpg")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(root / "sock.jpg"))
+            expected = {
+                "out.jpg": "symlink pointing out of the watched roots",
+                "in.jpg": "symlink to a file inside the watched roots, not followed",
+                "dangling.jpg": "dangling symlink",
+                "loop1.jpg": "symlink loop", "loop2.jpg": "symlink loop",
+                "fifo.jpg": "a FIFO, not a regular file",
+                "sock.jpg": "a socket, not a regular file"}
+            for name, why in expected.items():
+                wait_for(lambda n=name, w=why: f"{n}: not_regular: {w}" in daemon.log(), 30,
+                         f"{name} logged as {why}")
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0
+
+
+# ---------------------------------------------------------------- item 17: --json
+
+
+def test_json_everywhere_errors_included(tmp_path: Path, cfg: Path) -> None:
+    for args in (["--json", "validate"], ["validate", "--json"]):
+        js = json.loads(dedupd("--config", str(cfg), *args, check=0).stdout)
+        assert js["valid"] is True and js["watches"][0]["path"] == str(tmp_path / "data")
+    for args in (["--json", "quarantine", "list"], ["quarantine", "--json", "list"],
+                 ["quarantine", "list", "--json"]):
+        assert json.loads(dedupd("--config", str(cfg), *args, check=0).stdout) == []
+    js = json.loads(dedupd("--config", str(cfg), "db", "--json", "migrate", check=0).stdout)
+    assert js["action"] == "migrate"
+    err = dedupd("--json", "frobnicate", check=2)
+    assert json.loads(err.stdout)["error"] == "usage" and err.stderr == ""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers: lots\n")
+    err = dedupd("--config", str(bad), "--json", "validate", check=78)
+    assert json.loads(err.stdout) == {"error": "config", "exit_status": 78,
+                                      "message": f"{bad}: workers: expected an integer, got str"}
+    err = dedupd("--config", str(cfg), "--json", "--log", "stderr", "run", check=2)
+    assert "contradicts --log stderr" in json.loads(err.stdout)["message"]
+    assert json.loads(dedupd("--config", str(cfg), "quarantine", "purge", "--older-than",
+                             "-1", "--json", check=2).stdout)["error"] == "usage"
+
+
+def test_run_json_means_json_log_lines(cfg: Path, tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "dedupd", "--config", str(cfg), "run",
+                                 "--json"], stdout=fh, stderr=fh)
+    try:
+        write_image(tmp_path / "data" / "a.jpg", photo(7, 160, 120))
+        wait_for(lambda: "image_accepted" in log.read_text(), 30, "a decision")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    lines = log.read_text().splitlines()
+    assert lines and all(json.loads(line) for line in lines)
+
+
+# ---------------------------------------------------------------- item 20: stats, purge
+
+
+def test_stats_is_a_table_and_creates_nothing(tmp_path: Path, cfg: Path) -> None:
+    index = tmp_path / "state" / "index.sqlite"
+    err = dedupd("--config", str(cfg), "stats", check=2).stderr
+    assert "no such index" in err and err.count("\n") == 1
+    assert not index.exists()
+    dedupd("--config", str(cfg), "scan", str(tmp_path / "data"), check=0)
+    out = dedupd("--config", str(cfg), "stats", check=0).stdout
+    assert "{" not in out and out.startswith("backend         sqlite\n")
+    assert json.loads(dedupd("--config", str(cfg), "--json", "stats", check=0).stdout)[
+        "images"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_stats_as_nobody_without_config_is_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": "/nonexistent", "XDG_STATE_HOME": "",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-m", "dedupd",
+                           "stats"], capture_output=True, text=True, timeout=60, env=env,
+                          cwd="/")
+    if "Permission denied" in proc.stderr and "python" in proc.stderr.lower():
+        pytest.skip("nobody cannot run this Python")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not Path("/nonexistent").exists()
+
+
+def test_purge_refuses_negative_days(cfg: Path) -> None:
+    for days in ("-1", "nan", "inf", "soon"):
+        err = dedupd("--config", str(cfg), "quarantine", "purge", "--older-than", days,
+                     check=2).stderr
+        assert "not a number of days" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- item 6: names in output
+
+
+def test_names_that_are_not_utf8_or_hold_a_newline(tmp_path: Path, cfg: Path) -> None:
+    folder = tmp_path / "names"
+    folder.mkdir()
+    data = (write_image(tmp_path / "src.jpg", photo(8, 160, 120))).read_bytes()
+    raw = os.fsencode(folder) + b"/bad\xff.jpg"
+    with open(raw, "wb") as fh:
+        fh.write(data)
+    (folder / "two\nlines.jpg").write_bytes(data)
+    out = dedupd("hash", str(folder / "two\nlines.jpg"), os.fsdecode(raw), check=0).stdout
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("two\\nlines.jpg")
+    assert lines[1].endswith("/bad\\xff.jpg")
+    js = json.loads(dedupd("hash", "--json", os.fsdecode(raw), check=0).stdout)
+    assert js[0]["path"].endswith("/bad\\xff.jpg")
+    os.unlink(raw)  # (names that are not UTF-8 in the store: the store's own tests)
+    (folder / "copy.jpg").write_bytes(data)
+    scan = dedupd("--config", str(cfg), "scan", str(folder), check=1)
+    assert "Traceback" not in scan.stderr
+    assert "two\\nlines.jpg" in scan.stdout and len(scan.stdout.splitlines()) == 2
