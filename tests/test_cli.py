@@ -82,8 +82,9 @@ def test_check_unreadable_file_is_an_error_with_json(tmp_path: Path, config_file
 
 
 def test_validate_json_and_missing_config(tmp_path: Path, config_file) -> None:
-    js = json.loads(dedupd("--config", str(config_file()), "validate", "--json",
-                           check=0).stdout)
+    (tmp_path / "data").mkdir()
+    js = json.loads(dedupd("--config", str(config_file({"watches": [str(tmp_path / "data")]})),
+                           "validate", "--json", check=0).stdout)
     assert js["valid"] is True and js["policies"] == ["default"]
     proc = dedupd("--config", str(tmp_path / "nope.yaml"), "validate", check=78)
     assert str(tmp_path / "nope.yaml") in proc.stderr and proc.stderr.count("\n") == 1
