@@ -18,6 +18,7 @@ from dedupd.config import Config, ConfigError, check_runnable, load_config
 from dedupd.events import json_safe, printable
 from dedupd.hashing import (
     ALGOS,
+    DECODER_MESSAGES,
     DECODES,
     SIZES,
     ImageError,
@@ -190,9 +191,11 @@ def cmd_hash(args: argparse.Namespace, config: Config) -> int:
             if args.json:
                 out.append({"path": o.path, "hash": o.result.hex, "recipe": recipe.key,
                             "width": o.result.width, "height": o.result.height,
-                            "digest": o.result.digest, "format": o.result.format})
+                            "digest": o.result.digest, "format": o.result.format,
+                            "warnings": list(o.result.warnings)})
             else:
                 _out(f"{o.result.hex}  {o.path}")
+                _warn_decoded(o.path, o.result.warnings)
         else:
             assert o.error is not None
             status = EXIT_ERROR
@@ -203,6 +206,12 @@ def cmd_hash(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         _print_json(out)
     return status
+
+
+def _warn_decoded(path: str, warnings: Sequence[str]) -> None:
+    """What the decoder said about an image it still decoded, on one line with the path."""
+    if warnings:
+        _err(f"{path}: warning: decoded with complaints (hashed anyway): {'; '.join(warnings)}")
 
 
 def iter_image_files(roots: Iterable[Path], config: Config) -> Iterator[Path]:
@@ -267,6 +276,7 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
               "quarantined": 0, "deleted": 0, "errors": 0}
     groups: dict[str, list[dict[str, Any]]] = {}
     errors: list[dict[str, str]] = []
+    warned: list[dict[str, Any]] = []  # decoded, with the decoder's complaints
     pending: list[ImageRecord] = []
     started = time.monotonic()
     from dedupd.pipeline import Pipeline
@@ -298,6 +308,8 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                 counts["errors"] += 1
                 errors.append({"path": o.path, "error": o.error.kind, "reason": o.error.reason})
                 continue
+            if o.result.warnings:  # type: ignore[union-attr]
+                warned.append({"path": o.path, "warnings": list(o.result.warnings)})  # type: ignore[union-attr]
             path = Path(o.path)
             known = store.get_by_path(o.path)
             if known is not None and known.digest == o.result.digest:  # type: ignore[union-attr]
@@ -350,7 +362,7 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
     summary = {**counts, "dry_run": args.dry_run, "seconds": round(elapsed, 3),
                "workers": workers,
                "groups": [{"original": k, "duplicates": v} for k, v in groups.items()],
-               "errors_detail": errors}
+               "errors_detail": errors, "warnings_detail": warned}
     if args.json:
         _print_json(summary)
     else:
@@ -360,6 +372,8 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                 done = f"  -> {d['moved_to']}" if d.get("moved_to") else \
                     "  (deleted)" if d.get("action") == "delete" else ""
                 _out(f"  {d['distance']:>3}  {d['path']}{done}")
+        for w in warned:
+            _warn_decoded(w["path"], w["warnings"])
         for e in errors:
             _err(f"{e['path']}: {e['error']}: {e['reason']}")
         rate = len(files) / elapsed if elapsed > 0 else 0.0
@@ -396,6 +410,8 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
         return EXIT_ERROR
     result = outcome.result
     assert result is not None
+    if not args.json:
+        _warn_decoded(str(path), result.warnings)
     store = open_store(config.index)
     try:
         watch = config.watch_for(path)
@@ -420,7 +436,7 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
         store.close()
     if args.json:
         _print_json({"path": str(path), "hash": result.hex, "max_distance": max_distance,
-                     "duplicate": bool(matches),
+                     "duplicate": bool(matches), "warnings": list(result.warnings),
                      "matches": [_match_json(m, config.recipe.size) for m in matches]})
     elif matches:
         for m in matches:
@@ -655,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    DECODER_MESSAGES.enabled = True  # libjpeg's words go with their file, not raw to fd 2
     as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
     try:
         args = parser.parse_args(argv)

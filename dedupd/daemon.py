@@ -651,6 +651,9 @@ class Daemon:
         except ImageError as exc:
             self._reject(path, watch, exc, st)
             return
+        if h.warnings:  # decoded all the same: accepted or matched, with the complaint logged
+            log.warning("%s: decoded with complaints (hashed anyway): %s", path,
+                        "; ".join(h.warnings))
         self.metrics.observe_hash(time.monotonic() - started)
         self.pipeline.ingest(path, watch, h, st.st_mtime_ns, known)
 

@@ -6,10 +6,15 @@ needed to trust it (size, digest), or into a typed ImageError saying why not.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import stat
 import struct
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -101,6 +106,10 @@ class ImageHash:
     digest: str | None
     file_size: int
     format: str
+    # What libjpeg/libpng/libtiff said while decoding (e.g. "Corrupt JPEG data: 1153
+    # extraneous bytes before marker 0xd9"). Such an image is hashed anyway, on purpose:
+    # the decoder recovered a full image; callers log the warning with the file's name.
+    warnings: tuple[str, ...] = ()
 
     @property
     def hex(self) -> str:
@@ -318,18 +327,117 @@ def hash_bytes(
         raise ImageError("truncated", cut)
     buf = np.frombuffer(data, np.uint8)
     if recipe.algo == "dhash-seed":
-        colour = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        colour, said = DECODER_MESSAGES.decode(lambda: cv2.imdecode(buf, cv2.IMREAD_COLOR))
         if colour is None:
-            raise ImageError("corrupt", f"{fmt.upper()} data could not be decoded")
+            raise ImageError("corrupt", _undecodable(fmt, said))
         gray = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
         value = dhash_bits(gray, recipe.size, cv2.INTER_LINEAR)
     else:
-        gray = cv2.imdecode(buf, decode_flag(fmt, width, height, recipe))
+        flag = decode_flag(fmt, width, height, recipe)
+        gray, said = DECODER_MESSAGES.decode(lambda: cv2.imdecode(buf, flag))
         if gray is None:
-            raise ImageError("corrupt", f"{fmt.upper()} data could not be decoded")
+            raise ImageError("corrupt", _undecodable(fmt, said))
         value = dhash_bits(gray, recipe.size, cv2.INTER_AREA)
     sha = hashlib.sha256(data).hexdigest() if digest else None
-    return ImageHash(value, recipe, width, height, sha, len(data), fmt)
+    return ImageHash(value, recipe, width, height, sha, len(data), fmt, said)
+
+
+def _undecodable(fmt: str, said: tuple[str, ...]) -> str:
+    return f"{fmt.upper()} data could not be decoded" + (f" ({said[0]})" if said else "")
+
+
+class DecoderMessages:
+    """Per-file capture of what the C decoders write to file descriptor 2 themselves.
+
+    libjpeg, libpng and libtiff print warnings straight to fd 2: raw lines without a
+    path, which break `--log json` and split human lines. The first decode points fd 2
+    at a memfd (Python's sys.stderr, and so every dedupd log line, moves to a copy of
+    the real stderr). Decodes run in parallel, sharing the memfd; a decoder writes
+    synchronously, so a decode that finds the memfd empty afterwards said nothing. One
+    that finds it non-empty cannot tell whose words they are: it decodes again alone
+    (no other decode running), with the memfd emptied first, and takes what that run
+    said. Only decodes that warn, or overlap one that does, are repeated. Whatever other
+    C code writes to fd 2 meanwhile is dropped.
+
+    Off until a program turns it on (the CLI does): a library caller keeps its fd 2.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._cond = threading.Condition()
+        self._running = 0  # shared decodes in flight
+        self._alone = False  # an exclusive decode holds the memfd
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _install(self) -> None:
+        """fd 2 -> memfd, once per process (a forked pool worker installs its own)."""
+        if self._fd is not None and self._pid == os.getpid():
+            return
+        if self._pid != os.getpid() and self._fd is None:
+            saved = os.dup(2)
+            sys.stderr.flush()
+            sys.stderr = open(saved, "w", buffering=1, encoding="utf-8",  # noqa: SIM115
+                              errors="backslashreplace", closefd=False)
+        fd = os.memfd_create("dedupd-decoder-messages", os.MFD_CLOEXEC)
+        os.dup2(fd, 2)
+        os.close(fd)
+        fcntl.fcntl(2, fcntl.F_SETFL, fcntl.fcntl(2, fcntl.F_GETFL) | os.O_APPEND)
+        self._fd, self._pid = 2, os.getpid()
+
+    def _said(self) -> bool:
+        return os.fstat(2).st_size > 0
+
+    def _take(self) -> tuple[str, ...]:
+        size = os.fstat(2).st_size
+        raw = os.pread(2, min(size, 1 << 16), 0) if size else b""
+        os.ftruncate(2, 0)
+        text = raw.decode("utf-8", "backslashreplace")
+        return tuple(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+    def decode(self, run: Callable[[], np.ndarray | None]) -> tuple[np.ndarray | None,
+                                                                   tuple[str, ...]]:
+        """run() (an imdecode) and what the decoder wrote to fd 2 meanwhile."""
+        if not self.enabled:
+            return run(), ()
+        with self._shared():
+            image = run()
+            if not self._said():
+                return image, ()
+        with self._exclusive():
+            self._take()  # someone's words, maybe ours: they all decode again alone
+            image = run()
+            return image, self._take()
+
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._alone:
+                self._cond.wait()
+            self._install()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._alone or self._running:
+                self._cond.wait()
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
+DECODER_MESSAGES = DecoderMessages()
 
 
 def read_image_file(path: str | os.PathLike[str]) -> bytes:

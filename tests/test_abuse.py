@@ -262,3 +262,82 @@ def test_names_that_are_not_utf8_or_hold_a_newline(tmp_path: Path, cfg: Path) ->
     scan = dedupd("--config", str(cfg), "scan", str(folder), check=1)
     assert "Traceback" not in scan.stderr
     assert "two\\nlines.jpg" in scan.stdout and len(scan.stdout.splitlines()) == 2
+
+
+# ---------------------------------------------------------------- item 15: decoder warnings
+
+
+def jpeg_with_extraneous_bytes(path: Path, seed: int) -> Path:
+    """A JPEG libjpeg decodes fully but complains about: junk before its EOI marker."""
+    import cv2
+
+    good = cv2.imencode(".jpg", photo(seed, 160, 120))[1].tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(good[:-2] + b"\0" * 100 + good[-2:])
+    return path
+
+
+WARNING = "Corrupt JPEG data: 94 extraneous bytes before marker 0xd9"  # for seed 1
+SAID = "Corrupt JPEG data: "  # (the count varies with the picture)
+
+
+def test_decoder_warnings_go_with_their_file(tmp_path: Path, cfg: Path) -> None:
+    warn = jpeg_with_extraneous_bytes(tmp_path / "in" / "warn.jpg", 1)
+    clean = write_image(tmp_path / "in" / "clean.jpg", photo(2, 160, 120))
+    proc = dedupd("hash", str(warn), str(clean), check=0)
+    assert proc.stderr == f"dedupd: {warn}: warning: decoded with complaints (hashed " \
+        f"anyway): {WARNING}\n"
+    js = json.loads(dedupd("hash", "--json", str(warn), str(clean), check=0).stdout)
+    assert [o["warnings"] for o in js] == [[WARNING], []]
+    for i in range(8):
+        write_image(tmp_path / "in" / f"more{i}.jpg", photo(10 + i, 160, 120))
+    scan = json.loads(dedupd("--config", str(cfg), "scan", "-j", "2", "--json",
+                             str(tmp_path / "in"), check=0).stdout)
+    assert scan["warnings_detail"] == [{"path": str(warn), "warnings": [WARNING]}]
+
+
+THREADS = """
+import sys, threading
+from dedupd.hashing import DECODER_MESSAGES, hash_file
+DECODER_MESSAGES.enabled = True
+files = sys.argv[1:]
+wrong = []
+def work():
+    for _ in range(15):
+        for f in files:
+            said = hash_file(f).warnings
+            if bool(said) != ("/warn" in f):
+                wrong.append((f, said))
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(wrong))
+"""
+
+
+def test_decoder_warnings_are_told_apart_between_threads(tmp_path: Path) -> None:
+    files = [str(jpeg_with_extraneous_bytes(tmp_path / f"warn{i}.jpg", i)) for i in range(3)]
+    files += [str(write_image(tmp_path / f"clean{i}.jpg", photo(20 + i, 160, 120)))
+              for i in range(5)]
+    proc = subprocess.run([sys.executable, "-c", THREADS, *files], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "0\n" and proc.stderr == ""  # nothing raw on stderr either
+
+
+def test_daemon_json_log_stays_json_with_decoder_warnings(cfg: Path, tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "dedupd", "--config", str(cfg), "--log",
+                                 "json", "run"], stdout=fh, stderr=fh)
+    try:
+        warn = jpeg_with_extraneous_bytes(tmp_path / "data" / "warn.jpg", 3)
+        wait_for(lambda: str(warn) in records(tmp_path / "state" / "index.sqlite"), 30,
+                 "the image accepted")
+        wait_for(lambda: SAID in log.read_text(), 30, "the warning logged")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    objs = [json.loads(line) for line in log.read_text().splitlines()]  # every line JSON
+    said = [o for o in objs if SAID in o.get("message", "")]
+    assert len(said) == 1 and str(warn) in said[0]["message"] and said[0]["priority"] == 4
