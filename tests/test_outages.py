@@ -89,8 +89,6 @@ def journald(tmp_path: Path):
     jd.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="#12 item 1: with journald gone, emit raises "
-                   "ConnectionRefusedError: decisions are lost and SIGTERM ends in a traceback")
 def test_journald_goes_away_and_comes_back_under_a_running_daemon(journald, tmp_path) -> None:
     root, db = tmp_path / "data", tmp_path / "state" / "index.sqlite"
     root.mkdir()
