@@ -182,6 +182,8 @@ class _Reader:
             return None
         if not value:
             raise self.fail(name, "must not be empty")
+        if "\0" in value:
+            raise self.fail(name, "must not contain a NUL byte")
         return (base / os.path.expanduser(value)).resolve()
 
     def done(self) -> None:
@@ -212,6 +214,8 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
     index = top.get("index", str, str(state / "index.sqlite"))
     if not index:
         raise top.fail("index", "must not be empty")
+    if "\0" in index:
+        raise top.fail("index", "must not contain a NUL byte")
     if "://" not in index:
         index = str((base / os.path.expanduser(index)).resolve())
     elif not index.startswith(("sqlite://", "postgresql://", "postgres://")):
