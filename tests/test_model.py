@@ -76,9 +76,6 @@ KNOWN_DEFECTS = {
     "slow_write": "#12 item 9",
     "replace_root": "#12 item 10",
     "fs_full": "#12 item 7",
-    # Two workers' events glued on one line (print writes text and newline apart): it
-    # shows at random, so the log check tolerates it rather than an xfail that would flap.
-    "glued_lines": "#12 item 18",
     # New, found by this test (not a #12 item): see test_model_move_into_a_new_directory.
     "move_into_new_dir": "moved into a just-created directory, a file is decided anew",
     # New, found by the soak: a file moved while a reconcile (the start-up one, here) runs
