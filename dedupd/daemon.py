@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import functools
 import heapq
 import logging
 import os
@@ -19,6 +20,7 @@ import signal
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,12 +30,12 @@ from dedupd.config import Config, ConfigError, Watch, load_config
 from dedupd.events import Event, emit, emit_summary, setup_logging
 from dedupd.hashing import ImageError, file_kind, hash_file
 from dedupd.pipeline import Pipeline
-from dedupd.policy import wanted
+from dedupd.policy import wanted, wanted_test
 from dedupd.quarantine import Quarantine, move_no_replace
 from dedupd.service import Notifier, WatchdogPinger, write_reload_ack
 from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError, open_store
 from dedupd.store.base import LIVE_STATUSES
-from dedupd.watcher import Root, Watcher, WatchError, is_ignored
+from dedupd.watcher import Root, Watcher, WatchError, is_ignored, name_ignored
 
 if TYPE_CHECKING:
     from dedupd.metrics import DaemonState
@@ -56,6 +58,16 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _libc_malloc_trim()
+# Reconcile triggers that come from live events: their files are live work, and they are
+# served by their own scanner, not behind a reconcile of a whole root.
+LIVE_TRIGGERS = ("directory", "queue full")
+# The periodic safety net compares 1/FULL_EVERY of the unchanged directories in full.
+FULL_EVERY = 24
+# A directory modified this close to its listing may change again within one tick of the
+# file system's timestamps: its mtime proves nothing yet.
+RACY_NS = 2_000_000_000
+# Vanished records held before they are forgotten (waiting for the queue to drain).
+VANISHED_BATCH = 50_000
 # Trim at least this often while files keep coming (otherwise whenever the queue empties).
 TRIM_SECONDS = 30.0
 
@@ -76,22 +88,28 @@ def release_free_heap() -> bool:
 
 
 class WorkQueue:
-    """Paths waiting to be hashed: deduplicated, each due at a time (settle delay).
+    """Paths waiting to be hashed: deduplicated, each due at a time (settle delay), in
+    two classes. Live events (a file just written or renamed in) are always served
+    before background work (what a periodic or start-up reconcile found), so a
+    reconcile that queues a million changed files never delays a file arriving now.
 
-    Bounded: `put(block=False)` refuses past `limit` (the caller rescans later), and
-    `put(block=True)` (the scanner) waits for room, which is the backpressure.
+    Bounded per class: `put(block=False)` refuses past `limit` waiting (the caller
+    rescans that directory later), `put(block=True)` (a scanner) waits for room, which
+    is the backpressure. Each class has its own bound: background work never takes a
+    live event's place.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._due: dict[Path, float] = {}
+        self._due: dict[Path, tuple[float, bool]] = {}  # path -> (due, background)
+        self._waiting = [0, 0]  # per class: live, background
         self._arrived: dict[Path, float] = {}  # first put of a path not yet done (metrics)
         self.arrivals = 0  # paths that entered the queue (metrics)
-        self._taken: set[Path] = set()  # handed to a worker, not yet done()
+        self._taken: dict[Path, bool] = {}  # handed to a worker, not yet done(): class
         # Due again while a worker still has it: handed out after done(), never to a second
         # worker at once (two would both decide it, and log it twice).
-        self._held: dict[Path, float] = {}
-        self._heap: list[tuple[float, int, Path]] = []
+        self._held: dict[Path, tuple[float, bool]] = {}
+        self._heaps: tuple[list[tuple[float, int, Path]], ...] = ([], [])
         self._seq = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -100,25 +118,40 @@ class WorkQueue:
         with self._cond:
             return len(self._due)
 
-    def put(self, path: Path, delay: float = 0.0, *, block: bool = False) -> bool:
+    def put(self, path: Path, delay: float = 0.0, *, block: bool = False,
+            background: bool = False) -> bool:
+        """Queue path (a live event unless `background`); False if refused (full or
+        closed). A live event for a path waiting as background work promotes it; a
+        background put for a path already waiting changes nothing."""
         with self._cond:
-            while block and len(self._due) >= self.limit and not self._closed:
+            while True:
+                old = self._due.get(path)
+                if self._closed:
+                    return False
+                if old is not None and background:
+                    return True
+                if old is not None or self._waiting[background] < self.limit:
+                    break
+                if not block:
+                    return False
                 self._cond.wait(0.5)
-            if self._closed:
-                return False
             now = time.monotonic()
-            old = self._due.get(path)
-            if old is None and len(self._due) >= self.limit:
-                return False
-            # A close/rename makes a file due now; a modification postpones it.
-            due = now + delay if delay > 0 else min(old if old is not None else now, now)
-            self._due[path] = due
+            if old is None:
+                self._waiting[background] += 1
+                due = now + delay if delay > 0 else now
+            else:
+                if old[1]:  # promoted from background work to a live event
+                    self._waiting[1] -= 1
+                    self._waiting[0] += 1
+                # A close/rename makes a file due now; a modification postpones it.
+                due = now + delay if delay > 0 else min(old[0], now)
+            self._due[path] = (due, background)
             if path not in self._arrived:
                 self._arrived[path] = now
                 self.arrivals += 1
             self._seq += 1
-            heapq.heappush(self._heap, (due, self._seq, path))
-            self._cond.notify()
+            heapq.heappush(self._heaps[background], (due, self._seq, path))
+            self._cond.notify_all()
             return True
 
     def __contains__(self, path: object) -> bool:
@@ -126,20 +159,36 @@ class WorkQueue:
         with self._cond:
             return path in self._due or path in self._taken
 
+    def pending(self, background: bool) -> int:
+        """Paths of one class waiting or being processed."""
+        with self._cond:
+            return self._waiting[background] + sum(1 for b in self._taken.values()
+                                                   if b == background)
+
+    def wait_drained(self, background: bool, stop: threading.Event) -> None:
+        """Until nothing of the class waits or is in flight (or stop, or close)."""
+        with self._cond:
+            while not self._closed and not stop.is_set() and (
+                    self._waiting[background] or background in self._taken.values()):
+                self._cond.wait(0.5)
+
     def done(self, path: Path) -> None:
         with self._cond:
-            self._taken.discard(path)
+            self._taken.pop(path, None)
             if path not in self._due:
                 self._arrived.pop(path, None)
-            due = self._held.pop(path, None)
-            if due is not None and self._due.get(path) == due:
+            held = self._held.pop(path, None)
+            if held is not None and self._due.get(path) == held:
                 self._seq += 1
-                heapq.heappush(self._heap, (due, self._seq, path))
-                self._cond.notify()
+                heapq.heappush(self._heaps[held[1]], (held[0], self._seq, path))
+            self._cond.notify_all()
 
     def discard(self, path: Path) -> None:
         with self._cond:
-            self._due.pop(path, None)
+            old = self._due.pop(path, None)
+            if old is not None:
+                self._waiting[old[1]] -= 1
+                self._cond.notify_all()
             if path not in self._taken:
                 self._arrived.pop(path, None)
 
@@ -153,22 +202,23 @@ class WorkQueue:
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                while self._heap and (self._due.get(self._heap[0][2]) != self._heap[0][0]
-                                      or self._heap[0][2] in self._taken):
-                    due, _, held = heapq.heappop(self._heap)  # superseded, or in a worker
-                    if self._due.get(held) == due:
-                        self._held[held] = due
-                if self._heap and self._heap[0][0] <= now:
-                    _, _, path = heapq.heappop(self._heap)
-                    del self._due[path]
-                    self._taken.add(path)
-                    self._cond.notify_all()  # room for blocked producers
-                    return path
+                for background, heap in enumerate(self._heaps):
+                    while heap and (self._due.get(heap[0][2]) != (heap[0][0], background)
+                                    or heap[0][2] in self._taken):
+                        due, _, held = heapq.heappop(heap)  # superseded, or in a worker
+                        if self._due.get(held) == (due, background):
+                            self._held[held] = (due, bool(background))
+                for background, heap in enumerate(self._heaps):
+                    if heap and heap[0][0] <= now:
+                        _, _, path = heapq.heappop(heap)
+                        del self._due[path]
+                        self._waiting[background] -= 1
+                        self._taken[path] = bool(background)
+                        self._cond.notify_all()  # room for blocked producers
+                        return path
                 if now >= deadline:
                     return None
-                wait = deadline - now
-                if self._heap:
-                    wait = min(wait, self._heap[0][0] - now)
+                wait = min([deadline - now] + [h[0][0] - now for h in self._heaps if h])
                 self._cond.wait(max(wait, 0.001))
             return None
 
@@ -193,9 +243,17 @@ class Daemon:
         self.watcher = Watcher(self, config.ignore)
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._scan_requests: set[Path] = set()
+        # Scans waiting, path -> (trigger, recursive): for the background scanner (whole
+        # roots) and for the live one (directories named by live events).
+        self._scan_requests: dict[bool, dict[Path, tuple[str, bool]]] = {False: {}, True: {}}
         self._scan_cond = threading.Condition()
         self._scanning = 0
+        self._progress: dict[Path, dict[str, int]] = {}  # roots being reconciled: counts
+        self._last_seen: dict[Path, int] = {}  # files seen by a root's last full reconcile
+        # Directories fully compared, whose mtime says nothing changed since: path ->
+        # (inode, mtime_ns, files seen). The periodic safety net only lists these.
+        self._dir_marks: dict[str, tuple[int, int, int]] = {}
+        self._interval_runs: dict[Path, int] = {}
         self._busy: dict[int, float] = {}  # worker thread id -> time its current file started
         self._rejected: set[tuple[str, int, int]] = set()
         self._threads: list[threading.Thread] = []
@@ -224,8 +282,9 @@ class Daemon:
         workers = self.config.workers or len(os.sched_getaffinity(0))
         for i in range(workers):
             self._spawn(self._work, f"dedupd-worker-{i}")
-        self._spawn(self._scan_loop, "dedupd-scanner")
-        self.request_scan(*(w.path for w in self.config.watches))
+        self._spawn(functools.partial(self._scan_loop, False), "dedupd-scanner")
+        self._spawn(functools.partial(self._scan_loop, True), "dedupd-scanner-live")
+        self.request_scan(*(w.path for w in self.config.watches), trigger="start-up")
         emit(Event.STARTED, f"watching {len(self.config.watches)} roots with {workers} workers",
              roots=",".join(str(w.path) for w in self.config.watches), index=self.store.url)
         if threading.current_thread() is threading.main_thread():
@@ -275,7 +334,7 @@ class Daemon:
                 trimmed_at, last_trim = processed, now
             interval = self.config.reconcile_interval
             if interval and now - last_reconcile >= interval:
-                self.request_scan(*(w.path for w in self.config.watches))
+                self.request_scan(*(w.path for w in self.config.watches), trigger="interval")
                 last_reconcile = now
         self.stop()
         return 0
@@ -319,7 +378,7 @@ class Daemon:
                 self.watcher.ignore = old.ignore
                 with contextlib.suppress(WatchError):
                     self.watcher.arm(self._roots())
-                self.request_scan(*(w.path for w in old.watches))
+                self.request_scan(*(w.path for w in old.watches), trigger="reload")
         else:
             self.config = new
             self.pipeline.configure(new)
@@ -327,7 +386,7 @@ class Daemon:
             emit(Event.RELOADED, f"configuration reloaded from {new.source}",
                  roots=",".join(str(w.path) for w in new.watches))
             write_reload_ack(True, f"configuration reloaded from {new.source}")
-            self.request_scan(*(w.path for w in new.watches))
+            self.request_scan(*(w.path for w in new.watches), trigger="reload")
         self.notifier.ready(self.status_line())
 
     def _checkpoint(self) -> None:
@@ -382,7 +441,7 @@ class Daemon:
 
     def idle(self) -> bool:
         with self._scan_cond:
-            scanning = self._scanning or self._scan_requests
+            scanning = self._scanning or any(self._scan_requests.values())
         return not scanning and len(self.queue) == 0 and not self._busy
 
     def wait_idle(self, timeout: float) -> bool:
@@ -396,7 +455,7 @@ class Daemon:
 
     def status_line(self) -> str:
         c = self.pipeline.counts
-        scan = " (scanning)" if self._scanning else ""
+        scan = self._scan_status()
         down = self._store_down
         outage = (f"store unavailable since {time.strftime('%H:%M:%S', time.localtime(down[1]))}"
                   f", retrying: {down[0]}; " if down else "")
@@ -421,6 +480,22 @@ class Daemon:
             breakers_open={str(root): b.open for root, b in self.pipeline.breakers.items()},
             last_reconcile=self.last_reconcile)
 
+    def _scan_status(self) -> str:
+        """' (reconciling /data: 412,000 files seen, 41% of the last count)', or
+        ' (reconcile pending)' between a request and its start (READY's status)."""
+        progress = list(self._progress.items())
+        if progress:
+            parts = []
+            for root, counts in progress:
+                last = self._last_seen.get(root)
+                share = f", {min(99, 100 * counts['seen'] // last)}% of the last count" \
+                    if last else ""
+                parts.append(f"{root}: {counts['seen']:,} files seen{share}")
+            return f" (reconciling {'; '.join(parts)})"
+        with self._scan_cond:
+            pending = self._scanning or any(self._scan_requests.values())
+        return " (reconcile pending)" if pending else ""
+
     def _count_fields(self) -> dict[str, object]:
         return {f"count_{k}": v for k, v in self.pipeline.counts.items()}
 
@@ -435,16 +510,17 @@ class Daemon:
             self._queue_full(path)
 
     def _queue_full(self, path: Path) -> None:
-        watch = self.config.watch_for(path)
-        if watch is not None:
-            self.request_scan(watch.path)
+        """A live event found the queue full: list that file's directory once the queue
+        has room (not the whole root: one directory holds whatever was refused)."""
+        if self.config.watch_for(path) is not None:
+            self.request_scan(path.parent, trigger="queue full", recursive=False)
 
     def _store_call_failed(self, exc: StoreError, path: Path) -> None:
         """A watcher callback could not update the store: the root's rescan will."""
         self._store_failed(exc, path=str(path))
         watch = self.config.watch_for(path)
         if watch is not None:
-            self.request_scan(watch.path)
+            self.request_scan(watch.path, trigger="store error")
 
     def file_deleted(self, path: Path) -> None:
         self.queue.discard(path)
@@ -485,107 +561,253 @@ class Daemon:
                             self.store.update(rec.with_(path=str(moved)))
         except StoreError as exc:
             self._store_call_failed(exc, dst)
-        self.request_scan(dst)
+        self.request_scan(dst, trigger="directory")
 
     def dir_arrived(self, path: Path) -> None:
-        self.request_scan(path)
+        self.request_scan(path, trigger="directory")
 
     def dir_deleted(self, path: Path) -> None:
-        self.request_scan(path)
+        self.request_scan(path, trigger="directory")
 
     def overflow(self) -> None:
         roots = [w.path for w in self.config.watches]
         emit(Event.OVERFLOW_RESCAN, "inotify queue overflowed: events were lost; rescanning "
              f"{len(roots)} roots (raise fs.inotify.max_queued_events if this recurs)",
              roots=",".join(map(str, roots)))
-        self.request_scan(*roots)
+        self.request_scan(*roots, trigger="overflow")
 
     # ------------------------------------------------------------ scanning
 
-    def request_scan(self, *paths: Path) -> None:
+    def request_scan(self, *paths: Path, trigger: str, recursive: bool = True) -> None:
+        """Reconcile these directories soon. Live triggers (a directory event, a full
+        queue) go to the live scanner, whose files are live events; the others to the
+        background scanner."""
+        live = trigger in LIVE_TRIGGERS
         with self._scan_cond:
-            self._scan_requests.update(paths)
-            self._scan_cond.notify()
+            requests = self._scan_requests[live]
+            for path in paths:
+                old = requests.get(path)
+                if old is not None:  # keep the more thorough of the two
+                    trigger = old[0] if trigger == "interval" else trigger
+                    recursive = recursive or old[1]
+                requests[path] = (trigger, recursive)
+            self._scan_cond.notify_all()
 
-    def _scan_loop(self) -> None:
-        while not self._stop.is_set():
-            with self._scan_cond:
-                while not self._scan_requests and not self._stop.is_set():
-                    self._scan_cond.wait(1.0)
-                if self._stop.is_set():
-                    return
-                path = min(self._scan_requests, key=lambda p: len(p.parts))
-                # A root scan covers every request below it.
-                self._scan_requests = {p for p in self._scan_requests
-                                       if p != path and path not in p.parents}
-                self._scanning += 1
+    def _next_scan(self, live: bool) -> tuple[Path, str, bool] | None:
+        """The shallowest requested directory; requests it covers are merged into it (a
+        periodic run that covers a request for a full comparison becomes one)."""
+        with self._scan_cond:
+            requests = self._scan_requests[live]
+            while not requests and not self._stop.is_set():
+                self._scan_cond.wait(1.0)
+            if self._stop.is_set():
+                return None
+            path = min(requests, key=lambda p: len(p.parts))
+            trigger, recursive = requests.pop(path)
+            if recursive:
+                for other in [p for p in requests if path in p.parents]:
+                    covered = requests.pop(other)[0]
+                    trigger = covered if trigger == "interval" else trigger
+            self._scanning += 1
+            return path, trigger, recursive
+
+    def _scan_loop(self, live: bool) -> None:
+        while (request := self._next_scan(live)) is not None:
+            path, trigger, recursive = request
             try:
-                self.reconcile(path)
+                self.reconcile(path, trigger, recursive=recursive)
             except StoreError as exc:
                 self._store_failed(exc, root=str(path))
                 while self._store_down and not self._stop.is_set():
                     self._stop.wait(0.5)
-                self.request_scan(path)
+                self.request_scan(path, trigger=trigger, recursive=recursive)
             except Exception:
                 log.exception("reconciliation of %s failed", path)
             finally:
                 with self._scan_cond:
                     self._scanning -= 1
 
-    def reconcile(self, top: Path) -> dict[str, int]:
-        """Bring the store in line with the disk under `top`: queue new or changed files,
-        forget records whose files are gone. Runs while watching, so nothing is missed."""
-        counts = {"queued": 0, "forgotten": 0, "seen": 0}
-        queued: set[Path] = set()
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-            if self._stop.is_set():
-                return counts
-            base = Path(dirpath)
-            watch = self.config.watch_for(base)
-            if watch is None:
-                dirnames.clear()
-                continue
-            if not watch.recursive and base != watch.path:
-                dirnames.clear()
-                continue
-            dirnames[:] = [d for d in dirnames
-                           if not is_ignored(base / d, watch.path, self.config.ignore)]
-            policy = self.config.policy_for(watch)
-            for name in filenames:
-                path = base / name
-                if is_ignored(path, watch.path, self.config.ignore):
-                    continue
-                if not wanted(policy, str(path.relative_to(watch.path))):
-                    continue
-                counts["seen"] += 1
-                try:
-                    st = path.lstat()
-                except FileNotFoundError:
-                    continue
-                rec = self.store.get_by_path(str(path))
-                if rec is None or (rec.file_size, rec.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                    if (str(path), st.st_size, st.st_mtime_ns) in self._rejected:
-                        continue
-                    self.queue.put(path, block=True)
-                    queued.add(path)
-                    counts["queued"] += 1
-        # Files queued above may be records that moved: let them be matched first.
-        while queued and not self._stop.is_set():
-            queued = {p for p in queued if p in self.queue}
-            if queued:
-                self._stop.wait(0.1)
-        for rec in self.store.iter_records(prefix=str(top)):
-            if rec.status in LIVE_STATUSES and not os.path.lexists(rec.path):
-                with self.store.locked(rec.scope):
-                    again = self.store.get(rec.id)  # type: ignore[arg-type]
-                    if again is not None and again.path == rec.path and \
-                            not os.path.lexists(rec.path):
-                        self.store.delete(rec.id)  # type: ignore[arg-type]
-                        counts["forgotten"] += 1
+    def reconcile(self, top: Path, trigger: str = "start-up", *,
+                  recursive: bool = True) -> dict[str, int]:
+        """Bring the store in line with the disk under `top`: queue new or changed files
+        (size or mtime differ), forget records whose files are gone, and count records
+        whose files were found at a new path. Runs while watching, so nothing is missed.
+
+        One pass, a directory at a time: one listing, one bulk store query for its
+        children, filters on names; memory follows the largest directory, never the
+        number of changed files (the queue's bound holds the walk back). The periodic
+        safety net (trigger "interval") only lists directories whose mtime is unchanged
+        since their last full comparison (no file was added, removed or renamed there;
+        inotify reports writes in place while the daemon runs), except a rolling
+        1/FULL_EVERY of them, so every directory is compared in full now and then."""
+        counts = {"seen": 0, "queued": 0, "forgotten": 0, "moved": 0, "dirs": 0,
+                  "unchanged_dirs": 0}
+        if self.config.watch_for(top) is None:
+            return counts
+        live = trigger in LIVE_TRIGGERS
+        quiet = trigger == "directory"  # part of handling a live event
+        run = 0
+        if trigger == "interval":
+            run = self._interval_runs[top] = self._interval_runs.get(top, 0) + 1
+        started, cpu = time.monotonic(), time.thread_time()
+        if quiet:
+            log.debug("reconciling %s (%s)", top, trigger)
+        else:
+            emit(Event.RECONCILE_STARTED, f"reconciling {top} ({trigger})", root=str(top),
+                 trigger=trigger)
+            self._progress[top] = counts
+        vanished: list[tuple[int, str]] = []  # (id, path) of records whose file is gone
+        stack = [top]
+        try:
+            while stack and not self._stop.is_set():
+                self._reconcile_dir(stack.pop(), counts, stack, vanished, live=live,
+                                    recursive=recursive, run=run)
+                if len(vanished) >= VANISHED_BATCH:
+                    self._forget(vanished, counts, live)
+            self._forget(vanished, counts, live)
+        finally:
+            self._progress.pop(top, None)
+        if self._stop.is_set():
+            return counts
         if any(w.path == top for w in self.config.watches):
             self.last_reconcile = time.time()
-        log.debug("reconciled %s: %s", top, counts)
+            if trigger != "interval":
+                self._last_seen[top] = counts["seen"]
+        duration = time.monotonic() - started
+        text = (f"reconciled {top} ({trigger}) in {duration:.1f} s: {counts['seen']} files "
+                f"seen, {counts['queued']} queued, {counts['forgotten']} forgotten, "
+                f"{counts['moved']} moved")
+        if quiet:
+            log.debug("%s", text)
+        else:
+            if counts["unchanged_dirs"]:
+                text += f"; {counts['unchanged_dirs']} of {counts['dirs']} directories unchanged"
+            emit(Event.RECONCILE_FINISHED, text, root=str(top), trigger=trigger,
+                 duration=round(duration, 3), cpu=round(time.thread_time() - cpu, 3),
+                 **counts)  # type: ignore[arg-type]
         return counts
+
+    def _reconcile_dir(self, directory: Path, counts: dict[str, int], stack: list[Path],
+                       vanished: list[tuple[int, str]], *, live: bool, recursive: bool,
+                       run: int) -> None:
+        """Compare one directory with its records; push its subdirectories on `stack`."""
+        config = self.config
+        watch = config.watch_for(directory)
+        if watch is None:
+            return
+        name = str(directory)
+        root = str(watch.path)
+        if not watch.recursive and name != root:
+            return
+        below = recursive and watch.recursive
+        try:
+            st = os.stat(name) if name == root else os.lstat(name)
+            if not stat.S_ISDIR(st.st_mode):  # replaced by a file or a symlink
+                self._vanished_under(directory, vanished, gone=False)
+                return
+            listing = os.scandir(name)
+        except FileNotFoundError:  # deleted: its records go
+            self._vanished_under(directory, vanished, gone=True)
+            return
+        except OSError as exc:  # unreadable: leave its records alone
+            log.warning("cannot list %s: %s; its files are left as they are", name, exc)
+            return
+        counts["dirs"] += 1
+        ignored = name_ignored(config.ignore)
+        mark = self._dir_marks.get(name)
+        if run and mark is not None and mark[:2] == (st.st_ino, st.st_mtime_ns) and \
+                zlib.crc32(os.fsencode(name)) % FULL_EVERY != run % FULL_EVERY:
+            counts["unchanged_dirs"] += 1
+            counts["seen"] += mark[2]
+            if below:
+                with listing:
+                    stack.extend(Path(e.path) for e in listing if not ignored(e.name)
+                                 and e.is_dir(follow_symlinks=False))
+            return
+        files, store_subdirs = self.store.children(name)
+        wanted_path = wanted_test(config.policy_for(watch))
+        prefix = name[len(root) + 1:] + "/" if name != root else ""
+        walked: set[str] = set()
+        seen = 0
+        with listing:
+            for entry in listing:
+                entry_name = entry.name
+                if ignored(entry_name):
+                    continue
+                try:
+                    is_dir = entry.is_dir()  # a symlink to a directory: neither walked nor a file
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if below and not entry.is_symlink():
+                        walked.add(entry_name)
+                        stack.append(Path(entry.path))
+                    continue
+                if not wanted_path(prefix + entry_name):
+                    continue
+                seen += 1
+                try:
+                    est = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                known = files.pop(entry_name, None)
+                if known is not None and known[0] == est.st_size and \
+                        known[1] == est.st_mtime_ns:
+                    continue
+                if (entry.path, est.st_size, est.st_mtime_ns) in self._rejected:
+                    continue
+                self.queue.put(Path(entry.path), block=True, background=not live)
+                counts["queued"] += 1
+        counts["seen"] += seen
+        # Records left: files gone, or present but not wanted (kept, as before).
+        for entry_name, (_, _, rid, status) in files.items():
+            path = os.path.join(name, entry_name)
+            if status in LIVE_STATUSES and not os.path.lexists(path):
+                vanished.append((rid, path))
+        for sub in store_subdirs:
+            if sub not in walked:
+                self._vanished_under(directory / sub, vanished,
+                                     gone=not os.path.lexists(os.path.join(name, sub)))
+        if time.time_ns() - st.st_mtime_ns > RACY_NS:
+            self._dir_marks[name] = (st.st_ino, st.st_mtime_ns, seen)
+        else:  # changed within the timestamps' granularity of now: compare again next time
+            self._dir_marks.pop(name, None)
+
+    def _vanished_under(self, directory: Path, vanished: list[tuple[int, str]], *,
+                        gone: bool) -> None:
+        """Records below a directory the walk does not enter: all of them if it is gone,
+        else those whose file is gone (an ignored or unwalked directory)."""
+        if gone:
+            name = str(directory)
+            for key in [k for k in self._dir_marks if k == name or k.startswith(name + "/")]:
+                del self._dir_marks[key]
+        for rec in self.store.iter_records(prefix=str(directory)):
+            if rec.status in LIVE_STATUSES and (gone or not os.path.lexists(rec.path)):
+                vanished.append((rec.id, rec.path))  # type: ignore[arg-type]
+
+    def _forget(self, vanished: list[tuple[int, str]], counts: dict[str, int],
+                live: bool) -> None:
+        """Drop the records of vanished files, once the files queued so far are done:
+        one of them may be such a file at a new path, whose record the pipeline then
+        moved (matched by content digest) instead of indexing a newcomer."""
+        if not vanished:
+            return
+        self.queue.wait_drained(not live, self._stop)
+        if self._stop.is_set():
+            return
+        for rid, path in vanished:
+            rec = self.store.get(rid)
+            if rec is None:
+                continue
+            if rec.path != path:
+                counts["moved"] += 1
+                continue
+            with self.store.locked(rec.scope):
+                again = self.store.get(rid)
+                if again is not None and again.path == path and not os.path.lexists(path):
+                    self.store.delete(rid)
+                    counts["forgotten"] += 1
+        vanished.clear()
 
     # ------------------------------------------------------------ workers
 
@@ -610,6 +832,7 @@ class Daemon:
                     self._queue_full(path)
             except Exception:
                 log.exception("processing %s failed; it stays where it is", path)
+                self._dir_marks.pop(str(path.parent), None)  # the safety net retries it
             finally:
                 self._busy.pop(me, None)
                 self.queue.done(path)

@@ -50,6 +50,8 @@ class Event(enum.StrEnum):
     SUMMARY = "summary"
     STORE_UNAVAILABLE = "store_unavailable"
     STORE_RECOVERED = "store_recovered"
+    RECONCILE_STARTED = "reconcile_started"
+    RECONCILE_FINISHED = "reconcile_finished"
 
 
 # Stable forever; deploy/dedupd.catalog explains each one (`journalctl -x`).
@@ -69,6 +71,8 @@ MESSAGE_IDS: dict[Event, str] = {
     Event.SUMMARY: "eb7cc0fc19884dbda15062b27d552583",
     Event.STORE_UNAVAILABLE: "c1b8e26d0e164ca38c3e624e9229ef95",
     Event.STORE_RECOVERED: "7b32efd500d244e3875595256e715288",
+    Event.RECONCILE_STARTED: "f253d5a715a6436aa3ca2ecfd58d559e",
+    Event.RECONCILE_FINISHED: "e75bb7be1c714d1b9bd633db7b788c82",
 }
 
 PRIORITIES: dict[Event, int] = {
@@ -87,6 +91,8 @@ PRIORITIES: dict[Event, int] = {
     Event.SUMMARY: INFO,
     Event.STORE_UNAVAILABLE: ERR,
     Event.STORE_RECOVERED: NOTICE,
+    Event.RECONCILE_STARTED: INFO,
+    Event.RECONCILE_FINISHED: NOTICE,
 }
 
 _PRIORITY_NAMES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")

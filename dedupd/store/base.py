@@ -17,6 +17,10 @@ STATUSES = (KEPT, QUARANTINED, ALLOWED, DELETED)
 # Records in these states are part of a dataset and count as "already seen".
 LIVE_STATUSES = (KEPT, ALLOWED)
 
+# What a reconcile needs of a record, by name in its directory: (file_size, mtime_ns, id,
+# status). A plain tuple: a reconcile reads millions of them.
+Known = tuple[int, int, int, str]
+
 # Quarantine journal states: intent is written before any rename (crash safety).
 PENDING, DONE, RESTORED = "pending", "done", "restored"
 PURGED, ROLLED_BACK = "purged", "rolled_back"
@@ -174,6 +178,42 @@ class Store(ABC):
     def iter_records(self, scope: str | None = None, prefix: str | None = None
                      ) -> Iterator[ImageRecord]:
         """All records, optionally of one scope and/or with paths under a directory prefix."""
+
+    def children(self, directory: str) -> tuple[dict[str, Known], list[str]]:
+        """The records of a directory's direct children (name -> Known), and the names of
+        its subdirectories that hold records.
+
+        One reconcile step per directory: a few range queries in path order over the
+        path index, jumping over each subdirectory's records instead of reading them
+        (past "sub/" comes "sub0"), so the cost follows the directory's own size, not
+        the size of the tree below it. The first query asks for few rows, and each
+        next one for twice as many while they are all direct children: a directory of
+        subdirectories wastes a few rows per subdirectory, one of files a few queries."""
+        base = directory.rstrip("/") + "/"
+        hi, start = base[:-1] + "0", len(base)
+        files: dict[str, Known] = {}
+        subdirs: list[str] = []
+        lo, inclusive, limit = base, False, 16
+        while True:
+            rows = self._path_range(lo, hi, limit, inclusive=inclusive)
+            for path, size, mtime_ns, rid, status in rows:
+                name = path[start:]
+                slash = name.find("/")
+                if slash >= 0:
+                    subdirs.append(name[:slash])
+                    lo, inclusive, limit = base + name[:slash] + "0", True, 16
+                    break
+                files[name] = (size, mtime_ns, rid, status)
+            else:
+                if len(rows) < limit:
+                    return files, subdirs
+                lo, inclusive, limit = rows[-1][0], False, min(2 * limit, 4096)
+
+    @abstractmethod
+    def _path_range(self, lo: str, hi: str, limit: int, *, inclusive: bool
+                    ) -> list[tuple[str, int, int, int, str]]:
+        """(path, file_size, mtime_ns, id, status) of at most `limit` records with
+        lo < path (lo <= path if inclusive) and path < hi, in byte order of paths."""
 
     @abstractmethod
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,

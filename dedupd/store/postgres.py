@@ -562,6 +562,13 @@ class PostgresStore(Store):
                 return
             last = rows[-1][2] if key == "path" else rows[-1][0]
 
+    def _path_range(self, lo: str, hi: str, limit: int, *, inclusive: bool
+                    ) -> list[tuple[str, int, int, int, str]]:
+        return self._query(  # the path column is C-collated: byte order
+            "SELECT path, file_size, mtime_ns, id, status FROM images WHERE "
+            f"path {'>=' if inclusive else '>'} %s AND path < %s ORDER BY path LIMIT %s",
+            (lo, hi, limit))
+
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
                      max_distance: int, limit: int = 10) -> list[Match]:
         near, args = near_query(recipe, hash, max_distance, limit)

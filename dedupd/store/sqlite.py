@@ -429,6 +429,13 @@ class SQLiteStore(Store):
             yield from map(_record, rows)
             args[0] = rows[-1][column]
 
+    def _path_range(self, lo: str, hi: str, limit: int, *, inclusive: bool
+                    ) -> list[tuple[str, int, int, int, str]]:
+        return self._query(  # type: ignore[return-value]
+            "SELECT path, file_size, mtime_ns, id, status FROM images WHERE "
+            f"path {'>=' if inclusive else '>'} ? AND path < ? ORDER BY path LIMIT ?",
+            (lo, hi, limit))
+
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
                      max_distance: int, limit: int = 10) -> list[Match]:
         index = self._index(scope, recipe)
