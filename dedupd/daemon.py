@@ -66,6 +66,8 @@ FULL_EVERY = 24
 # A directory modified this close to its listing may change again within one tick of the
 # file system's timestamps: its mtime proves nothing yet.
 RACY_NS = 2_000_000_000
+# The background scanner lets due live files through every this many directory entries.
+YIELD_EVERY = 128
 # Vanished records held before they are forgotten (waiting for the queue to drain).
 VANISHED_BATCH = 50_000
 # Trim at least this often while files keep coming (otherwise whenever the queue empties).
@@ -197,17 +199,36 @@ class WorkQueue:
         with self._cond:
             return self._arrived.get(path)
 
+    def _tidy(self) -> None:
+        """Drop superseded heap tops; hold those a worker has until its done()."""
+        for background, heap in enumerate(self._heaps):
+            while heap and (self._due.get(heap[0][2]) != (heap[0][0], background)
+                            or heap[0][2] in self._taken):
+                due, _, held = heapq.heappop(heap)
+                if self._due.get(held) == (due, background):
+                    self._held[held] = (due, bool(background))
+
+    def yield_to_live(self, timeout: float) -> None:
+        """For a background producer (the scanner): wait while live paths are due or in
+        a worker, at most `timeout`. Its Python loop would otherwise take the GIL from
+        theirs in 5 ms slices, several times per file."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._closed:
+                self._tidy()
+                now = time.monotonic()
+                live = self._heaps[0]
+                if now >= deadline or not (False in self._taken.values()
+                                           or (live and live[0][0] <= now)):
+                    return
+                self._cond.wait(deadline - now)
+
     def get(self, timeout: float = 0.5) -> Path | None:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._closed:
                 now = time.monotonic()
-                for background, heap in enumerate(self._heaps):
-                    while heap and (self._due.get(heap[0][2]) != (heap[0][0], background)
-                                    or heap[0][2] in self._taken):
-                        due, _, held = heapq.heappop(heap)  # superseded, or in a worker
-                        if self._due.get(held) == (due, background):
-                            self._held[held] = (due, bool(background))
+                self._tidy()
                 for background, heap in enumerate(self._heaps):
                     if heap and heap[0][0] <= now:
                         _, _, path = heapq.heappop(heap)
@@ -302,11 +323,16 @@ class Daemon:
     def _roots(self, config: Config | None = None) -> list[Root]:
         return [Root(w.path, w.recursive) for w in (config or self.config).watches]
 
-    def run(self) -> int:
-        """Main loop: signals, STATUS, summaries, periodic reconciliation; returns exit code."""
+    def handle_signals(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reloads. Installed before start() announces READY:
+        a reload sent right after READY must not find SIGHUP's default (terminate)."""
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def run(self) -> int:
+        """Main loop: signals, STATUS, summaries, periodic reconciliation; returns exit code."""
+        self.handle_signals()
         last_status = last_summary = last_reconcile = last_ping = last_checkpoint = \
             last_trim = time.monotonic()
         trimmed_at = 0  # files processed at the last heap trim
@@ -730,7 +756,9 @@ class Daemon:
         walked: set[str] = set()
         seen = 0
         with listing:
-            for entry in listing:
+            for n, entry in enumerate(listing):
+                if not live and n % YIELD_EVERY == 0:
+                    self.queue.yield_to_live(0.05)
                 entry_name = entry.name
                 if ignored(entry_name):
                     continue
@@ -949,6 +977,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     notifier = Notifier()
     try:
         daemon = Daemon(config, config_path=args.config, notifier=notifier)
+        daemon.handle_signals()
         daemon.start()
     except (WatchError, StoreError) as exc:
         emit(Event.STOPPED, f"cannot start: {exc}", reason=str(exc))

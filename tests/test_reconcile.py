@@ -320,3 +320,50 @@ def test_memory_does_not_hold_queued_paths(tree) -> None:
     stop.set()
     t.join()
     assert counts["queued"] == 50 and len(set(taken)) == 50
+
+
+# ---------------------------------------------------------------- the real daemon
+
+
+def test_a_full_queue_lists_one_directory_and_reconciles_say_what_they_did(
+        tmp_path: Path) -> None:
+    """A burst beyond queue_size into a subdirectory: every file is decided, and the
+    rescan it causes covers that directory only, logged with its trigger and counts."""
+    import json
+
+    from conftest import photo, write_image
+    from daemonproc import DaemonProcess, records, wait_for, write_config
+
+    root, drop = tmp_path / "data", tmp_path / "data" / "drop"
+    drop.mkdir(parents=True)
+    write_image(root / "old.jpg", photo(1, 64, 48))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    db = tmp_path / "state" / "index.sqlite"
+    cfg = write_config(tmp_path / "dedupd.yaml", {
+        "index": str(db), "quarantine_dir": str(tmp_path / "state" / "q"),
+        "queue_size": 3, "workers": 1, "watches": [{"path": str(root)}],
+        "policies": {"default": {"action": "log"}}})
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", log_mode="json").start()
+    try:
+        wait_for(lambda: str(root / "old.jpg") in records(db), 30, "old.jpg indexed")
+        names = [f"n{i:02d}.jpg" for i in range(40)]
+        for i, name in enumerate(names):
+            write_image(staging / name, photo(100 + i, 64, 48))
+        for name in names:
+            os.rename(staging / name, drop / name)
+        wait_for(lambda: all(str(drop / n) in records(db) for n in names), 120,
+                 "every file of the burst indexed")
+        events = [json.loads(line) for line in daemon.log_since_start().splitlines()
+                  if line.startswith("{")]
+    finally:
+        assert daemon.stop() == 0
+    started = [e for e in events if e["event"] == "reconcile_started"]
+    finished = [e for e in events if e["event"] == "reconcile_finished"]
+    assert started[0]["trigger"] == "start-up" and started[0]["root"] == str(root)
+    startup = finished[0]
+    assert (startup["trigger"], startup["seen"], startup["queued"]) == ("start-up", 1, 1)
+    assert startup["message_id"] == "e75bb7be1c714d1b9bd633db7b788c82"
+    full = [e for e in started if e["trigger"] == "queue full"]
+    assert full, "the refused events caused no rescan"
+    assert {e["root"] for e in full} == {str(drop)}  # that directory, never the root
