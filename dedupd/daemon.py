@@ -101,8 +101,12 @@ class WorkQueue:
     live event's place.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, background_slots: int | None = None) -> None:
         self.limit = limit
+        # Workers that may hold background work at once: the daemon keeps one of its
+        # workers for live events, so a file arriving never waits for a big picture a
+        # reconcile queued to finish decoding.
+        self.background_slots = background_slots
         self._due: dict[Path, tuple[float, bool]] = {}  # path -> (due, background)
         self._waiting = [0, 0]  # per class: live, background
         self._arrived: dict[Path, float] = {}  # first put of a path not yet done (metrics)
@@ -229,7 +233,11 @@ class WorkQueue:
             while not self._closed:
                 now = time.monotonic()
                 self._tidy()
+                slots = self.background_slots
                 for background, heap in enumerate(self._heaps):
+                    if background and slots is not None and \
+                            sum(self._taken.values()) >= slots:
+                        continue  # the workers left are kept for live events
                     if heap and heap[0][0] <= now:
                         _, _, path = heapq.heappop(heap)
                         del self._due[path]
@@ -301,6 +309,7 @@ class Daemon:
         self.metrics.start()
         self.watcher.arm(self._roots())
         workers = self.config.workers or len(os.sched_getaffinity(0))
+        self.queue.background_slots = max(1, workers - 1)
         for i in range(workers):
             self._spawn(self._work, f"dedupd-worker-{i}")
         self._spawn(functools.partial(self._scan_loop, False), "dedupd-scanner")

@@ -84,6 +84,18 @@ def test_a_live_event_promotes_a_waiting_background_path() -> None:
     assert q.pending(True) == 0
 
 
+def test_background_work_leaves_a_worker_for_live_events() -> None:
+    q = WorkQueue(10, background_slots=1)
+    q.put(Path("/bg0"), background=True)
+    q.put(Path("/bg1"), background=True)
+    assert q.get(0) == Path("/bg0")
+    assert q.get(0) is None  # the one background slot is taken
+    q.put(Path("/live"))
+    assert q.get(0) == Path("/live")
+    q.done(Path("/bg0"))
+    assert q.get(0) == Path("/bg1")
+
+
 def test_wait_drained_returns_once_the_class_is_done() -> None:
     q = WorkQueue(10)
     stop = threading.Event()
@@ -317,6 +329,7 @@ def test_memory_does_not_hold_queued_paths(tree) -> None:
     t = threading.Thread(target=worker)
     t.start()
     counts = daemon.reconcile(root)
+    daemon.queue.wait_drained(True, stop)
     stop.set()
     t.join()
     assert counts["queued"] == 50 and len(set(taken)) == 50
