@@ -235,9 +235,12 @@ class WorkQueue:
                 self._tidy()
                 slots = self.background_slots
                 for background, heap in enumerate(self._heaps):
-                    if background and slots is not None and \
-                            sum(self._taken.values()) >= slots:
-                        continue  # the workers left are kept for live events
+                    if background and slots is not None and (
+                            sum(self._taken.values()) >= slots
+                            or False in self._taken.values()):
+                        # The workers left are kept for live events, and a live file
+                        # being decided has the process (and its GIL) to itself.
+                        continue
                     if heap and heap[0][0] <= now:
                         _, _, path = heapq.heappop(heap)
                         del self._due[path]
@@ -516,20 +519,19 @@ class Daemon:
             last_reconcile=self.last_reconcile)
 
     def _scan_status(self) -> str:
-        """' (reconciling /data: 412,000 files seen, 41% of the last count)', or
-        ' (reconcile pending)' between a request and its start (READY's status)."""
-        progress = list(self._progress.items())
-        if progress:
-            parts = []
-            for root, counts in progress:
-                last = self._last_seen.get(root)
-                share = f", {min(99, 100 * counts['seen'] // last)}% of the last count" \
-                    if last else ""
-                parts.append(f"{root}: {counts['seen']:,} files seen{share}")
-            return f" (reconciling {'; '.join(parts)})"
+        """' (scanning); reconciling /data: 412,000 files seen, 41% of the last count', or
+        ' (scanning)' alone between a request and its start (READY's status)."""
+        parts = []
+        for root, counts in list(self._progress.items()):
+            last = self._last_seen.get(root)
+            share = f", {min(99, 100 * counts['seen'] // last)}% of the last count" \
+                if last else ""
+            parts.append(f"{root}: {counts['seen']:,} files seen{share}")
+        if parts:
+            return f" (scanning); reconciling {'; '.join(parts)}"
         with self._scan_cond:
             pending = self._scanning or any(self._scan_requests.values())
-        return " (reconcile pending)" if pending else ""
+        return " (scanning)" if pending else ""
 
     def _count_fields(self) -> dict[str, object]:
         return {f"count_{k}": v for k, v in self.pipeline.counts.items()}
@@ -696,7 +698,8 @@ class Daemon:
         try:
             while stack and not self._stop.is_set():
                 self._reconcile_dir(stack.pop(), counts, stack, vanished, live=live,
-                                    recursive=recursive, run=run)
+                                    recursive=recursive, run=run,
+                                    settle=self.config.settle_seconds if quiet else 0.0)
                 if len(vanished) >= VANISHED_BATCH:
                     self._forget(vanished, counts, live)
             self._forget(vanished, counts, live)
@@ -724,8 +727,11 @@ class Daemon:
 
     def _reconcile_dir(self, directory: Path, counts: dict[str, int], stack: list[Path],
                        vanished: list[tuple[int, str]], *, live: bool, recursive: bool,
-                       run: int) -> None:
-        """Compare one directory with its records; push its subdirectories on `stack`."""
+                       run: int, settle: float) -> None:
+        """Compare one directory with its records; push its subdirectories on `stack`.
+        Empty files are queued `settle` seconds ahead: a directory that just appeared may
+        hold files created but not yet written (their close event makes them due at once),
+        while a directory moved in whole is complete."""
         config = self.config
         watch = config.watch_for(directory)
         if watch is None:
@@ -793,7 +799,8 @@ class Daemon:
                     continue
                 if (entry.path, est.st_size, est.st_mtime_ns) in self._rejected:
                     continue
-                self.queue.put(Path(entry.path), block=True, background=not live)
+                self.queue.put(Path(entry.path), 0.0 if est.st_size else settle, block=True,
+                               background=not live)
                 counts["queued"] += 1
         counts["seen"] += seen
         # Records left: files gone, or present but not wanted (kept, as before).

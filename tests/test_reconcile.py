@@ -93,6 +93,8 @@ def test_background_work_leaves_a_worker_for_live_events() -> None:
     q.put(Path("/live"))
     assert q.get(0) == Path("/live")
     q.done(Path("/bg0"))
+    assert q.get(0) is None  # a live file is being decided: background work waits
+    q.done(Path("/live"))
     assert q.get(0) == Path("/bg1")
 
 
@@ -380,3 +382,24 @@ def test_a_full_queue_lists_one_directory_and_reconciles_say_what_they_did(
     full = [e for e in started if e["trigger"] == "queue full"]
     assert full, "the refused events caused no rescan"
     assert {e["root"] for e in full} == {str(drop)}  # that directory, never the root
+
+
+def test_status_shows_a_pending_reconcile_and_its_progress(tree) -> None:
+    daemon, root = tree
+    assert "(scanning)" not in daemon.status_line()
+    daemon.request_scan(root, trigger="start-up")  # what READY's status must show
+    assert "(scanning)" in daemon.status_line()
+    daemon._scan_requests[False].clear()
+    reconcile(daemon, root)  # a full run: its count is the next one's 100%
+    seen_during: list[str] = []
+    children = daemon.store.children
+
+    def spy(directory: str):  # type: ignore[no-untyped-def]
+        seen_during.append(daemon.status_line())
+        return children(directory)
+
+    daemon.store.children = spy  # type: ignore[method-assign]
+    reconcile(daemon, root)
+    assert any(f"reconciling {root}: " in s and "% of the last count" in s
+               for s in seen_during), seen_during
+    assert "(scanning)" not in daemon.status_line()
