@@ -808,7 +808,7 @@ class Daemon:
             path = os.path.join(name, entry_name)
             if status in LIVE_STATUSES and not os.path.lexists(path):
                 vanished.append((rid, path))
-        for sub in store_subdirs:
+        for sub in store_subdirs if recursive else ():  # a shallow scan leaves them
             if sub not in walked:
                 self._vanished_under(directory / sub, vanished,
                                      gone=not os.path.lexists(os.path.join(name, sub)))
@@ -833,10 +833,12 @@ class Daemon:
                 live: bool) -> None:
         """Drop the records of vanished files, once the files queued so far are done:
         one of them may be such a file at a new path, whose record the pipeline then
-        moved (matched by content digest) instead of indexing a newcomer."""
+        moved (matched by content digest) instead of indexing a newcomer. A live scan
+        does not wait (live events keep coming; its moves are the watcher's events)."""
         if not vanished:
             return
-        self.queue.wait_drained(not live, self._stop)
+        if not live:
+            self.queue.wait_drained(True, self._stop)
         if self._stop.is_set():
             return
         for rid, path in vanished:
