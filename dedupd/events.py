@@ -205,6 +205,12 @@ def setup_logging(mode: str = "auto", level: str = "info") -> str:
     root.propagate = False
     root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
     root.addHandler(_Handler())
+    # Python warnings (a library's RuntimeWarning) take the same way: printed raw on
+    # stderr they would break --log json's one object per line.
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.handlers[:] = [_Handler()]
+    warnings_log.propagate = False
     return mode
 
 

@@ -36,6 +36,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -683,3 +684,17 @@ def test_model_copies_into_new_subdirectories(world) -> None:
     for i, how in enumerate(["half", "reencode", "exact", "three_quarters"] * 3):
         w.create(variant(image_bytes(0), how), f"copy_{how}", sub=f"new{i}")
     w.settle(10)
+
+
+def test_python_warnings_are_json_lines_under_log_json() -> None:
+    """Found by the soak: watchdog's RuntimeWarning ("Callback with id ... already exists
+    for watch") reached stderr raw, two lines that are not JSON, under --log json."""
+    script = ("import warnings\nfrom dedupd.events import setup_logging\n"
+              "setup_logging('json')\nwarnings.warn('a library complains', RuntimeWarning)\n")
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True).stderr
+    lines = err.splitlines()
+    assert lines, "the warning was lost"
+    for line in lines:
+        obj = json.loads(line)
+        assert "a library complains" in obj["message"], obj
