@@ -119,11 +119,18 @@ class Metrics:
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self._textfile_error: str | None = None
+        self._started = False
         self.configure(config)
 
     def configure(self, config: Config) -> None:
-        """(Re)read the roots and groups; every root's decision counters start at 0."""
+        """(Re)read the roots and groups; every root's decision counters start at 0. A new
+        textfile path applies at once; a new listen address at the next start."""
+        old = getattr(self, "config", None)
+        if old is not None and old.metrics.listen != config.metrics.listen:
+            log.warning("metrics.listen changed: it takes effect when dedupd restarts")
         self.config = config
+        if old is not None and self._started and self._writer is None:
+            self._start_writer()
         for w in config.watches:
             for event in DECISIONS:
                 self.decisions.labels(event.value, str(w.path), w.scope)
@@ -167,8 +174,9 @@ class Metrics:
 
     # -- exporting
     def start(self) -> None:
+        self._started = True
         add_listener(self.on_event)
-        listen, textfile = self.config.metrics.listen, self.config.metrics.textfile
+        listen = self.config.metrics.listen
         if listen is not None:
             host, port = listen
             try:
@@ -177,7 +185,10 @@ class Metrics:
             except OSError as exc:
                 log.error("metrics: cannot listen on %s:%d: %s; no metrics endpoint",
                           host, port, exc.strerror or exc)
-        if textfile is not None:
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self.config.metrics.textfile is not None:
             self._writer = threading.Thread(target=self._write_loop, name="dedupd-metrics",
                                             daemon=True)
             self._writer.start()

@@ -156,6 +156,25 @@ def test_a_failing_listener_never_breaks_logging(capsys: pytest.CaptureFixture[s
     assert "image_accepted: x: accepted" in capsys.readouterr().err
 
 
+def test_reload_applies_a_new_textfile_and_warns_about_listen(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    root = tmp_path / "root"
+    before = parse_config({"watches": [str(root)]}, "x.yaml")
+    metrics = Metrics(before)
+    metrics.start()
+    try:
+        after = parse_config({"watches": [str(root)], "metrics": {
+            "textfile": str(tmp_path / "m.prom"), "listen": "127.0.0.1:9"}}, "x.yaml")
+        with caplog.at_level("WARNING", logger="dedupd.metrics"):
+            metrics.configure(after)
+        assert "takes effect when dedupd restarts" in caplog.text
+        wait_for(lambda: (tmp_path / "m.prom").exists(), 10, "the textfile")
+        assert "dedupd_decisions_total" in (tmp_path / "m.prom").read_text()
+    finally:
+        metrics.stop()
+
+
 def test_labels_stay_bounded(tmp_path: Path) -> None:
     tmp_path = tmp_path / "root"
     config = parse_config({"watches": [str(tmp_path)]}, "x.yaml")
