@@ -24,7 +24,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from dedupd.config import Config
-from dedupd.events import Event, add_listener, remove_listener
+from dedupd.events import Event, add_listener, delivery, remove_listener
 
 log = logging.getLogger("dedupd.metrics")
 
@@ -88,6 +88,19 @@ class _StateCollector(Collector):
                                     value=state.last_reconcile)
 
 
+class _DeliveryCollector(Collector):
+    """Events that missed journald (written to stderr instead) or were lost altogether."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        missed = delivery()
+        yield CounterMetricFamily("dedupd_log_events_dropped",
+                                  "Events lost: journald refused them and stderr failed too",
+                                  value=missed["dropped"])
+        yield CounterMetricFamily("dedupd_log_journal_fallbacks",
+                                  "Events journald refused, written to stderr instead",
+                                  value=missed["journal_fallbacks"])
+
+
 class Metrics:
     """The daemon's metrics: one registry, its counters fed by events."""
 
@@ -111,6 +124,7 @@ class Metrics:
             "logged decision (includes the settle delay of files still being written)",
             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=self.registry)
+        self.registry.register(_DeliveryCollector())
         if read_state is not None:
             self.registry.register(_StateCollector(read_state))
         self._reasons: set[str] = set()

@@ -113,6 +113,8 @@ def test_endpoint_and_textfile_count_what_the_log_says(metered, tmp_path: Path) 
         assert total(samples, "dedupd_circuit_open", root=str(root)) == 0
         assert total(samples, "dedupd_files_queued_total") >= 19
         assert total(samples, "dedupd_last_reconcile_timestamp_seconds") > 1.7e9
+        assert total(samples, "dedupd_log_events_dropped_total") == 0
+        assert total(samples, "dedupd_log_journal_fallbacks_total") == 0
         assert not [n for (n, lab) in samples for k, v in lab if "/u" in v or ".jpg" in v]
     finally:
         assert daemon.stop() == 0
@@ -238,8 +240,13 @@ def test_prometheus_scrapes_a_burst_and_agrees_with_the_journal(metered, tmp_pat
         want: Counter[str] = Counter()
         for wave in range(4):  # a burst in waves, so scrapes land in the middle of it
             want.update(burst(root, unique=25, copies=10, corrupt=2, start=100 * wave))
-        wait_for(lambda: all(journal_counts(root)[k] >= n for k, n in want.items()), 120,
-                 f"the daemon to log {dict(want)} to the journal")
+        try:
+            wait_for(lambda: all(journal_counts(root)[k] >= n for k, n in want.items()), 120,
+                     f"the daemon to log {dict(want)} to the journal")
+        except AssertionError as exc:  # say what did arrive, and what the daemon said
+            raise AssertionError(f"{exc}; the journal has {dict(journal_counts(root))}; "
+                                 f"daemon: {(tmp_path / 'daemon.log').read_text()[-2000:]}"
+                                 ) from None
         events = journal_counts(root)
 
         def agrees() -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -94,7 +95,8 @@ def test_journald_goes_away_and_comes_back_under_a_running_daemon(journald, tmp_
     root.mkdir()
     cfg = write_config(tmp_path / "dedupd.yaml", {
         "index": str(db), "quarantine_dir": str(tmp_path / "q"), "settle_seconds": 0.5,
-        "watches": [{"path": str(root)}], "policies": {"default": {"max_distance": 6}}})
+        "watches": [{"path": str(root)}], "policies": {"default": {"max_distance": 6}},
+        "metrics": {"textfile": str(tmp_path / "dedupd.prom")}})
     daemon = DaemonProcess(cfg, tmp_path / "stderr.log", log_mode="journald",
                            prefix=in_namespace((journald.run, "/run/systemd/journal")))
     daemon.start(wait_ready=False)
@@ -125,3 +127,8 @@ def test_journald_goes_away_and_comes_back_under_a_running_daemon(journald, tmp_
         code = daemon.stop()
     assert code == 0
     assert "Traceback" not in daemon.log(), daemon.log()
+    # The metrics say so too: events journald refused went to stderr, none were lost.
+    metrics = (tmp_path / "dedupd.prom").read_text()
+    fallbacks = re.search(r"^dedupd_log_journal_fallbacks_total (\S+)$", metrics, re.M)
+    assert fallbacks is not None and float(fallbacks.group(1)) >= 2, metrics
+    assert re.search(r"^dedupd_log_events_dropped_total 0\.0$", metrics, re.M), metrics
