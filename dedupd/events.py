@@ -222,8 +222,7 @@ class _Handler(logging.Handler):
         try:
             prio = _LOGGING_TO_SYSLOG.get(record.levelno, INFO)
             message = printable(record.getMessage())
-            trace = self.formatter.formatException(record.exc_info) if record.exc_info \
-                else ""  # type: ignore[union-attr]
+            trace = _TRACEBACKS.formatException(record.exc_info) if record.exc_info else ""
             obj = {"ts": _iso(record.created), "priority": prio, "logger": record.name,
                    "message": message}
             if trace:
@@ -243,7 +242,11 @@ class _Handler(logging.Handler):
             with _State.lock:
                 _State.dropped += 1
 
-    formatter = logging.Formatter()
+
+# Formats a record's traceback. Not Handler.formatter: logging.Handler.__init__ sets that
+# to None on every instance, and a record with exc_info then raised inside emit() and was
+# silently counted as dropped ("processing ... failed" never reached any log).
+_TRACEBACKS = logging.Formatter()
 
 
 def _write_line(line: str) -> bool:

@@ -354,3 +354,32 @@ def test_any_file_name_reaches_journald_as_its_exact_bytes(journald) -> None:
     assert sorted(paths) == sorted([b"a.jpg\ndedupd: <crit> circuit_open: forged",
                                     b"/d/bad\xff\xfe.jpg", "/d/caf\u00e9 \u2028.jpg".encode()])
     assert all("\n" not in e["MESSAGE"] for e in entries)
+
+
+FAILURE = """
+import sys, logging
+from dedupd.events import setup_logging
+setup_logging(sys.argv[1], "debug")
+try:
+    raise OSError("disk on fire")
+except OSError:
+    logging.getLogger("dedupd.daemon").exception("processing %s failed", "/d/x.jpg")
+"""
+
+
+@pytest.mark.parametrize("mode", ["json", "stderr"])
+def test_a_record_with_a_traceback_is_logged_not_dropped(mode: str) -> None:
+    """The daemon's "processing ... failed" records carry exc_info; they must be written,
+    traceback included, not lost inside the handler."""
+    proc = subprocess.run([sys.executable, "-c", FAILURE, mode], capture_output=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.decode().splitlines()
+    if mode == "json":
+        assert len(lines) == 1, lines
+        obj = json.loads(lines[0])
+        assert obj["message"] == "processing /d/x.jpg failed"
+        assert "OSError: disk on fire" in obj["exception"]
+    else:
+        assert lines[0] == "dedupd: ERROR: processing /d/x.jpg failed", lines
+        assert lines[-1] == "dedupd:   | OSError: disk on fire", lines
