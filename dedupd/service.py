@@ -148,16 +148,15 @@ def cmd_reload(args: argparse.Namespace, config: object) -> int:
     daemon and wait for its acknowledgement. 0 reloaded, 78 refused, 2 no answer."""
     pid = args.pid or int(os.environ.get("MAINPID") or 0)
     if pid <= 0:
-        print("dedupd: reload: no daemon pid (give --pid, or run `systemctl reload dedupd`)",
-              file=sys.stderr)
-        return 2
+        return _reload_error(args, "no daemon pid (give --pid, or run `systemctl reload dedupd`)")
+    if not is_dedupd_daemon(pid):  # SIGHUP ends most processes: never send it to a stranger
+        return _reload_error(args, f"pid {pid} is not a running `dedupd run`; nothing signalled")
     ack = ack_directory() / RELOAD_ACK
     sent = _monotonic_usec()
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as exc:
-        print(f"dedupd: reload: cannot signal pid {pid}: {exc.strerror}", file=sys.stderr)
-        return 2
+        return _reload_error(args, f"cannot signal pid {pid}: {exc.strerror}")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         answer = _read_ack(ack)
@@ -173,11 +172,30 @@ def cmd_reload(args: argparse.Namespace, config: object) -> int:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            print(f"dedupd: reload: the daemon (pid {pid}) exited", file=sys.stderr)
-            return 2
+            return _reload_error(args, f"the daemon (pid {pid}) exited")
         except PermissionError:
             pass
         time.sleep(0.05)  # polling a file the daemon replaces; the deadline bounds it
-    print(f"dedupd: reload: no answer from pid {pid} in {args.timeout:g} s "
-          f"(expected in {ack})", file=sys.stderr)
+    return _reload_error(args, f"no answer from pid {pid} in {args.timeout:g} s "
+                         f"(expected in {ack})")
+
+
+def is_dedupd_daemon(pid: int) -> bool:
+    """Whether pid runs `dedupd ... run` (its command line, from /proc)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return b"run" in argv and any(os.path.basename(a).startswith(b"dedupd") or a == b"dedupd.cli"
+                                  for a in argv)
+
+
+def _reload_error(args: argparse.Namespace, message: str) -> int:
+    """One line on stderr, or a JSON object on stdout under --json; exit 2."""
+    if getattr(args, "json", False):
+        json.dump({"error": "reload", "message": message, "exit_status": 2}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"dedupd: reload: {message}", file=sys.stderr)
     return 2

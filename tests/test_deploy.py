@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -297,7 +298,24 @@ def test_reload_waits_for_the_daemons_answer(tmp_path: Path, make_photo) -> None
     finally:
         assert daemon.stop() == 0
     gone = reload()
-    assert gone.returncode == 2 and "cannot signal" in gone.stderr
+    assert gone.returncode == 2 and "not a running `dedupd run`" in gone.stderr
+
+
+def test_reload_never_signals_a_process_that_is_not_dedupd(tmp_path: Path) -> None:
+    """SIGHUP ends most programs: `reload --pid` of a stranger must not send it."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"index: {tmp_path / 'i.sqlite'}\n")
+    stranger = subprocess.Popen(["sleep", "300"])
+    try:
+        out = subprocess.run([sys.executable, "-m", "dedupd", "--config", str(cfg), "--json",
+                              "reload", "--pid", str(stranger.pid)], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 2
+        assert json.loads(out.stdout)["message"].endswith("nothing signalled")
+        assert stranger.poll() is None, "the stranger was signalled"
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_a_reload_right_after_ready_is_a_reload(tmp_path: Path) -> None:
