@@ -1,0 +1,690 @@
+"""Benchmark: detection quality. Recall on derived copies, false pairs among distinct images.
+
+    ./dev bench bench_quality [--sets photos,dark,flat] [--limit N] [--sheets]
+
+The corpus is real pictures from Debian packages (fetched once with `apt-get download`,
+unpacked under ``$BENCH_QUALITY`` (default ``~/.cache/dedupd-bench``), nothing committed)
+plus generated ones, in three sets:
+
+  photos  the photographs among the wallpapers (GNOME, MATE, Plasma, UKUI, Lomiri,
+          Debian themes) and scikit-image's sample data, plus 150 of common.py's
+          photo-like pictures
+  dark    Stellarium's deep-sky images (nebulae, galaxies, clusters: a small blob on
+          black) and generated blobs and star fields on black
+  flat    the wallpapers that are drawings (an alpha channel, or little texture), the
+          flat drawings of scikit-image's sample data, and generated flat greys and
+          colours, gradients, documents on white, a few shapes on a plain ground
+
+Each original is scaled to at most 1024 pixels on its long side and saved as the
+"original" (JPEG quality 95). Every original gets one copy per transformation
+(`TRANSFORMS`), each encoded as JPEG quality 90 unless the transformation is the
+encoding. Each encoded file is hashed three ways:
+
+  dedupd v1     today's default recipe (`dhash:8:fast:area:v1`, threshold d <= 4)
+  imagehash     `imagehash.phash` and `imagehash.dhash` (PIL full decode)
+  dedupd next   the candidate design measured here: uniform borders trimmed from the
+                reduced decode, dHash 8, then a confirming signature computed from the
+                same reduced decode, and, when asked, the 8 flips/rotations of the query
+
+It prints, per set: recall at the default threshold per transformation; false pairs
+among all distinct originals at d = 0..12 for each hash; and for the confirming
+signatures (256-bit dHash of size 16, a 16x16 normalised thumbnail compared by
+correlation, the same on an equalised thumbnail, a grid information score) how far
+apart copies and distinct candidates fall, so a threshold can be chosen. `--sheets`
+writes contact sheets of the closest distinct pairs (to check by eye that they really
+are distinct) into ``$BENCH_QUALITY/sheets``.
+
+Features are cached (``features-*.npz``); delete them to measure again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing import Pool
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import SIZES_SMALL, machine, photo  # noqa: E402
+
+from dedupd import signature  # noqa: E402
+from dedupd.hashing import Recipe, decode_flag, hash_bytes  # noqa: E402
+
+CACHE = Path(os.environ.get("BENCH_QUALITY", Path.home() / ".cache" / "dedupd-bench"))
+FEATURES_VERSION = 3
+MAX_SIDE = 1024
+DEFAULT_D = 4
+
+PACKAGES = [
+    "gnome-backgrounds", "mate-backgrounds", "plasma-workspace-wallpapers", "ukui-wallpapers",
+    "lomiri-wallpapers", "desktop-base", "debian-edu-artwork-spacefun", "python3-skimage",
+    "stellarium-data",
+]
+
+# scikit-image sample images: which are photographs, which flat drawings or scans.
+SKIMAGE_PHOTOS = {"astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins",
+                  "grass", "gravel", "hubble_deep_field", "ihc", "moon", "motorcycle_left",
+                  "retina", "rocket", "color", "clock_motion"}
+SKIMAGE_FLAT = {"text", "page", "horse", "logo", "bw_text", "phantom", "microaneurysms"}
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def fetch_packages() -> Path:
+    """Unpack the Debian packages once (apt-get download + dpkg-deb -x)."""
+    debs, root = CACHE / "debs", CACHE / "unpacked"
+    debs.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in PACKAGES if not list(debs.glob(f"{p}_*.deb"))]
+    if missing:
+        print(f"fetching {' '.join(missing)} with apt-get download ...", flush=True)
+        subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True,
+                       stdout=subprocess.DEVNULL)
+    for p in PACKAGES:
+        target = root / p
+        if not target.exists():
+            (deb,) = debs.glob(f"{p}_*.deb")
+            tmp = root / f".{p}.tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
+            tmp.rename(target)
+    return root
+
+
+def _largest_per_artwork(paths: list[Path]) -> list[Path]:
+    """Wallpaper packages ship one artwork at several resolutions: keep the largest."""
+    best: dict[str, Path] = {}
+    for p in paths:
+        parts = p.parts
+        if "contents" in parts:  # Plasma: NAME/contents/images[_dark]/WxH.ext
+            i = parts.index("contents")
+            key = "/".join(parts[:i + 2])
+        else:  # Elephants_3840x2160.jpg, grub-16x9.png
+            stem = p.stem
+            for sep in ("_", "-"):
+                head, _, tail = stem.rpartition(sep)
+                if head and "x" in tail and tail.replace("x", "").isdigit():
+                    stem = head
+            key = str(p.parent / stem)
+        if key not in best or p.stat().st_size > best[key].stat().st_size:
+            best[key] = p
+    return sorted(best.values())
+
+
+def package_images(root: Path) -> dict[str, list[Path]]:
+    exts = {".jpg", ".jpeg", ".png", ".webp"}
+
+    def images(sub: str) -> list[Path]:
+        return sorted(p for p in (root / sub).rglob("*") if p.suffix.lower() in exts)
+
+    walls: list[Path] = []
+    for pkg in ("gnome-backgrounds", "mate-backgrounds", "plasma-workspace-wallpapers",
+                "ukui-wallpapers", "lomiri-wallpapers"):
+        walls += [p for p in images(pkg) if p.stem != "screenshot"]
+    for pkg in ("desktop-base", "debian-edu-artwork-spacefun"):
+        walls += [p for p in images(pkg) if p.stat().st_size > 150_000
+                  and "plymouth" not in p.parts and "preview" not in p.stem]
+    # GNOME ships each artwork light and dark (-l, -d): one of them.
+    walls = [p for p in walls if not p.stem.endswith("-d")]
+    skimage = {p.stem: p for p in images("python3-skimage") if "data" in p.parts}
+    photos, flat = [], [skimage[k] for k in sorted(SKIMAGE_FLAT) if k in skimage]
+    for p in _largest_per_artwork(walls):
+        (flat if is_flat_artwork(p) else photos).append(p)
+    photos += [skimage[k] for k in sorted(SKIMAGE_PHOTOS) if k in skimage]
+    dark = images("stellarium-data/usr/share/stellarium/nebulae/default")
+    return {"photos": photos, "dark": dark, "flat": flat}
+
+
+def is_flat_artwork(path: Path) -> bool:
+    """Wallpapers that are drawings rather than photographs: an alpha channel (an overlay,
+    mostly transparent) or little texture (gradients, stripes). Cached: 4K PNGs are slow."""
+    cache = CACHE / "flat-artwork.txt"
+    known = dict(line.rsplit(" ", 1) for line in cache.read_text().splitlines()) \
+        if cache.exists() else {}
+    if str(path) not in known:
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        alpha = img.ndim == 3 and img.shape[2] == 4
+        gray = cv2.cvtColor(fit(load_bgr(path)), cv2.COLOR_BGR2GRAY)
+        texture = float(np.abs(cv2.Laplacian(gray, cv2.CV_32F)).mean())
+        known[str(path)] = str(int(alpha or texture < 2.0))
+        with cache.open("a") as f:
+            f.write(f"{path} {known[str(path)]}\n")
+    return known[str(path)] == "1"
+
+
+def generated_dark(seed: int) -> np.ndarray:
+    """A telescope-like frame: one or a few soft blobs and some stars on a black sky."""
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.choice([512, 600, 768])), int(rng.choice([512, 640, 800]))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
+        sx, sy = rng.uniform(0.01, 0.12) * w, rng.uniform(0.01, 0.12) * h
+        a = rng.uniform(0, np.pi)
+        u = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)
+        v = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+        blob = np.exp(-0.5 * ((u / sx) ** 2 + (v / sy) ** 2))
+        img += blob[..., None] * rng.uniform(60, 255, 3)
+    for _ in range(int(rng.integers(0, 40))):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        cv2.circle(img, (x, y), int(rng.integers(1, 3)), tuple(float(c) for c in
+                   rng.uniform(80, 255, 3)), -1, cv2.LINE_AA)
+    img += rng.normal(0, rng.uniform(0.5, 3), img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with",
+         "be", "by", "on", "not", "this", "are", "or", "from", "at", "which", "but", "have",
+         "dataset", "image", "daemon", "hash", "policy", "quarantine", "duplicate"]
+
+
+def generated_flat(seed: int) -> np.ndarray:
+    """Flat greys and colours, gradients, documents on white, shapes on a plain ground."""
+    rng = np.random.default_rng(seed)
+    kind = seed % 5
+    h, w = int(rng.choice([480, 600, 768, 1000])), int(rng.choice([640, 800, 1024]))
+    if kind == 0:  # flat: grey or colour, levels far enough apart to tell by eye
+        colour = rng.integers(0, 16, 3) * 16 if seed % 2 else np.full(3, (seed // 10) * 16 % 256)
+        return np.full((h, w, 3), colour, np.uint8)
+    if kind == 1:  # linear or radial gradient
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        if rng.random() < 0.7:
+            a = rng.uniform(0, 2 * np.pi)
+            t = np.cos(a) * xx / w + np.sin(a) * yy / h
+        else:
+            t = np.hypot(xx - rng.uniform(0, w), yy - rng.uniform(0, h))
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        return (c0 * (1 - t[..., None]) + c1 * t[..., None]).astype(np.uint8)
+    if kind in (2, 3):  # a document: lines of text on white
+        img = np.full((max(h, w), min(h, w), 3), 255, np.uint8)
+        y = int(rng.integers(30, 90))
+        scale = rng.uniform(0.45, 0.8)
+        while y < img.shape[0] - 30:
+            if rng.random() < 0.15:
+                y += int(40 * scale)
+                continue
+            line = " ".join(rng.choice(WORDS, int(rng.integers(3, 12))))
+            cv2.putText(img, line, (int(rng.integers(20, 60)), y), cv2.FONT_HERSHEY_SIMPLEX,
+                        scale, (20, 20, 20), 1, cv2.LINE_AA)
+            y += int(34 * scale) + 4
+        return img
+    # a few flat shapes on a plain ground (icons, diagrams)
+    img = np.full((h, w, 3), rng.integers(0, 256, 3), np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cx, cy = int(rng.integers(w // 5, 4 * w // 5)), int(rng.integers(h // 5, 4 * h // 5))
+        r = int(rng.integers(min(h, w) // 12, min(h, w) // 4))
+        if rng.random() < 0.5:
+            cv2.circle(img, (cx, cy), r, colour, -1, cv2.LINE_AA)
+        else:
+            cv2.rectangle(img, (cx - r, cy - r), (cx + r, cy + r // 2), colour, -1)
+    return img
+
+
+def load_bgr(path: Path) -> np.ndarray:
+    """Decode a package image; transparent pixels are composited onto white."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f"cannot decode {path}")
+    if img.dtype != np.uint8:
+        img = (img / 257).astype(np.uint8)
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    elif img.shape[2] == 4:
+        alpha = img[..., 3:4].astype(np.float32) / 255
+        img = (img[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    return img
+
+
+def fit(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    scale = MAX_SIDE / max(h, w)
+    if scale >= 1:
+        return img
+    return cv2.resize(img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+
+
+def corpus(sets: list[str], limit: int | None) -> dict[str, list[tuple[str, Path | int]]]:
+    """Per set: (name, source) where source is a file path or a generator seed."""
+    found = package_images(fetch_packages())
+    out: dict[str, list[tuple[str, Path | int]]] = {}
+    for name in sets:
+        items: list[tuple[str, Path | int]] = [(f"{name}/{p.parent.name}/{p.name}", p)
+                                               for p in found[name]]
+        if name == "photos":  # common.py's photo-like generator (bench_hash's pictures)
+            items += [(f"photos/generated/{s}", 20_000 + s) for s in range(150)]
+        if name == "dark":
+            items += [(f"dark/generated/{s}", s) for s in range(100)]
+        if name == "flat":
+            items += [(f"flat/generated/{s}", 10_000 + s) for s in range(250)]
+        out[name] = items[:limit] if limit else items
+    return out
+
+
+def original_pixels(source: Path | int) -> np.ndarray:
+    if isinstance(source, Path):
+        return fit(load_bgr(source))
+    if source >= 20_000:
+        w, h = SIZES_SMALL[source % len(SIZES_SMALL)]
+        return fit(photo(source, w, h))
+    return generated_dark(source) if source < 10_000 else generated_flat(source)
+
+
+# ---------------------------------------------------------------- transformations
+
+
+def encode(img: np.ndarray, ext: str = ".jpg", quality: int = 90) -> bytes:
+    params = {".jpg": [cv2.IMWRITE_JPEG_QUALITY, quality],
+              ".webp": [cv2.IMWRITE_WEBP_QUALITY, quality], ".png": []}[ext]
+    ok, buf = cv2.imencode(ext, img, params)
+    assert ok
+    return buf.tobytes()
+
+
+def _scale(img: np.ndarray, f: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    interp = cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC
+    return cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=interp)
+
+
+def _levels(img: np.ndarray, gain: float, contrast: bool) -> np.ndarray:
+    f = img.astype(np.float32)
+    f = (f - f.mean()) * gain + f.mean() if contrast else f * gain
+    return np.clip(f, 0, 255).astype(np.uint8)
+
+
+def _watermark(img: np.ndarray) -> np.ndarray:
+    out = img.copy()
+    h, w = img.shape[:2]
+    scale = max(0.4, h / 600)
+    cv2.putText(out, "(c) dedupd 2026", (int(w * 0.55), int(h * 0.93)),
+                cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), max(1, int(scale * 2)),
+                cv2.LINE_AA)
+    return cv2.addWeighted(out, 0.6, img, 0.4, 0)
+
+
+def _noise(img: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(img.size)
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+def _screenshot(img: np.ndarray) -> np.ndarray:
+    """As seen on a screen and captured: bilinear rescale to 1280 wide, a gamma shift."""
+    h, w = img.shape[:2]
+    out = cv2.resize(img, (1280, max(1, round(h * 1280 / w))), interpolation=cv2.INTER_LINEAR)
+    lut = (255 * (np.arange(256) / 255) ** 0.9).astype(np.uint8)
+    return cv2.LUT(out, lut)
+
+
+def _letterbox(img: np.ndarray, share: float) -> np.ndarray:
+    bar = round(img.shape[0] * share)
+    return cv2.copyMakeBorder(img, bar, bar, 0, 0, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+
+
+def _crop(img: np.ndarray, share: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    dy, dx = round(h * share), round(w * share)
+    return img[dy:h - dy, dx:w - dx]
+
+
+Transform = Callable[[np.ndarray], bytes]
+TRANSFORMS: dict[str, Transform] = {
+    "jpeg q95": lambda i: encode(i, ".jpg", 95),
+    "jpeg q75": lambda i: encode(i, ".jpg", 75),
+    "jpeg q50": lambda i: encode(i, ".jpg", 50),
+    "jpeg q30": lambda i: encode(i, ".jpg", 30),
+    "resize 25%": lambda i: encode(_scale(i, 0.25)),
+    "resize 50%": lambda i: encode(_scale(i, 0.5)),
+    "resize 150%": lambda i: encode(_scale(i, 1.5)),
+    "resize 200%": lambda i: encode(_scale(i, 2.0)),
+    "png": lambda i: encode(i, ".png"),
+    "webp q80": lambda i: encode(i, ".webp", 80),
+    "brightness +20%": lambda i: encode(_levels(i, 1.2, False)),
+    "brightness -20%": lambda i: encode(_levels(i, 0.8, False)),
+    "contrast +20%": lambda i: encode(_levels(i, 1.2, True)),
+    "contrast -20%": lambda i: encode(_levels(i, 0.8, True)),
+    "blur 2px": lambda i: encode(cv2.GaussianBlur(i, (0, 0), 2)),
+    "noise 8": lambda i: encode(_noise(i)),
+    "watermark": lambda i: encode(_watermark(i)),
+    "grayscale": lambda i: encode(cv2.cvtColor(cv2.cvtColor(i, cv2.COLOR_BGR2GRAY),
+                                               cv2.COLOR_GRAY2BGR)),
+    "screenshot": lambda i: encode(_screenshot(i), ".png"),
+    # geometric: invisible to a plain dHash
+    "hflip": lambda i: encode(cv2.flip(i, 1)),
+    "vflip": lambda i: encode(cv2.flip(i, 0)),
+    "rotate 90": lambda i: encode(cv2.rotate(i, cv2.ROTATE_90_CLOCKWISE)),
+    "rotate 180": lambda i: encode(cv2.rotate(i, cv2.ROTATE_180)),
+    "rotate 270": lambda i: encode(cv2.rotate(i, cv2.ROTATE_90_COUNTERCLOCKWISE)),
+    "letterbox 10%": lambda i: encode(_letterbox(i, 0.10)),
+    "crop 5%": lambda i: encode(_crop(i, 0.05)),
+}
+NAMES = list(TRANSFORMS)
+GEOMETRIC = {"hflip", "vflip", "rotate 90", "rotate 180", "rotate 270", "letterbox 10%",
+             "crop 5%"}
+DIHEDRAL = {"hflip", "vflip", "rotate 90", "rotate 180", "rotate 270"}
+NON_GEOMETRIC = [n for n in NAMES if n not in GEOMETRIC]
+
+
+# ---------------------------------------------------------------- features
+
+# One feature row, all from the reduced decode: the 9x8 grid (dHash 8), the 17x16 grid
+# (dHash 16), a 16x16 thumbnail, and the same thumbnail after histogram equalisation.
+ROW = 72 + 272 + 256 + 256
+def feature_row(g: np.ndarray) -> np.ndarray:
+    g9 = cv2.resize(g, (9, 8), interpolation=cv2.INTER_AREA)
+    g17 = cv2.resize(g, (17, 16), interpolation=cv2.INTER_AREA)
+    t16 = cv2.resize(g, (16, 16), interpolation=cv2.INTER_AREA)
+    e16 = cv2.resize(cv2.equalizeHist(np.ascontiguousarray(g)), (16, 16),
+                     interpolation=cv2.INTER_AREA)
+    return np.concatenate([g9.ravel(), g17.ravel(), t16.ravel(), e16.ravel()])
+
+
+def reduced_decode(data: bytes) -> np.ndarray:
+    """The grayscale image dedupd's default recipe hashes (same decode flag)."""
+    h = hash_bytes(data, Recipe(), digest=False)
+    flag = decode_flag(h.format, h.width, h.height, Recipe())
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+
+
+def describe_file(data: bytes, variants: bool) -> dict[str, object]:
+    import imagehash
+    from PIL import Image
+
+    v1 = hash_bytes(data, Recipe(), digest=False).hash
+    g = reduced_decode(data)
+    pil = Image.open(io.BytesIO(data))
+    pil.load()
+    ph = int(str(imagehash.phash(pil)), 16)
+    dh = int(str(imagehash.dhash(pil)), 16)
+    t = signature.trim_borders(g)
+    rows = [feature_row(x) for _, x in (signature.variants(t) if variants else [("", t)])]
+    return {"v1": v1, "phash": ph, "idhash": dh, "v1row": feature_row(g),
+            "rows": np.stack(rows)}
+
+
+def describe_original(job: tuple[str, Path | int]) -> dict[str, object] | None:
+    name, source = job
+    try:
+        img = original_pixels(source)
+    except ValueError as exc:
+        print(f"skipped {name}: {exc}", file=sys.stderr)
+        return None
+    out = {"name": name, "orig": describe_file(encode(img, ".jpg", 95), True), "copies": {}}
+    for t, fn in TRANSFORMS.items():
+        out["copies"][t] = describe_file(fn(img), t in GEOMETRIC)
+    return out
+
+
+def features(sets: dict[str, list[tuple[str, Path | int]]], jobs: int
+             ) -> dict[str, dict[str, np.ndarray]]:
+    """Per set, arrays: v1/phash/idhash (N,) and (N, T) for copies; rows (N, 8, ROW) for
+    originals, copy rows (N, T, 8, ROW) (identity only, repeated, for non-geometric)."""
+    out = {}
+    for set_name, items in sets.items():
+        path = CACHE / f"features-v{FEATURES_VERSION}-{set_name}-{len(items)}.npz"
+        if path.exists():
+            out[set_name] = dict(np.load(path))
+            continue
+        t0 = time.time()
+        with Pool(jobs) as pool:
+            done = [r for r in pool.imap(describe_original, items, chunksize=2) if r]
+        n, nt = len(done), len(NAMES)
+        arr: dict[str, np.ndarray] = {
+            "names": np.array([d["name"] for d in done]),
+            "v1": np.array([d["orig"]["v1"] for d in done], np.uint64),
+            "phash": np.array([d["orig"]["phash"] for d in done], np.uint64),
+            "idhash": np.array([d["orig"]["idhash"] for d in done], np.uint64),
+            "v1row": np.stack([d["orig"]["v1row"] for d in done]),
+            "rows": np.stack([d["orig"]["rows"] for d in done]),
+            "c_v1": np.zeros((n, nt), np.uint64), "c_phash": np.zeros((n, nt), np.uint64),
+            "c_idhash": np.zeros((n, nt), np.uint64),
+            "c_v1row": np.zeros((n, nt, ROW), np.uint8),
+            "c_rows": np.zeros((n, nt, 8, ROW), np.uint8),
+        }
+        for i, d in enumerate(done):
+            for j, t in enumerate(NAMES):
+                c = d["copies"][t]
+                arr["c_v1"][i, j], arr["c_phash"][i, j] = c["v1"], c["phash"]
+                arr["c_idhash"][i, j], arr["c_v1row"][i, j] = c["idhash"], c["v1row"]
+                arr["c_rows"][i, j] = c["rows"]  # broadcasts identity-only rows
+        np.savez(path, **arr)
+        print(f"{set_name}: {n} originals x {nt} copies hashed in {time.time() - t0:.0f} s",
+              flush=True)
+        out[set_name] = arr
+    return out
+
+
+# ---------------------------------------------------------------- signatures
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """(..., nbits) bool -> (..., nbits/64) uint64, dedupd's bit order."""
+    packed = np.packbits(bits, axis=-1, bitorder="little")
+    return packed.view("<u8")
+
+
+def dhash_of(grid: np.ndarray, size: int) -> np.ndarray:
+    g = grid.reshape(*grid.shape[:-1], size, size + 1).astype(np.int16)
+    return pack_bits((g[..., 1:] > g[..., :-1]).reshape(*grid.shape[:-1], size * size))
+
+
+def grids(rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {"g9": rows[..., :72], "g17": rows[..., 72:344], "t16": rows[..., 344:600],
+            "e16": rows[..., 600:856]}
+
+
+def info_score(g9: np.ndarray, step: int = 2) -> np.ndarray:
+    """How many of the 64 neighbour comparisons of the 9x8 grid are decided by at least
+    `step` grey levels: a flat grid or a blob on black leaves most bits to ties."""
+    g = g9.reshape(*g9.shape[:-1], 8, 9).astype(np.int16)
+    return (np.abs(g[..., 1:] - g[..., :-1]) >= step).reshape(*g9.shape[:-1], 64).sum(-1)
+
+
+def zscore(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = t.astype(np.float32)
+    mean = f.mean(-1, keepdims=True)
+    std = f.std(-1, keepdims=True)
+    return (f - mean) / np.maximum(std, 1e-6), std[..., 0]
+
+
+def popcount(x: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(x).astype(np.int32)
+
+
+def hamming_words(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return popcount(a ^ b).sum(-1)
+
+
+class Signatures:
+    """Everything derived from the feature rows, per original variant and per copy."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        p = grids(rows)
+        self.h8 = dhash_of(p["g9"], 8)[..., 0]
+        self.h16 = dhash_of(p["g17"], 16)
+        self.t16, self.t16_std = zscore(p["t16"])
+        self.e16, self.e16_std = zscore(p["e16"])
+        self.info = info_score(p["g9"])
+        self.mean = p["t16"].astype(np.float32).mean(-1)
+
+
+def confirm_metrics(a: Signatures, ia, b: Signatures, ib) -> dict[str, np.ndarray]:
+    """The confirming signatures' distances between a[ia] and b[ib] (index tuples)."""
+    return {
+        "h16": hamming_words(a.h16[ia], b.h16[ib]),
+        "t16": (a.t16[ia] * b.t16[ib]).mean(-1),
+        "e16": (a.e16[ia] * b.e16[ib]).mean(-1),
+        "info": np.minimum(a.info[ia], b.info[ib]),
+        "std": np.minimum(a.t16_std[ia], b.t16_std[ib]),
+        "dmean": np.abs(a.mean[ia] - b.mean[ib]),
+    }
+
+
+# The rule measured as "dedupd next": dedupd.signature's, vectorised.
+RULE = {"h16": signature.H16_MAX, "t16": signature.CORR_MIN,
+        "low_info": signature.LOW_INFORMATION, "low_h16": signature.LOW_H16_MAX,
+        "low_t16": signature.LOW_CORR_MIN, "flat_std": signature.FLAT_STD}
+
+
+def confirmed(m: dict[str, np.ndarray], rule: dict[str, float] = RULE) -> np.ndarray:
+    low = m["info"] < rule["low_info"]
+    ok = (m["h16"] <= rule["h16"]) & (m["t16"] >= rule["t16"])
+    strict = (m["h16"] <= rule["low_h16"]) & (m["t16"] >= rule["low_t16"])
+    return np.where(low, strict & (m["std"] >= rule["flat_std"]), ok)
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def pair_distances(h: np.ndarray) -> np.ndarray:
+    """Hamming distance of every distinct pair i < j of (N,) uint64 hashes."""
+    i, j = np.triu_indices(len(h), 1)
+    return popcount(h[i] ^ h[j]), i, j
+
+
+def report(set_name: str, arr: dict[str, np.ndarray], flips: bool) -> dict[str, object]:
+    n = len(arr["names"])
+    orig = Signatures(arr["rows"])              # (N, 8)
+    copies = Signatures(arr["c_rows"])          # (N, T, 8)
+    v1o, v1c = Signatures(arr["v1row"]), Signatures(arr["c_v1row"])
+    print(f"\n=== {set_name}: {n} originals, {len(NAMES)} copies each, "
+          f"{n * (n - 1) // 2:,} distinct pairs ===")
+    # --- recall per transformation at the default threshold
+    cand = {}  # per variant: distance from each copy's variant to its original (identity)
+    d_var = popcount(copies.h8 ^ orig.h8[:, None, 0:1])            # (N, T, 8)
+    metrics = {k: np.zeros(d_var.shape, np.float32) for k in ("h16", "t16", "e16", "info",
+                                                                 "std", "dmean")}
+    for v in range(8):
+        m = confirm_metrics(copies, (slice(None), slice(None), v), orig,
+                            (np.arange(n)[:, None], np.zeros((1, len(NAMES)), int)))
+        for k in metrics:
+            metrics[k][..., v] = m[k]
+    ok_next = (d_var <= DEFAULT_D) & confirmed(metrics)
+    cand["identity"] = ok_next[..., 0]
+    cand["any"] = ok_next.any(-1)
+    nt = len(NAMES)
+    v1_ok = popcount(arr["c_v1"] ^ arr["v1"][:, None]) <= DEFAULT_D
+    v1_conf = confirmed(confirm_metrics(v1c, (slice(None), slice(None)), v1o,
+                                        (np.arange(n)[:, None], np.zeros((1, nt), int))))
+    rec = {
+        "v1": v1_ok.mean(0),
+        "v1+confirm": (v1_ok & v1_conf).mean(0),
+        "phash": (popcount(arr["c_phash"] ^ arr["phash"][:, None]) <= DEFAULT_D).mean(0),
+        "imagehash dhash": (popcount(arr["c_idhash"] ^ arr["idhash"][:, None])
+                            <= DEFAULT_D).mean(0),
+        "trimmed": (d_var[..., 0] <= DEFAULT_D).mean(0),
+        "next": cand["identity"].mean(0),
+        "next+flips": cand["any"].mean(0),
+    }
+    cols = list(rec)
+    print(f"\nrecall at d <= {DEFAULT_D} (next: trimmed + confirmed; +flips: any of the 8 "
+          "flips/rotations of the copy)")
+    print(f"{'transformation':<18}" + "".join(f"{c:>16}" for c in cols))
+    for j, t in enumerate(NAMES):
+        print(f"{t:<18}" + "".join(f"{rec[c][j]:>16.3f}" for c in cols))
+    ng = [NAMES.index(t) for t in NON_GEOMETRIC]
+    print(f"{'non-geometric mean':<18}" + "".join(f"{rec[c][ng].mean():>16.3f}" for c in cols))
+    # --- false pairs among distinct originals
+    print(f"\nfalse pairs among {n * (n - 1) // 2:,} distinct pairs at d = 0..12")
+    dv1, i, j = pair_distances(arr["v1"])
+    dph, _, _ = pair_distances(arr["phash"])
+    did, _, _ = pair_distances(arr["idhash"])
+    dtr = popcount(orig.h8[i, 0] ^ orig.h8[j, 0])
+    conf = confirmed(confirm_metrics(orig, (i, 0), orig, (j, 0)))
+    # with flips: any variant of the newcomer (i) against the stored identity of j
+    dfl = popcount(orig.h8[i, :] ^ orig.h8[j, 0:1])
+    conf_fl = np.zeros(dfl.shape, bool)
+    for v in range(8):
+        conf_fl[:, v] = confirmed(confirm_metrics(orig, (i, v), orig, (j, 0)))
+    conf_v1 = confirmed(confirm_metrics(v1o, (i,), v1o, (j,)))
+    rows_fp = {"dedupd v1": dv1, "imagehash phash": dph, "imagehash dhash": did,
+               "trimmed": dtr}
+    print(f"{'d':>3}" + "".join(f"{k:>17}" for k in rows_fp)
+          + f"{'v1+confirm':>17}{'next':>17}{'next+flips':>17}")
+    for d in range(13):
+        line = f"{d:>3}" + "".join(f"{(v <= d).sum():>17}" for v in rows_fp.values())
+        line += f"{((dv1 <= d) & conf_v1).sum():>17}{((dtr <= d) & conf).sum():>17}"
+        line += f"{((dfl <= d) & conf_fl).any(-1).sum():>17}"
+        print(line)
+    print(f"share with an unrelated image within {DEFAULT_D} bits (v1): "
+          f"{len(np.unique(np.concatenate([i[dv1 <= DEFAULT_D], j[dv1 <= DEFAULT_D]]))) / n:.1%}")
+    # --- the confirming signatures: copies vs distinct candidates
+    true_m = {k: v[..., 0][:, ng] for k, v in metrics.items()}
+    true_c = (d_var[..., 0][:, ng] <= DEFAULT_D)
+    near = dtr <= 12
+    false_m = confirm_metrics(orig, (i[near], 0), orig, (j[near], 0))
+    print(f"\nconfirming signatures: {true_c.sum()} true candidates (non-geometric copies "
+          f"within {DEFAULT_D}) vs {near.sum()} distinct pairs within 12 (trimmed dHash 8)")
+    low_t = true_m["info"][true_c] < RULE["low_info"]
+    low_f = false_m["info"] < RULE["low_info"]
+    print(f"  low information (info < {RULE['low_info']}): {low_t.mean():.1%} of true, "
+          f"{low_f.mean():.1%} of distinct candidates")
+    for key, thresholds, better in (("h16", (16, 24, 32, 40, 48, 64), "le"),
+                                    ("t16", (0.80, 0.90, 0.95, 0.97), "ge"),
+                                    ("e16", (0.80, 0.90, 0.95, 0.97), "ge")):
+        tv, fv = true_m[key][true_c], false_m[key]
+        cells = []
+        for th in thresholds:
+            keep_t = tv <= th if better == "le" else tv >= th
+            keep_f = fv <= th if better == "le" else fv >= th
+            cells.append(f"{th}: {keep_t.mean():.3f}/{keep_f.sum()}")
+        print(f"  {key:<4} kept true/false: " + "  ".join(cells))
+    return {"recall": rec, "fp": {k: [(v <= d).sum() for d in range(13)]
+                                  for k, v in rows_fp.items()},
+            "pairs": (i, j, dv1, dtr, conf)}
+
+
+def contact_sheet(set_name: str, arr: dict[str, np.ndarray], sources: dict[str, Path | int],
+                  i: np.ndarray, j: np.ndarray, dist: np.ndarray, label: str, count: int = 24
+                  ) -> Path:
+    order = np.argsort(dist, kind="stable")[:count]
+    tiles = []
+    for k in order:
+        a, b = (original_pixels(sources[str(arr["names"][x])]) for x in (i[k], j[k]))
+        pair = [cv2.resize(x, (160, 120), interpolation=cv2.INTER_AREA) for x in (a, b)]
+        tile = np.hstack([pair[0], np.full((120, 4, 3), 255, np.uint8), pair[1]])
+        cv2.putText(tile, f"d={dist[k]}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (0, 0, 255), 1, cv2.LINE_AA)
+        tiles.append(cv2.copyMakeBorder(tile, 4, 4, 4, 4, cv2.BORDER_CONSTANT,
+                                        value=(90, 90, 90)))
+    while len(tiles) % 4:
+        tiles.append(np.zeros_like(tiles[0]))
+    sheet = np.vstack([np.hstack(tiles[r:r + 4]) for r in range(0, len(tiles), 4)])
+    out = CACHE / "sheets" / f"{set_name}-{label}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out), sheet)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", default="photos,dark,flat")
+    ap.add_argument("--limit", type=int, help="originals per set (quick runs)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--sheets", action="store_true", help="write contact sheets")
+    args = ap.parse_args()
+    print(machine())
+    sets = corpus(args.sets.split(","), args.limit)
+    feats = features(sets, args.jobs)
+    for name, arr in feats.items():
+        res = report(name, arr, flips=True)
+        if args.sheets:
+            sources = dict(sets[name])
+            i, j, dv1, dtr, conf = res["pairs"]
+            for label, dist in (("closest-v1", dv1), ("closest-trimmed", dtr)):
+                print(f"contact sheet: {contact_sheet(name, arr, sources, i, j, dist, label)}")
+
+
+if __name__ == "__main__":
+    main()
