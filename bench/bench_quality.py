@@ -58,10 +58,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import SIZES_SMALL, machine, photo  # noqa: E402
 
 from dedupd import signature  # noqa: E402
-from dedupd.hashing import Recipe, decode_flag, hash_bytes  # noqa: E402
+from dedupd.hashing import Recipe, hash_bytes  # noqa: E402
 
 CACHE = Path(os.environ.get("BENCH_QUALITY", Path.home() / ".cache" / "dedupd-bench"))
-FEATURES_VERSION = 3
+FEATURES_VERSION = 4
 MAX_SIDE = 1024
 DEFAULT_D = 4
 
@@ -379,39 +379,28 @@ NON_GEOMETRIC = [n for n in NAMES if n not in GEOMETRIC]
 
 # ---------------------------------------------------------------- features
 
-# One feature row, all from the reduced decode: the 9x8 grid (dHash 8), the 17x16 grid
-# (dHash 16), a 16x16 thumbnail, and the same thumbnail after histogram equalisation.
-ROW = 72 + 272 + 256 + 256
-def feature_row(g: np.ndarray) -> np.ndarray:
-    g9 = cv2.resize(g, (9, 8), interpolation=cv2.INTER_AREA)
-    g17 = cv2.resize(g, (17, 16), interpolation=cv2.INTER_AREA)
-    t16 = cv2.resize(g, (16, 16), interpolation=cv2.INTER_AREA)
-    e16 = cv2.resize(cv2.equalizeHist(np.ascontiguousarray(g)), (16, 16),
-                     interpolation=cv2.INTER_AREA)
-    return np.concatenate([g9.ravel(), g17.ravel(), t16.ravel(), e16.ravel()])
-
-
-def reduced_decode(data: bytes) -> np.ndarray:
-    """The grayscale image dedupd's default recipe hashes (same decode flag)."""
-    h = hash_bytes(data, Recipe(), digest=False)
-    flag = decode_flag(h.format, h.width, h.height, Recipe())
-    return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+SIG = signature.SIGNATURE_BYTES
+RECIPE_V1 = Recipe(version=1)
 
 
 def describe_file(data: bytes, variants: bool) -> dict[str, object]:
+    """dedupd's hashes and signatures (v1, and the default recipe with its flips and
+    rotations when asked) and imagehash's, of one encoded file."""
     import imagehash
     from PIL import Image
 
-    v1 = hash_bytes(data, Recipe(), digest=False).hash
-    g = reduced_decode(data)
+    v1 = hash_bytes(data, RECIPE_V1, digest=False)
+    v2 = hash_bytes(data, Recipe(), digest=False)
     pil = Image.open(io.BytesIO(data))
     pil.load()
-    ph = int(str(imagehash.phash(pil)), 16)
-    dh = int(str(imagehash.dhash(pil)), 16)
-    t = signature.trim_borders(g)
-    rows = [feature_row(x) for _, x in (signature.variants(t) if variants else [("", t)])]
-    return {"v1": v1, "phash": ph, "idhash": dh, "v1row": feature_row(g),
-            "rows": np.stack(rows)}
+    entries = [(v2.hash, v2.signature)]
+    if variants:
+        entries += [(h, sig) for _, h, sig in v2.variants()]
+    return {"v1": v1.hash, "v1sig": np.frombuffer(v1.signature.to_bytes(), np.uint8),
+            "h8": np.array([h for h, _ in entries], np.uint64),
+            "sig": np.stack([np.frombuffer(sig.to_bytes(), np.uint8) for _, sig in entries]),
+            "phash": int(str(imagehash.phash(pil)), 16),
+            "idhash": int(str(imagehash.dhash(pil)), 16)}
 
 
 def describe_original(job: tuple[str, Path | int]) -> dict[str, object] | None:
@@ -429,8 +418,8 @@ def describe_original(job: tuple[str, Path | int]) -> dict[str, object] | None:
 
 def features(sets: dict[str, list[tuple[str, Path | int]]], jobs: int
              ) -> dict[str, dict[str, np.ndarray]]:
-    """Per set, arrays: v1/phash/idhash (N,) and (N, T) for copies; rows (N, 8, ROW) for
-    originals, copy rows (N, T, 8, ROW) (identity only, repeated, for non-geometric)."""
+    """Per set, arrays for the N originals (v1, phash, idhash, v1sig; h8 and sig for the
+    8 flips/rotations, identity first) and for their copies (c_*, one more axis: T)."""
     out = {}
     for set_name, items in sets.items():
         path = CACHE / f"features-v{FEATURES_VERSION}-{set_name}-{len(items)}.npz"
@@ -441,24 +430,21 @@ def features(sets: dict[str, list[tuple[str, Path | int]]], jobs: int
         with Pool(jobs) as pool:
             done = [r for r in pool.imap(describe_original, items, chunksize=2) if r]
         n, nt = len(done), len(NAMES)
-        arr: dict[str, np.ndarray] = {
-            "names": np.array([d["name"] for d in done]),
-            "v1": np.array([d["orig"]["v1"] for d in done], np.uint64),
-            "phash": np.array([d["orig"]["phash"] for d in done], np.uint64),
-            "idhash": np.array([d["orig"]["idhash"] for d in done], np.uint64),
-            "v1row": np.stack([d["orig"]["v1row"] for d in done]),
-            "rows": np.stack([d["orig"]["rows"] for d in done]),
-            "c_v1": np.zeros((n, nt), np.uint64), "c_phash": np.zeros((n, nt), np.uint64),
-            "c_idhash": np.zeros((n, nt), np.uint64),
-            "c_v1row": np.zeros((n, nt, ROW), np.uint8),
-            "c_rows": np.zeros((n, nt, 8, ROW), np.uint8),
-        }
+        arr: dict[str, np.ndarray] = {"names": np.array([d["name"] for d in done])}
+        for key in ("v1", "phash", "idhash"):
+            arr[key] = np.array([d["orig"][key] for d in done], np.uint64)
+            arr["c_" + key] = np.array([[d["copies"][t][key] for t in NAMES] for d in done],
+                                       np.uint64)
+        arr["v1sig"] = np.stack([d["orig"]["v1sig"] for d in done])
+        arr["c_v1sig"] = np.stack([[d["copies"][t]["v1sig"] for t in NAMES] for d in done])
+        arr["h8"] = np.stack([d["orig"]["h8"] for d in done])
+        arr["sig"] = np.stack([d["orig"]["sig"] for d in done])
+        arr["c_h8"] = np.zeros((n, nt, 8), np.uint64)
+        arr["c_sig"] = np.zeros((n, nt, 8, SIG), np.uint8)
         for i, d in enumerate(done):
             for j, t in enumerate(NAMES):
-                c = d["copies"][t]
-                arr["c_v1"][i, j], arr["c_phash"][i, j] = c["v1"], c["phash"]
-                arr["c_idhash"][i, j], arr["c_v1row"][i, j] = c["idhash"], c["v1row"]
-                arr["c_rows"][i, j] = c["rows"]  # broadcasts identity-only rows
+                c = d["copies"][t]  # identity only for non-geometric: broadcast to all 8
+                arr["c_h8"][i, j], arr["c_sig"][i, j] = c["h8"], c["sig"]
         np.savez(path, **arr)
         print(f"{set_name}: {n} originals x {nt} copies hashed in {time.time() - t0:.0f} s",
               flush=True)
@@ -468,186 +454,145 @@ def features(sets: dict[str, list[tuple[str, Path | int]]], jobs: int
 
 # ---------------------------------------------------------------- signatures
 
-def pack_bits(bits: np.ndarray) -> np.ndarray:
-    """(..., nbits) bool -> (..., nbits/64) uint64, dedupd's bit order."""
-    packed = np.packbits(bits, axis=-1, bitorder="little")
-    return packed.view("<u8")
-
-
-def dhash_of(grid: np.ndarray, size: int) -> np.ndarray:
-    g = grid.reshape(*grid.shape[:-1], size, size + 1).astype(np.int16)
-    return pack_bits((g[..., 1:] > g[..., :-1]).reshape(*grid.shape[:-1], size * size))
-
-
-def grids(rows: np.ndarray) -> dict[str, np.ndarray]:
-    return {"g9": rows[..., :72], "g17": rows[..., 72:344], "t16": rows[..., 344:600],
-            "e16": rows[..., 600:856]}
-
-
-def info_score(g9: np.ndarray, step: int = 2) -> np.ndarray:
-    """How many of the 64 neighbour comparisons of the 9x8 grid are decided by at least
-    `step` grey levels: a flat grid or a blob on black leaves most bits to ties."""
-    g = g9.reshape(*g9.shape[:-1], 8, 9).astype(np.int16)
-    return (np.abs(g[..., 1:] - g[..., :-1]) >= step).reshape(*g9.shape[:-1], 64).sum(-1)
-
-
-def zscore(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    f = t.astype(np.float32)
-    mean = f.mean(-1, keepdims=True)
-    std = f.std(-1, keepdims=True)
-    return (f - mean) / np.maximum(std, 1e-6), std[..., 0]
-
 
 def popcount(x: np.ndarray) -> np.ndarray:
     return np.bitwise_count(x).astype(np.int32)
 
 
-def hamming_words(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return popcount(a ^ b).sum(-1)
-
-
 class Signatures:
-    """Everything derived from the feature rows, per original variant and per copy."""
+    """Stored signatures (`Signature.to_bytes()`), unpacked for vectorised comparison."""
 
-    def __init__(self, rows: np.ndarray) -> None:
-        p = grids(rows)
-        self.h8 = dhash_of(p["g9"], 8)[..., 0]
-        self.h16 = dhash_of(p["g17"], 16)
-        self.t16, self.t16_std = zscore(p["t16"])
-        self.e16, self.e16_std = zscore(p["e16"])
-        self.info = info_score(p["g9"])
-        self.mean = p["t16"].astype(np.float32).mean(-1)
+    def __init__(self, raw: np.ndarray) -> None:
+        self.info = raw[..., 1].astype(np.int32)
+        self.h16 = np.ascontiguousarray(raw[..., 2:34]).view("<u8")
+        thumb = raw[..., 34:].astype(np.float32)
+        self.std = thumb.std(-1)
+        self.z = (thumb - thumb.mean(-1, keepdims=True)) / np.maximum(self.std, 1e-6)[..., None]
 
 
-def confirm_metrics(a: Signatures, ia, b: Signatures, ib) -> dict[str, np.ndarray]:
-    """The confirming signatures' distances between a[ia] and b[ib] (index tuples)."""
-    return {
-        "h16": hamming_words(a.h16[ia], b.h16[ib]),
-        "t16": (a.t16[ia] * b.t16[ib]).mean(-1),
-        "e16": (a.e16[ia] * b.e16[ib]).mean(-1),
-        "info": np.minimum(a.info[ia], b.info[ib]),
-        "std": np.minimum(a.t16_std[ia], b.t16_std[ib]),
-        "dmean": np.abs(a.mean[ia] - b.mean[ib]),
-    }
+def metrics(a: Signatures, ia: tuple, b: Signatures, ib: tuple) -> dict[str, np.ndarray]:
+    """signature.compare, vectorised: a[ia] against b[ib]."""
+    return {"h16": popcount(a.h16[ia] ^ b.h16[ib]).sum(-1),
+            "corr": (a.z[ia] * b.z[ib]).mean(-1),
+            "std": np.minimum(a.std[ia], b.std[ib]),
+            "info": np.minimum(a.info[ia], b.info[ib])}
 
 
-# The rule measured as "dedupd next": dedupd.signature's, vectorised.
-RULE = {"h16": signature.H16_MAX, "t16": signature.CORR_MIN,
-        "low_info": signature.LOW_INFORMATION, "low_h16": signature.LOW_H16_MAX,
-        "low_t16": signature.LOW_CORR_MIN, "flat_std": signature.FLAT_STD}
+def confirmed(m: dict[str, np.ndarray], h16_max: int = signature.H16_MAX,
+              corr_min: float = signature.CORR_MIN) -> np.ndarray:
+    """signature.confirms, vectorised (checked against it in `self_check`)."""
+    return (m["std"] >= signature.FLAT_STD) & (m["h16"] <= h16_max) & (m["corr"] >= corr_min)
 
 
-def confirmed(m: dict[str, np.ndarray], rule: dict[str, float] = RULE) -> np.ndarray:
-    low = m["info"] < rule["low_info"]
-    ok = (m["h16"] <= rule["h16"]) & (m["t16"] >= rule["t16"])
-    strict = (m["h16"] <= rule["low_h16"]) & (m["t16"] >= rule["low_t16"])
-    return np.where(low, strict & (m["std"] >= rule["flat_std"]), ok)
+def self_check(arr: dict[str, np.ndarray]) -> None:
+    """The vectorised rule must say what dedupd says, pair for pair."""
+    raw = arr["sig"][:, 0]
+    sigs = Signatures(raw)
+    rng = np.random.default_rng(0)
+    i, j = rng.integers(0, len(raw), (2, 200))
+    fast = confirmed(metrics(sigs, (i,), sigs, (j,)))
+    for k in range(len(i)):
+        a, b = (signature.Signature.from_bytes(raw[x].tobytes()) for x in (i[k], j[k]))
+        assert fast[k] == signature.confirms(a, b), (i[k], j[k])
 
 
 # ---------------------------------------------------------------- analysis
 
 
-def pair_distances(h: np.ndarray) -> np.ndarray:
+def pair_distances(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hamming distance of every distinct pair i < j of (N,) uint64 hashes."""
     i, j = np.triu_indices(len(h), 1)
     return popcount(h[i] ^ h[j]), i, j
 
 
-def report(set_name: str, arr: dict[str, np.ndarray], flips: bool) -> dict[str, object]:
-    n = len(arr["names"])
-    orig = Signatures(arr["rows"])              # (N, 8)
-    copies = Signatures(arr["c_rows"])          # (N, T, 8)
-    v1o, v1c = Signatures(arr["v1row"]), Signatures(arr["c_v1row"])
-    print(f"\n=== {set_name}: {n} originals, {len(NAMES)} copies each, "
-          f"{n * (n - 1) // 2:,} distinct pairs ===")
+def report(set_name: str, arr: dict[str, np.ndarray]) -> dict[str, object]:
+    n, nt = len(arr["names"]), len(NAMES)
+    pairs = n * (n - 1) // 2
+    orig, copies = Signatures(arr["sig"]), Signatures(arr["c_sig"])     # (N, 8), (N, T, 8)
+    v1o, v1c = Signatures(arr["v1sig"]), Signatures(arr["c_v1sig"])     # (N,), (N, T)
+    print(f"\n=== {set_name}: {n} originals, {nt} copies each, {pairs:,} distinct pairs; "
+          f"{(orig.info[:, 0] < signature.LOW_INFORMATION).mean():.0%} low_information ===")
     # --- recall per transformation at the default threshold
-    cand = {}  # per variant: distance from each copy's variant to its original (identity)
-    d_var = popcount(copies.h8 ^ orig.h8[:, None, 0:1])            # (N, T, 8)
-    metrics = {k: np.zeros(d_var.shape, np.float32) for k in ("h16", "t16", "e16", "info",
-                                                                 "std", "dmean")}
+    stored = (np.repeat(np.arange(n)[:, None], nt, 1), np.zeros((n, nt), int))
+    d_var = popcount(arr["c_h8"] ^ arr["h8"][:, None, 0:1])                 # (N, T, 8)
+    ok_var = np.zeros(d_var.shape, bool)
     for v in range(8):
-        m = confirm_metrics(copies, (slice(None), slice(None), v), orig,
-                            (np.arange(n)[:, None], np.zeros((1, len(NAMES)), int)))
-        for k in metrics:
-            metrics[k][..., v] = m[k]
-    ok_next = (d_var <= DEFAULT_D) & confirmed(metrics)
-    cand["identity"] = ok_next[..., 0]
-    cand["any"] = ok_next.any(-1)
-    nt = len(NAMES)
-    v1_ok = popcount(arr["c_v1"] ^ arr["v1"][:, None]) <= DEFAULT_D
-    v1_conf = confirmed(confirm_metrics(v1c, (slice(None), slice(None)), v1o,
-                                        (np.arange(n)[:, None], np.zeros((1, nt), int))))
+        ok_var[..., v] = (d_var[..., v] <= DEFAULT_D) & confirmed(
+            metrics(copies, (slice(None), slice(None), v), orig, stored))
+    v1_near = popcount(arr["c_v1"] ^ arr["v1"][:, None]) <= DEFAULT_D
+    v1_ok = v1_near & confirmed(metrics(v1c, (slice(None), slice(None)), v1o, stored[:1]))
     rec = {
-        "v1": v1_ok.mean(0),
-        "v1+confirm": (v1_ok & v1_conf).mean(0),
-        "phash": (popcount(arr["c_phash"] ^ arr["phash"][:, None]) <= DEFAULT_D).mean(0),
+        "v1": v1_near.mean(0),
+        "imagehash phash": (popcount(arr["c_phash"] ^ arr["phash"][:, None])
+                            <= DEFAULT_D).mean(0),
         "imagehash dhash": (popcount(arr["c_idhash"] ^ arr["idhash"][:, None])
                             <= DEFAULT_D).mean(0),
-        "trimmed": (d_var[..., 0] <= DEFAULT_D).mean(0),
-        "next": cand["identity"].mean(0),
-        "next+flips": cand["any"].mean(0),
+        "v1+look": v1_ok.mean(0),
+        "v2": (d_var[..., 0] <= DEFAULT_D).mean(0),
+        "v2+look": ok_var[..., 0].mean(0),
+        "+flips": ok_var.any(-1).mean(0),
     }
     cols = list(rec)
-    print(f"\nrecall at d <= {DEFAULT_D} (next: trimmed + confirmed; +flips: any of the 8 "
-          "flips/rotations of the copy)")
-    print(f"{'transformation':<18}" + "".join(f"{c:>16}" for c in cols))
+    print(f"\nrecall at d <= {DEFAULT_D}: v1 = today's recipe; v2 = borders trimmed; +look = "
+          "only candidates the signature confirms; +flips = also as the copy's 7 "
+          "flips/rotations")
+    print(f"{'transformation':<19}" + "".join(f"{c:>16}" for c in cols))
     for j, t in enumerate(NAMES):
-        print(f"{t:<18}" + "".join(f"{rec[c][j]:>16.3f}" for c in cols))
+        print(f"{t:<19}" + "".join(f"{rec[c][j]:>16.3f}" for c in cols))
     ng = [NAMES.index(t) for t in NON_GEOMETRIC]
-    print(f"{'non-geometric mean':<18}" + "".join(f"{rec[c][ng].mean():>16.3f}" for c in cols))
+    print(f"{'non-geometric mean':<19}" + "".join(f"{rec[c][ng].mean():>16.3f}" for c in cols))
     # --- false pairs among distinct originals
-    print(f"\nfalse pairs among {n * (n - 1) // 2:,} distinct pairs at d = 0..12")
     dv1, i, j = pair_distances(arr["v1"])
     dph, _, _ = pair_distances(arr["phash"])
     did, _, _ = pair_distances(arr["idhash"])
-    dtr = popcount(orig.h8[i, 0] ^ orig.h8[j, 0])
-    conf = confirmed(confirm_metrics(orig, (i, 0), orig, (j, 0)))
-    # with flips: any variant of the newcomer (i) against the stored identity of j
-    dfl = popcount(orig.h8[i, :] ^ orig.h8[j, 0:1])
-    conf_fl = np.zeros(dfl.shape, bool)
-    for v in range(8):
-        conf_fl[:, v] = confirmed(confirm_metrics(orig, (i, v), orig, (j, 0)))
-    conf_v1 = confirmed(confirm_metrics(v1o, (i,), v1o, (j,)))
-    rows_fp = {"dedupd v1": dv1, "imagehash phash": dph, "imagehash dhash": did,
-               "trimmed": dtr}
-    print(f"{'d':>3}" + "".join(f"{k:>17}" for k in rows_fp)
-          + f"{'v1+confirm':>17}{'next':>17}{'next+flips':>17}")
+    dv2 = popcount(arr["h8"][i, 0] ^ arr["h8"][j, 0])
+    m_v1 = metrics(v1o, (i,), v1o, (j,))
+    m_v2 = metrics(orig, (i, 0), orig, (j, 0))
+    # with flips: any variant of one (the newcomer) against the other as stored
+    dfl = popcount(arr["h8"][i, :] ^ arr["h8"][j, 0:1])
+    m_fl = [metrics(orig, (i, v), orig, (j, 0)) for v in range(8)]
+    look = confirmed(m_v2)
+    fp = {"v1": dv1, "imagehash phash": dph, "imagehash dhash": did}
+    print(f"\nfalse pairs among {pairs:,} distinct pairs at d = 0..12 (+look: with the "
+          "second look's thresholds for that d)")
+    print(f"{'d':>3}" + "".join(f"{c:>16}" for c in cols))
+    fp_rows = []
     for d in range(13):
-        line = f"{d:>3}" + "".join(f"{(v <= d).sum():>17}" for v in rows_fp.values())
-        line += f"{((dv1 <= d) & conf_v1).sum():>17}{((dtr <= d) & conf).sum():>17}"
-        line += f"{((dfl <= d) & conf_fl).any(-1).sum():>17}"
-        print(line)
-    print(f"share with an unrelated image within {DEFAULT_D} bits (v1): "
-          f"{len(np.unique(np.concatenate([i[dv1 <= DEFAULT_D], j[dv1 <= DEFAULT_D]]))) / n:.1%}")
-    # --- the confirming signatures: copies vs distinct candidates
-    true_m = {k: v[..., 0][:, ng] for k, v in metrics.items()}
-    true_c = (d_var[..., 0][:, ng] <= DEFAULT_D)
-    near = dtr <= 12
-    false_m = confirm_metrics(orig, (i[near], 0), orig, (j[near], 0))
-    print(f"\nconfirming signatures: {true_c.sum()} true candidates (non-geometric copies "
-          f"within {DEFAULT_D}) vs {near.sum()} distinct pairs within 12 (trimmed dHash 8)")
-    low_t = true_m["info"][true_c] < RULE["low_info"]
-    low_f = false_m["info"] < RULE["low_info"]
-    print(f"  low information (info < {RULE['low_info']}): {low_t.mean():.1%} of true, "
-          f"{low_f.mean():.1%} of distinct candidates")
-    for key, thresholds, better in (("h16", (16, 24, 32, 40, 48, 64), "le"),
-                                    ("t16", (0.80, 0.90, 0.95, 0.97), "ge"),
-                                    ("e16", (0.80, 0.90, 0.95, 0.97), "ge")):
-        tv, fv = true_m[key][true_c], false_m[key]
+        rule = signature.thresholds(d)  # the second look loosens with the threshold
+        look_fl = np.stack([confirmed(m, *rule) for m in m_fl], -1)
+        row = [(v <= d).sum() for v in fp.values()]
+        row += [((dv1 <= d) & confirmed(m_v1, *rule)).sum(), (dv2 <= d).sum(),
+                ((dv2 <= d) & confirmed(m_v2, *rule)).sum(),
+                ((dfl <= d) & look_fl).any(-1).sum()]
+        fp_rows.append(row)
+        print(f"{d:>3}" + "".join(f"{x:>16}" for x in row))
+    at = fp_rows[DEFAULT_D]
+    print(f"{'FPR':>3}" + "".join(f"{x / pairs:>16.1e}" for x in at) + f"   (d <= {DEFAULT_D})")
+    close = np.unique(np.concatenate([i[dv1 <= DEFAULT_D], j[dv1 <= DEFAULT_D]]))
+    print(f"images with an unrelated one within {DEFAULT_D} bits: v1 {len(close) / n:.1%}")
+    # --- the confirming signature: copies vs distinct candidates, threshold sweep
+    true_m = metrics(copies, (slice(None), ng, 0), orig, (stored[0][:, ng], 0))
+    true_c = d_var[:, ng, 0] <= DEFAULT_D
+    near = dv2 <= 12
+    false_m = metrics(orig, (i[near], 0), orig, (j[near], 0))
+    print(f"\nsecond look: {true_c.sum()} true candidates (non-geometric copies within "
+          f"{DEFAULT_D}), {near.sum()} distinct pairs within 12 (v2): share kept / false "
+          "pairs kept, at (max 256-bit distance, min thumbnail correlation)")
+    for h16_max in (24, 32, 40, 48):
         cells = []
-        for th in thresholds:
-            keep_t = tv <= th if better == "le" else tv >= th
-            keep_f = fv <= th if better == "le" else fv >= th
-            cells.append(f"{th}: {keep_t.mean():.3f}/{keep_f.sum()}")
-        print(f"  {key:<4} kept true/false: " + "  ".join(cells))
-    return {"recall": rec, "fp": {k: [(v <= d).sum() for d in range(13)]
-                                  for k, v in rows_fp.items()},
-            "pairs": (i, j, dv1, dtr, conf)}
+        for corr_min in (0.8, 0.85, 0.9, 0.95):
+            kt = confirmed({k: v[true_c] for k, v in true_m.items()}, h16_max, corr_min)
+            kf = confirmed(false_m, h16_max, corr_min)
+            mark = "*" if (h16_max, corr_min) == (signature.H16_MAX, signature.CORR_MIN) else " "
+            cells.append(f"({h16_max}, {corr_min:.2f}){mark} {kt.mean():.3f}/{kf.sum():<4}")
+        print("  " + "  ".join(cells))
+    return {"recall": rec, "fp": fp_rows, "pairs": (i, j, dv1, dv2, look)}
 
 
 def contact_sheet(set_name: str, arr: dict[str, np.ndarray], sources: dict[str, Path | int],
                   i: np.ndarray, j: np.ndarray, dist: np.ndarray, label: str, count: int = 24
                   ) -> Path:
+    """The `count` pairs with the smallest `dist`, side by side, for a look by eye."""
     order = np.argsort(dist, kind="stable")[:count]
     tiles = []
     for k in order:
@@ -678,11 +623,13 @@ def main() -> None:
     sets = corpus(args.sets.split(","), args.limit)
     feats = features(sets, args.jobs)
     for name, arr in feats.items():
-        res = report(name, arr, flips=True)
+        self_check(arr)
+        res = report(name, arr)
         if args.sheets:
             sources = dict(sets[name])
-            i, j, dv1, dtr, conf = res["pairs"]
-            for label, dist in (("closest-v1", dv1), ("closest-trimmed", dtr)):
+            i, j, dv1, dv2, look = res["pairs"]
+            for label, dist in (("closest-v1", dv1), ("closest-v2", dv2),
+                                ("confirmed-v2", np.where(look, dv2, 99))):
                 print(f"contact sheet: {contact_sheet(name, arr, sources, i, j, dist, label)}")
 
 

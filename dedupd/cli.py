@@ -49,7 +49,7 @@ commands:
   demo         run the daemon on a throwaway folder with generated images
   hash         print the dHash of image files
   scan         index existing images under PATHs and report duplicate groups
-  check        is FILE a duplicate of something already indexed?
+  check        is each FILE (or image under DIR) a duplicate of something indexed?
   stats        what the dictionary holds
   validate     check the configuration file and exit
   quarantine   list or purge quarantined duplicates
@@ -143,8 +143,9 @@ def hash_one(job: tuple[str, Recipe, int, bool]) -> HashOutcome:
     path, recipe, max_pixels, digest = job
     try:
         mtime = os.stat(path).st_mtime_ns
-        return HashOutcome(path, hash_file(path, recipe, max_pixels, digest=digest), None,
-                           mtime)
+        # `dedupd hash` (digest=False) prints hashes: it needs no signature either.
+        return HashOutcome(path, hash_file(path, recipe, max_pixels, digest=digest,
+                                           second_look=digest), None, mtime)
     except ImageError as exc:
         return HashOutcome(path, None, exc, 0)
     except OSError as exc:
@@ -250,13 +251,17 @@ def _record_from(o: HashOutcome, scope: str) -> ImageRecord:
     assert r is not None
     return ImageRecord(scope=scope, path=o.path, recipe=r.recipe.key, hash=r.hash,
                        digest=r.digest, file_size=r.file_size, mtime_ns=o.mtime_ns,
-                       width=r.width, height=r.height)
+                       width=r.width, height=r.height,
+                       signature=r.signature.to_bytes() if r.signature else None)
 
 
 def _match_json(m: Match, size: int) -> dict[str, Any]:
-    return {"path": m.record.path, "distance": m.distance, "identical": m.identical,
-            "hash": hash_to_hex(m.record.hash, size), "id": m.record.id,
-            "status": m.record.status}
+    out = {"path": m.record.path, "distance": m.distance, "identical": m.identical,
+           "hash": hash_to_hex(m.record.hash, size), "id": m.record.id,
+           "status": m.record.status}
+    if m.transform is not None:
+        out["transform"] = m.transform
+    return out
 
 
 def cmd_scan(args: argparse.Namespace, config: Config) -> int:
@@ -279,8 +284,9 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
     warned: list[dict[str, Any]] = []  # decoded, with the decoder's complaints
     pending: list[ImageRecord] = []
     started = time.monotonic()
-    from dedupd.pipeline import Pipeline
+    from dedupd.pipeline import Pipeline, find_duplicates
     from dedupd.policy import wanted
+    from dedupd.signature import Signature, confirms
     from dedupd.store.hamming import HammingIndex
 
     pipeline = Pipeline(config, store)
@@ -312,7 +318,8 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                 warned.append({"path": o.path, "warnings": list(o.result.warnings)})  # type: ignore[union-attr]
             path = Path(o.path)
             known = store.get_by_path(o.path)
-            if known is not None and known.digest == o.result.digest:  # type: ignore[union-attr]
+            if known is not None and known.digest == o.result.digest \
+                    and known.recipe == recipe.key:  # type: ignore[union-attr]
                 counts["known"] += 1
                 continue
             watch = config.watch_for(path)
@@ -332,16 +339,21 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             fallback = str(next(r for r in roots if r == path or r in path.parents))
             scope, max_distance, _policy = _scope_and_distance(config, path, fallback)
             record = _record_from(o, scope)
-            matches = store.find_matches(scope, recipe.key, record.hash, record.digest,
-                                         max_distance, limit=1)
+            matches = find_duplicates(store, scope, o.result, max_distance,  # type: ignore[arg-type]
+                                      exclude=o.path, limit=1)
             idx = seen_index.get(scope)
             if idx is None:
                 idx = seen_index[scope] = HammingIndex(recipe.bits)
             if not matches:
-                hits = idx.query(record.hash, max_distance, 1)
-                if hits:
-                    prior = seen[hits[0][0]]
-                    matches = [Match(prior, hits[0][1], prior.digest == record.digest)]
+                for rid, distance in idx.query(record.hash, max_distance, 32):
+                    prior = seen[rid]
+                    same = prior.digest == record.digest
+                    theirs = Signature.from_bytes(prior.signature or b"")
+                    mine = o.result.signature  # type: ignore[union-attr]
+                    if same or mine is None or theirs is None \
+                            or confirms(mine, theirs, max_distance):
+                        matches = [Match(prior, distance, same)]
+                        break
             if matches:
                 report(matches[0].record.path, o.path, matches[0])
                 continue
@@ -354,6 +366,10 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
                 counts["indexed"] += 1
                 if len(pending) >= 500:
                     flush()
+            elif not args.dry_run:  # changed, or hashed with another recipe: re-hashed
+                store.update(record.with_(id=known.id, first_seen=known.first_seen,
+                                          status=known.status))
+                counts["indexed"] += 1
         flush()
     finally:
         progress.close()
@@ -399,51 +415,82 @@ def _scan_logging(args: argparse.Namespace, config: Config) -> None:
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
-    path = Path(args.file).resolve()
-    outcome = hash_one((str(path), config.recipe, config.max_pixels, True))  # as `hash` does
-    if outcome.error is not None:
-        exc = outcome.error
-        if args.json:
-            _print_json({"path": str(path), "error": exc.kind, "reason": exc.reason})
-        else:
-            _err(f"{path}: {exc.kind}: {exc.reason}")
-        return EXIT_ERROR
-    result = outcome.result
-    assert result is not None
-    if not args.json:
-        _warn_decoded(str(path), result.warnings)
+    """Each FILE (directories walked, as scan does) against the dictionary, indexing
+    nothing: one result per file, JSON Lines with --json. Exit 1 if any is a duplicate,
+    else 2 if any could not be checked, else 0."""
+    from dedupd.pipeline import find_duplicates
+
     store = open_store(config.index)
-    try:
-        watch = config.watch_for(path)
-        if args.scope:
-            scopes = [args.scope]
-        elif watch is not None:
-            scopes = [watch.scope]
+    all_scopes: list[str] | None = None
+    duplicates = errors = 0
+
+    def error(path: Path, kind: str, reason: str) -> None:
+        nonlocal errors
+        errors += 1
+        if args.json:
+            _print_json({"path": str(path), "error": kind, "reason": reason})
         else:
-            scopes = list(store.stats()["scopes"])  # type: ignore[call-overload]
-        max_distance = args.max_distance
-        if max_distance is None:
-            policy = config.policy_for(watch) if watch else config.policies["default"]
-            max_distance = policy.max_distance
-        matches: list[Match] = []
-        for scope in scopes:
-            matches += store.find_matches(scope, config.recipe.key, result.hash, result.digest,
-                                          max_distance, limit=args.limit)
-        matches = [m for m in matches if m.record.path != str(path)]
-        matches.sort(key=lambda m: (m.distance, not m.identical))
-        matches = matches[: args.limit]
+            _err(f"{path}: {kind}: {reason}")
+
+    try:
+        for root in (Path(f).resolve() for f in args.files):
+            if not root.exists():
+                error(root, "vanished", "no such file or directory")
+                continue
+            for path in iter_image_files([root], config):
+                outcome = hash_one((str(path), config.recipe, config.max_pixels, True))
+                if outcome.error is not None:
+                    error(path, outcome.error.kind, outcome.error.reason)
+                    continue
+                result = outcome.result
+                assert result is not None
+                if not args.json:
+                    _warn_decoded(str(path), result.warnings)
+                watch = config.watch_for(path)
+                policy = config.policy_for(watch) if watch else config.policies["default"]
+                if args.scope:
+                    scopes = [args.scope]
+                elif watch is not None:
+                    scopes = [watch.scope]
+                else:
+                    if all_scopes is None:
+                        all_scopes = list(store.stats()["scopes"])  # type: ignore[call-overload]
+                    scopes = all_scopes
+                max_distance = policy.max_distance if args.max_distance is None \
+                    else args.max_distance
+                matches: list[Match] = []
+                for scope in scopes:
+                    matches += find_duplicates(store, scope, result, max_distance,
+                                               flips=policy.match_flips_rotations,
+                                               exclude=str(path), limit=args.limit)
+                matches.sort(key=lambda m: (m.distance, not m.identical))
+                matches = matches[: args.limit]
+                duplicates += bool(matches)
+                _check_report(args, path, result, max_distance, matches, config.recipe.size)
     finally:
         store.close()
+    if duplicates:
+        return EXIT_DUPLICATE
+    return EXIT_ERROR if errors else EXIT_OK
+
+
+def _check_report(args: argparse.Namespace, path: Path, result: ImageHash, max_distance: int,
+                  matches: list[Match], size: int) -> None:
+    low = result.low_information
     if args.json:
         _print_json({"path": str(path), "hash": result.hex, "max_distance": max_distance,
-                     "duplicate": bool(matches), "warnings": list(result.warnings),
-                     "matches": [_match_json(m, config.recipe.size) for m in matches]})
-    elif matches:
-        for m in matches:
-            _out(f"{m.distance:>3}  {m.record.path}{'  (identical)' if m.identical else ''}")
-    else:
-        _out(f"unique  {path}")
-    return EXIT_DUPLICATE if matches else EXIT_OK
+                     "duplicate": bool(matches), "low_information": low,
+                     "warnings": list(result.warnings),
+                     "matches": [_match_json(m, size) for m in matches]})
+        return
+    note = "  (low_information)" if low else ""
+    if not matches:
+        _out(f"unique  {path}{note}")
+        return
+    _out(f"duplicate  {path}{note}")
+    for m in matches:
+        extra = "  (identical)" if m.identical else f"  ({m.transform})" if m.transform else ""
+        _out(f"  {m.distance:>3}  {m.record.path}{extra}")
 
 
 def cmd_stats(args: argparse.Namespace, config: Config) -> int:
@@ -581,14 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image files or directories (walked recursively, symlinks not followed)")
 
-    p = add("check", cmd_check, "is FILE a duplicate of an indexed image?",
-            "Print the nearest indexed images within the policy's distance.\n"
-            "Exit 0 unique, 1 duplicate, 2 error.")
+    p = add("check", cmd_check, "is each FILE a duplicate of an indexed image?",
+            "Check files (directories are walked) against the dictionary without indexing\n"
+            "them: per file, the nearest indexed images the second look confirms within the\n"
+            "policy's distance (--json: one JSON object per file, JSON Lines).\n"
+            "Exit 1 if any is a duplicate, else 2 if any could not be checked, else 0.")
     p.add_argument("--max-distance", "-d", type=int, help="Hamming threshold (default: policy)")
     p.add_argument("--scope", help="compare within this group (default: the watch of FILE, "
                    "else every group)")
     p.add_argument("--limit", type=int, default=5, help="matches to show (default 5)")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="image files or directories")
 
     add("stats", cmd_stats, "show what the dictionary holds")
     add("validate", cmd_validate, "check the configuration and exit (78 if invalid)")

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dedupd.hashing import ALGOS, DECODES, DEFAULT_MAX_PIXELS, SIZES, Recipe
+from dedupd.hashing import (
+    ALGOS,
+    DECODES,
+    DEFAULT_MAX_PIXELS,
+    PIPELINE_VERSION,
+    SIZES,
+    VERSIONS,
+    Recipe,
+)
 
 ACTIONS = ("quarantine", "log", "delete")
 KEEPS = ("first", "largest")
@@ -43,6 +51,8 @@ class Policy:
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     min_width: int = 0
     min_height: int = 0
+    # Also check a newcomer as its mirror images and 90/180/270-degree rotations.
+    match_flips_rotations: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,6 +240,7 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
             algo=hash_r.choice("algo", ALGOS, "dhash"),
             size=hash_r.choice("size", SIZES, 8),
             decode=hash_r.choice("decode", DECODES, "fast"),
+            version=hash_r.choice("version", VERSIONS, PIPELINE_VERSION),
         )
     except ValueError as exc:  # pragma: no cover - choices already checked
         raise hash_r.fail("algo", str(exc)) from None
@@ -354,6 +365,7 @@ def _parse_policies(source: str, raw: Any) -> dict[str, Policy]:
             extensions=tuple(e.lower().lstrip(".") for e in exts),
             min_width=r.number("min_width", int, 0, 0),
             min_height=r.number("min_height", int, 0, 0),
+            match_flips_rotations=r.get("match_flips_rotations", bool, False),
         )
         r.done()
     return policies

@@ -911,7 +911,8 @@ class Daemon:
             return
         known = self.store.get_by_path(str(path))
         if known is not None and (known.file_size, known.mtime_ns) == (st.st_size,
-                                                                       st.st_mtime_ns):
+                                                                       st.st_mtime_ns) \
+                and known.recipe == config.recipe.key:  # else re-hashed (e.g. v1 -> v2)
             self.pipeline.report_interrupted(path)  # decided just before an outage
             return
         started = time.monotonic()

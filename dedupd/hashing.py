@@ -15,13 +15,18 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
+from dedupd.signature import INVERSE, Signature, reduce, signature, trim_borders, variants
+
 # Bump when anything that changes hash bits changes (decoder choice, resize, bit order).
-PIPELINE_VERSION = 1
+# 2: uniform borders (letterbox bars, padding) are trimmed before hashing. Version 1
+# stays selectable (`hash.version: 1`) for dictionaries not yet re-hashed.
+PIPELINE_VERSION = 2
+VERSIONS = (1, 2)
 ALGOS = ("dhash", "dhash-seed")
 DECODES = ("fast", "full")
 SIZES = (8, 16)
@@ -60,6 +65,7 @@ class Recipe:
     algo: str = "dhash"
     size: int = 8
     decode: str = "fast"
+    version: int = PIPELINE_VERSION
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -68,9 +74,12 @@ class Recipe:
             raise ValueError(f"unsupported hash size {self.size} (choose from 8, 16)")
         if self.decode not in DECODES:
             raise ValueError(f"unknown decode {self.decode!r} (choose fast or full)")
-        if self.algo == "dhash-seed" and self.decode != "full":
-            # The seed recipe is a full colour decode by definition.
+        if self.version not in VERSIONS:
+            raise ValueError(f"unknown recipe version {self.version} (choose 1 or 2)")
+        if self.algo == "dhash-seed":
+            # The seed recipe is a full colour decode with nothing trimmed, by definition.
             object.__setattr__(self, "decode", "full")
+            object.__setattr__(self, "version", 1)
 
     @property
     def resize(self) -> str:
@@ -82,13 +91,18 @@ class Recipe:
 
     @property
     def key(self) -> str:
-        """Stable identifier stored next to every hash, e.g. ``dhash:8:fast:area:v1``."""
-        return f"{self.algo}:{self.size}:{self.decode}:{self.resize}:v{PIPELINE_VERSION}"
+        """Stable identifier stored next to every hash, e.g. ``dhash:8:fast:area:v2``."""
+        return f"{self.algo}:{self.size}:{self.decode}:{self.resize}:v{self.version}"
+
+    @property
+    def trims(self) -> bool:
+        """Uniform borders are cut before hashing (version 2 on)."""
+        return self.version >= 2
 
     @classmethod
     def from_key(cls, key: str) -> Recipe:
-        algo, size, decode, _resize, _version = key.split(":")
-        return cls(algo=algo, size=int(size), decode=decode)
+        algo, size, decode, _resize, version = key.split(":")
+        return cls(algo=algo, size=int(size), decode=decode, version=int(version[1:]))
 
 
 @dataclass(frozen=True)
@@ -110,10 +124,31 @@ class ImageHash:
     # extraneous bytes before marker 0xd9"). Such an image is hashed anyway, on purpose:
     # the decoder recovered a full image; callers log the warning with the file's name.
     warnings: tuple[str, ...] = ()
+    # The second look (dedupd.signature): None only when the caller asked for none.
+    signature: Signature | None = field(default=None, compare=False)
+    # The (trimmed) grayscale image the hash was made from, for flips and rotations.
+    gray: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def hex(self) -> str:
         return hash_to_hex(self.hash, self.recipe.size)
+
+    @property
+    def low_information(self) -> bool:
+        return self.signature is not None and self.signature.low_information
+
+    def variants(self) -> Iterator[tuple[str, int, Signature]]:
+        """The image's 7 mirror images and rotations as (transform, hash, signature): the
+        transform names how a stored original that matches a variant became this image."""
+        if self.gray is None:
+            return
+        interpolation = cv2.INTER_LINEAR if self.recipe.resize == "linear" else cv2.INTER_AREA
+        for name, view in variants(self.gray):
+            if name != "identity":
+                view = np.ascontiguousarray(view)
+                size = self.recipe.size
+                grid = cv2.resize(view, (size + 1, size), interpolation=interpolation)
+                yield INVERSE[name], grid_bits(grid), signature(view, grid)
 
 
 # ---------------------------------------------------------------- hash values
@@ -146,7 +181,11 @@ def dhash_bits(gray: np.ndarray, size: int = 8, interpolation: int = cv2.INTER_A
     `small[:, 1:] > small[:, :-1]`, i.e. set where a pixel's right neighbour is brighter.
     That is the seed's (and imagehash's) orientation; dictionaries built with the seed
     depend on it, so it is kept even where prose says "left brighter than right"."""
-    small = cv2.resize(gray, (size + 1, size), interpolation=interpolation)
+    return grid_bits(cv2.resize(gray, (size + 1, size), interpolation=interpolation))
+
+
+def grid_bits(small: np.ndarray) -> int:
+    """The dHash of an already resized (size, size+1) grid."""
     grid = small[:, 1:] > small[:, :-1]
     packed = np.packbits(grid.ravel(), bitorder="little")
     return int.from_bytes(packed.tobytes(), "little")
@@ -300,9 +339,10 @@ def decode_flag(fmt: str, width: int, height: int, recipe: Recipe) -> int:
 
 def hash_bytes(
     data: bytes, recipe: Recipe = Recipe(), max_pixels: int = DEFAULT_MAX_PIXELS,
-    *, digest: bool = True,
+    *, digest: bool = True, second_look: bool = True,
 ) -> ImageHash:
-    """Hash an image held in memory; raises ImageError for anything that isn't one."""
+    """Hash an image held in memory; raises ImageError for anything that isn't one.
+    `second_look` adds the confirming signature (`dedupd hash` prints none)."""
     if not data:
         raise ImageError("empty", "file is empty (0 bytes)")
     fmt = sniff_format(data[:16])
@@ -331,15 +371,22 @@ def hash_bytes(
         if colour is None:
             raise ImageError("corrupt", _undecodable(fmt, said))
         gray = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
-        value = dhash_bits(gray, recipe.size, cv2.INTER_LINEAR)
+        grid = cv2.resize(gray, (recipe.size + 1, recipe.size), interpolation=cv2.INTER_LINEAR)
     else:
         flag = decode_flag(fmt, width, height, recipe)
         gray, said = DECODER_MESSAGES.decode(lambda: cv2.imdecode(buf, flag))
         if gray is None:
             raise ImageError("corrupt", _undecodable(fmt, said))
-        value = dhash_bits(gray, recipe.size, cv2.INTER_AREA)
+        if recipe.trims:
+            gray = trim_borders(gray)
+        grid = cv2.resize(gray, (recipe.size + 1, recipe.size), interpolation=cv2.INTER_AREA)
+    value = grid_bits(grid)
     sha = hashlib.sha256(data).hexdigest() if digest else None
-    return ImageHash(value, recipe, width, height, sha, len(data), fmt, said)
+    if not second_look:
+        return ImageHash(value, recipe, width, height, sha, len(data), fmt, said)
+    small = reduce(gray)
+    return ImageHash(value, recipe, width, height, sha, len(data), fmt, said,
+                     signature(small, grid), small)
 
 
 def _undecodable(fmt: str, said: tuple[str, ...]) -> str:
@@ -493,7 +540,8 @@ def _refuse_special(path: str | os.PathLike[str]) -> None:
 
 def hash_file(
     path: str | os.PathLike[str], recipe: Recipe = Recipe(), max_pixels: int = DEFAULT_MAX_PIXELS,
-    *, digest: bool = True,
+    *, digest: bool = True, second_look: bool = True,
 ) -> ImageHash:
     """Hash an image file; raises ImageError with a one-line reason on bad input."""
-    return hash_bytes(read_image_file(path), recipe, max_pixels, digest=digest)
+    return hash_bytes(read_image_file(path), recipe, max_pixels, digest=digest,
+                      second_look=second_look)

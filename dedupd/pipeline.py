@@ -18,10 +18,64 @@ from dedupd.events import Event, emit
 from dedupd.hashing import ImageHash, hash_to_hex
 from dedupd.policy import ACCEPT, DUPLICATE, REPLACE, Breaker, Decision, big_enough, decide
 from dedupd.quarantine import Quarantine, QuarantineError
+from dedupd.signature import Signature, confirms
 from dedupd.store import ImageRecord, Match, QuarantineEntry, Store
 from dedupd.store.base import LIVE_STATUSES, Lookup, nearest_first
 
 log = logging.getLogger("dedupd.pipeline")
+
+# Candidates within the threshold given a second look, nearest first: enough that a
+# dictionary with many look-alikes (dark frames, blank pages) still finds the real copy.
+CANDIDATES = 32
+
+
+def second_look(store: Store, sig: Signature | None, matches: list[Match],
+                max_distance: int) -> list[Match]:
+    """The candidates that are duplicates: byte-identical copies at once, the others only
+    when their stored signature confirms the newcomer's. A record stored before
+    signatures existed matches on its hash alone, unless the newcomer's hash says little
+    (low_information)."""
+    near = [m.record.id for m in matches if not m.identical and m.record.id is not None]
+    stored = store.signatures(near) if near and sig is not None else {}  # type: ignore[arg-type]
+    kept = []
+    for m in matches:
+        if m.identical or sig is None:
+            kept.append(m)
+            continue
+        other = Signature.from_bytes(stored.get(m.record.id, b""))  # type: ignore[arg-type]
+        if (confirms(sig, other, max_distance) if other is not None
+                else not sig.low_information):
+            kept.append(m)
+    return kept
+
+
+def as_flipped(store: Store, scope: str, hashed: ImageHash, max_distance: int,
+               exclude: str | None = None) -> list[Match]:
+    """The records `hashed` duplicates as one of its 7 mirror images and rotations, for
+    the first that has any (Match.transform names how the newcomer differs)."""
+    for transform, value, sig in hashed.variants():
+        found = [m for m in store.find_matches(scope, hashed.recipe.key, value, None,
+                                               max_distance, limit=CANDIDATES)
+                 if m.record.path != exclude]
+        found = second_look(store, sig, found, max_distance)
+        if found:
+            return [replace(m, transform=transform) for m in found]
+    return []
+
+
+def find_duplicates(store: Store, scope: str, hashed: ImageHash, max_distance: int, *,
+                    flips: bool = False, exclude: str | None = None, limit: int = 8
+                    ) -> list[Match]:
+    """The records `hashed` duplicates, nearest first: candidates within max_distance
+    given the second look; with `flips`, when the image itself matches nothing, also as
+    its mirror images and rotations."""
+    found = [m for m in store.find_matches(scope, hashed.recipe.key, hashed.hash,
+                                           hashed.digest, max_distance, limit=CANDIDATES)
+             if m.record.path != exclude]
+    found = second_look(store, hashed.signature, found, max_distance)
+    if flips and not found:
+        found = as_flipped(store, scope, hashed, max_distance, exclude)
+    return found[:limit]
 
 
 @dataclass(frozen=True)
@@ -81,17 +135,26 @@ class Pipeline:
         record = ImageRecord(scope=watch.scope, path=str(path), recipe=hashed.recipe.key,
                              hash=hashed.hash, digest=hashed.digest,
                              file_size=hashed.file_size, mtime_ns=mtime_ns,
-                             width=hashed.width, height=hashed.height)
+                             width=hashed.width, height=hashed.height,
+                             signature=hashed.signature.to_bytes() if hashed.signature else None)
+        flips = policy.match_flips_rotations
         if known is None:
             # The usual case takes no lock: look (a shared store may answer from a copy
             # that lags), decide, and let store.claim() confirm a keep (see _settle).
             if not path.exists():
                 return None
+            # `seen` keeps every candidate (claim() must not report them as new); the
+            # decision sees those the second look confirms.
             seen = self.store.lookup(watch.scope, record.recipe, record.hash, record.digest,
-                                     policy.max_distance, limit=8)
-            matches = [m for m in seen.matches if m.record.path != record.path]
+                                     policy.max_distance, limit=CANDIDATES)
+            matches = second_look(self.store, hashed.signature,
+                                  [m for m in seen.matches if m.record.path != record.path],
+                                  policy.max_distance)
+            if flips and not matches:
+                matches = as_flipped(self.store, watch.scope, hashed, policy.max_distance,
+                                     record.path)
             if not self._gone(matches):
-                return self._decide_and_act(path, watch, record, matches, seen)
+                return self._decide_and_act(path, watch, record, matches[:8], seen, hashed)
         with self.store.locked(watch.scope):
             if not path.exists():
                 return None
@@ -99,9 +162,8 @@ class Pipeline:
                 record = record.with_(id=known.id, first_seen=known.first_seen,
                                       status=known.status)
                 self.store.update(record)
-            matches = [m for m in self.store.find_matches(
-                watch.scope, record.recipe, record.hash, record.digest, policy.max_distance,
-                limit=8) if m.record.path != record.path]
+            matches = find_duplicates(self.store, watch.scope, hashed, policy.max_distance,
+                                      flips=flips, exclude=record.path)
             gone = self._gone(matches)
             if known is None:
                 moved = next((m for m in gone if m.identical), None)
@@ -110,7 +172,7 @@ class Pipeline:
                                                          mtime_ns=record.mtime_ns))
                     return None
             matches = [m for m in matches if m not in gone]
-            return self._decide_and_act(path, watch, record, matches, Lookup(matches))
+            return self._decide_and_act(path, watch, record, matches, Lookup(matches), hashed)
 
     def _gone(self, matches: list[Match]) -> list[Match]:
         """Matches whose files vanished from under our roots. The disk is the truth only
@@ -119,7 +181,7 @@ class Pipeline:
                 and not os.path.lexists(m.record.path)]
 
     def _settle(self, path: Path, watch: Watch, record: ImageRecord, matches: list[Match],
-                seen: Lookup, breaker_open: bool) -> Decision:
+                seen: Lookup, breaker_open: bool, hashed: ImageHash) -> Decision:
         """The decision, with a newcomer that is to be kept already claimed in the store:
         a look-alike that arrived meanwhile (here or on another host) makes the claim
         fail and is decided against instead. The accept report waits in _unreported from
@@ -130,25 +192,30 @@ class Pipeline:
             if decision.verdict == DUPLICATE or record.id is not None:
                 return decision
             if decision.verdict == ACCEPT:
-                self._unreported[record.path] = self._accepted(path, watch, record)
+                self._unreported[record.path] = self._accepted(path, watch, record, hashed)
             newer = self.store.claim(record, policy.max_distance, seen)
             if not newer:
                 return decision
             self._unreported.pop(record.path, None)
-            matches = nearest_first([*matches, *newer], 8)
-            seen = Lookup(matches, seen.horizon)
+            # Candidates that arrived meanwhile get the second look too; all of them are
+            # "seen" for the next claim.
+            matches = nearest_first([*matches, *second_look(
+                self.store, hashed.signature, newer, policy.max_distance)], 8)
+            seen = Lookup(nearest_first([*seen.matches, *newer], len(seen.matches) + 8),
+                          seen.horizon)
 
-    def _accepted(self, path: Path, watch: Watch, record: ImageRecord
+    def _accepted(self, path: Path, watch: Watch, record: ImageRecord, hashed: ImageHash
                   ) -> tuple[Event, str, dict[str, object]]:
         return (Event.IMAGE_ACCEPTED, f"{path}: accepted", dict(
             path=str(path), hash=hash_to_hex(record.hash, self.config.recipe.size),
-            root=str(watch.path), policy=self.config.policy_for(watch).name))
+            root=str(watch.path), policy=self.config.policy_for(watch).name,
+            low_information=hashed.low_information or None))
 
     def _decide_and_act(self, path: Path, watch: Watch, record: ImageRecord,
-                        matches: list[Match], seen: Lookup) -> Outcome:
+                        matches: list[Match], seen: Lookup, hashed: ImageHash) -> Outcome:
         policy = self.config.policy_for(watch)
         breaker = self.breakers.setdefault(watch.path, Breaker(self.config.circuit_breaker))
-        decision = self._settle(path, watch, record, matches, seen, breaker.open)
+        decision = self._settle(path, watch, record, matches, seen, breaker.open, hashed)
         claimed = record.id is None and decision.verdict != DUPLICATE
         removes = decision.verdict != ACCEPT and decision.action in ("quarantine", "delete")
         if breaker.record(removes):
@@ -159,7 +226,7 @@ class Pipeline:
             decision = replace(decision, action="log")
         size = self.config.recipe.size
         if decision.verdict == ACCEPT:
-            self._keep(record, self._accepted(path, watch, record), claimed=claimed)
+            self._keep(record, self._accepted(path, watch, record, hashed), claimed=claimed)
             self.count("accepted")
             return Outcome(accepted=True)
         match = decision.match
@@ -172,9 +239,14 @@ class Pipeline:
             loser, winner = record, match.record
         outcome = Outcome(accepted=decision.verdict == REPLACE, action=decision.action,
                           match=match, loser=loser.path)
+        # How the two differ, for people and scripts: a flip or rotation, and whether the
+        # newcomer's hash alone said little (the signature or the digest decided).
+        extra = dict(transform=match.transform,
+                     low_information=hashed.low_information or None)
         fields = dict(path=loser.path, match=winner.path, distance=match.distance,
                       hash=hash_to_hex(loser.hash, size), policy=policy.name,
-                      root=str(watch.path), action=decision.action, identical=match.identical)
+                      root=str(watch.path), action=decision.action, identical=match.identical,
+                      **extra)
         if decision.action == "log":
             self._keep(loser, (Event.DUPLICATE_LOGGED, f"{loser.path}: duplicate of "
                                f"{winner.path} (distance {match.distance}); left in place "
@@ -198,7 +270,8 @@ class Pipeline:
                      path=loser.path, reason=str(exc), kind="quarantine_failed",
                      root=str(watch.path))
                 return replace(outcome, action="log")
-            self.report_quarantined(entry, root=str(watch.path), identical=match.identical)
+            self.report_quarantined(entry, root=str(watch.path), identical=match.identical,
+                                    **extra)
             outcome = replace(outcome, moved_to=entry.quarantine_path)
         return outcome
 

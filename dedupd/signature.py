@@ -8,10 +8,11 @@ made from (microseconds: it is already decoded and reduced) tell them apart:
 - `trim_borders`: uniform bars (letterbox, padding) are cut before hashing, so a
   letterboxed copy hashes like its original (recipe version 2);
 - `information`: how many of the hash's comparisons are decided by a real difference
-  of brightness, not by a tie or noise; below `LOW_INFORMATION` the hash alone proves
-  nothing;
-- a `Signature`: a 256-bit dHash of size 16 plus a 16x16 grayscale thumbnail, stored
-  per image and read only for candidates; `confirms` says whether two images match.
+  of brightness, not by a tie or noise; below `LOW_INFORMATION` the image is reported
+  as `low_information` (its hash alone says little);
+- a `Signature`: a 256-bit dHash of size 16 plus a 16x16 grayscale thumbnail of the
+  picture's content (`content`), stored per image and read only for candidates;
+  `confirms` says whether two images match. A candidate is a duplicate only if it does.
 
 `VARIANTS` are the flips and rotations a newcomer can also be checked as.
 """
@@ -31,13 +32,18 @@ SIGNATURE_VERSION = 1
 STEP = 2
 LOW_INFORMATION = 16
 # Confirming a candidate: the 256-bit dHash within H16_MAX bits and the thumbnails'
-# correlation at least CORR_MIN; stricter for low-information images.
-H16_MAX, CORR_MIN = 40, 0.90
-LOW_H16_MAX, LOW_CORR_MIN = 24, 0.97
+# correlation at least CORR_MIN (bench_quality measures both), for thresholds up to the
+# default d = 4; looser for larger ones (`thresholds`).
+H16_MAX, CORR_MIN = 32, 0.90
+# The signature's content box: pixels off the ground by this share of the strongest
+# contrast; a box larger than CONTENT_MAX_AREA of the image means "the whole image".
+CONTENT_SHARE, CONTENT_MAX_AREA = 0.2, 0.6
 # A thumbnail this flat (standard deviation in grey levels) carries no shape at all:
 # such an image is a duplicate only of a byte-identical copy.
 FLAT_STD = 2.0
 BORDER_TOLERANCE = 12
+# Bars are black or white (letterbox, padding): a bar's colour is below or above these.
+BAR_DARK, BAR_LIGHT = 40, 215
 TRIM_SIDE = 512
 # Signatures and flips are computed from the (trimmed) image reduced to this long side.
 SIGNATURE_SIDE = 256
@@ -64,8 +70,9 @@ INVERSE = {"identity": "identity", "hflip": "hflip", "vflip": "vflip", "rot180":
 def trim_borders(gray: np.ndarray, tolerance: int = BORDER_TOLERANCE) -> np.ndarray:
     """Cut uniform bars (letterbox, padding) off every side of a grayscale image (a view).
 
-    A side's bar colour is the median of its outermost line; lines whose every pixel is
-    within `tolerance` of it are cut, up to the first line that is not. A direction is
+    A side's bar colour is the median of its outermost line, near black or near white;
+    lines whose every pixel is within `tolerance` of it are cut, up to the first line
+    that is not, which must be a real edge (most of it off the bar colour). A direction is
     left whole when trimming would keep less than a quarter of it (flat images, a small
     blob on black: there the "border" is the picture). Large images are measured on an
     area-reduced copy (at most TRIM_SIDE pixels), so this costs microseconds at any size.
@@ -82,9 +89,17 @@ def trim_borders(gray: np.ndarray, tolerance: int = BORDER_TOLERANCE) -> np.ndar
     g = small.astype(np.int16)
 
     def run(lines: np.ndarray) -> int:
+        """Lines of a bar at this side: black or white, uniform, ending in a real edge
+        (a line most of whose pixels differ from the bar, not a halo fading out)."""
         ref = int(np.median(lines[0]))
-        off = np.abs(lines - ref).max(axis=1) > tolerance
-        return int(np.argmax(off)) if off.any() else len(lines)
+        if BAR_DARK < ref < BAR_LIGHT:
+            return 0
+        dev = np.abs(lines - ref)
+        off = dev.max(axis=1) > tolerance
+        if not off.any():
+            return len(lines)
+        edge = int(np.argmax(off))
+        return edge if dev[edge].mean() > tolerance else 0
 
     top, bottom = run(g), run(g[::-1])
     left, right = run(g.T), run(g.T[::-1])
@@ -147,12 +162,42 @@ def reduce(gray: np.ndarray, side: int = SIGNATURE_SIDE) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)
 
 
-def signature(gray: np.ndarray) -> Signature:
-    """The signature of a (reduced, trimmed) grayscale image: three small area resizes."""
-    g9 = cv2.resize(gray, (9, 8), interpolation=cv2.INTER_AREA)
-    g17 = cv2.resize(gray, (17, 16), interpolation=cv2.INTER_AREA)
-    thumb = cv2.resize(gray, (16, 16), interpolation=cv2.INTER_AREA)
-    return Signature(grid_hash(g17), np.ascontiguousarray(thumb).tobytes(), information(g9))
+def content(gray: np.ndarray) -> np.ndarray:
+    """The part of an image that holds its picture when that is a small object on a plain
+    ground (a nebula on black sky, a text block on white): the bounding box, plus a
+    margin, of pixels that stand out from the ground by a fifth of the strongest contrast
+    (its 99.5th percentile). The whole image otherwise. A 16x16 thumbnail of the whole
+    frame would show any two such images as "a blob in the middle" and call them alike.
+    OpenCV calls throughout: tens of microseconds on a reduced image."""
+    h, w = gray.shape[:2]
+    ground = int(np.median(cv2.resize(gray, (min(w, 48), min(h, 48)),
+                                      interpolation=cv2.INTER_AREA)))
+    dev = cv2.absdiff(gray, np.full_like(gray, ground))
+    counts = np.cumsum(cv2.calcHist([dev], [0], None, [256], [0, 256]).ravel())
+    strongest = int(np.searchsorted(counts, 0.995 * counts[-1]))
+    if strongest < 8:
+        return gray
+    _, mask = cv2.threshold(dev, CONTENT_SHARE * strongest, 255, cv2.THRESH_BINARY)
+    x0, y0, bw, bh = cv2.boundingRect(mask)
+    if bw * bh == 0:
+        return gray
+    my, mx = bh // 10 + 1, bw // 10 + 1
+    y0, y1, x0, x1 = max(0, y0 - my), min(h, y0 + bh + my), max(0, x0 - mx), min(w, x0 + bw + mx)
+    if (y1 - y0) * (x1 - x0) > CONTENT_MAX_AREA * h * w:
+        return gray
+    return gray[y0:y1, x0:x1]
+
+
+def signature(gray: np.ndarray, grid: np.ndarray | None = None) -> Signature:
+    """The signature of a (reduced, trimmed) grayscale image whose 64-bit hash came from
+    the 9x8 `grid` (computed here when not given). The picture's content is reduced once
+    to 32x32; the thumbnail and the 17x16 grid come from that."""
+    if grid is None or grid.shape != (8, 9):
+        grid = cv2.resize(gray, (9, 8), interpolation=cv2.INTER_AREA)
+    body = cv2.resize(content(gray), (32, 32), interpolation=cv2.INTER_AREA)
+    g17 = cv2.resize(body, (17, 16), interpolation=cv2.INTER_AREA)
+    thumb = cv2.resize(body, (16, 16), interpolation=cv2.INTER_AREA)
+    return Signature(grid_hash(g17), thumb.tobytes(), information(grid))
 
 
 def _zscore(thumb: bytes) -> tuple[np.ndarray, float]:
@@ -171,9 +216,16 @@ def compare(a: Signature, b: Signature) -> tuple[int, float, float]:
     return distance, float((za * zb).mean()), min(sa, sb)
 
 
-def confirms(a: Signature, b: Signature) -> bool:
-    """Do two candidates (64-bit dHashes within the threshold) show the same picture?"""
+def thresholds(max_distance: int) -> tuple[int, float]:
+    """(max 256-bit distance, min correlation) for a policy's 64-bit threshold: the
+    defaults up to d = 4, looser beyond (a policy that accepts more different copies
+    must not have them refused by the second look)."""
+    return max(H16_MAX, 8 * max_distance), min(CORR_MIN, 1 - max_distance / 40)
+
+
+def confirms(a: Signature, b: Signature, max_distance: int = 4) -> bool:
+    """Do two candidates (64-bit dHashes within `max_distance`) show the same picture?
+    A flat thumbnail has no shape to compare: never (only a byte-identical copy is)."""
     distance, corr, std = compare(a, b)
-    if a.low_information or b.low_information:
-        return std >= FLAT_STD and distance <= LOW_H16_MAX and corr >= LOW_CORR_MIN
-    return distance <= H16_MAX and corr >= CORR_MIN
+    h16_max, corr_min = thresholds(max_distance)
+    return std >= FLAT_STD and distance <= h16_max and corr >= corr_min

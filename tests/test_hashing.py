@@ -82,9 +82,11 @@ def test_different_images_are_far_apart(make_photo) -> None:
 
 
 def test_recipe_key_names_the_pipeline() -> None:
-    assert Recipe().key == "dhash:8:fast:area:v1"
-    assert Recipe("dhash-seed", 16).key == "dhash-seed:16:full:linear:v1"
+    assert Recipe().key == "dhash:8:fast:area:v2"
+    assert Recipe(version=1).key == "dhash:8:fast:area:v1"
+    assert Recipe("dhash-seed", 16).key == "dhash-seed:16:full:linear:v1"  # never trims
     assert Recipe.from_key(Recipe("dhash", 16, "full").key) == Recipe("dhash", 16, "full")
+    assert Recipe.from_key("dhash:8:fast:area:v1") == Recipe(version=1)
 
 
 def test_exif_orientation_is_applied_in_both_paths(tmp_path: Path) -> None:

@@ -43,7 +43,9 @@ def copy_store(src: Store, dst: Store, progress: object | None = None) -> dict[s
     def flush() -> None:
         present = dst.existing_paths([r.path for r in batch])
         fresh = [r for r in batch if r.path not in present]
-        copied = dst.insert_many([r.with_(id=None) for r in fresh])
+        signatures = src.signatures([r.id for r in fresh])  # type: ignore[misc]
+        copied = dst.insert_many([r.with_(id=None, signature=signatures.get(r.id))
+                                  for r in fresh])
         for old, new in zip(fresh, copied, strict=True):
             if old.id in referenced:
                 new_id[old.id] = new  # type: ignore[index]

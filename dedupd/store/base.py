@@ -44,6 +44,9 @@ class ImageRecord:
     first_seen: float = field(default_factory=time.time)
     status: str = KEPT
     id: int | None = None
+    # The confirming signature (dedupd.signature), written with the record and read back
+    # only for candidates (Store.signatures): records read from a store carry None.
+    signature: bytes | None = field(default=None, compare=False, repr=False)
 
     def with_(self, **changes: object) -> ImageRecord:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -54,6 +57,7 @@ class Match:
     record: ImageRecord
     distance: int
     identical: bool  # same content digest: a byte-for-byte copy
+    transform: str | None = None  # how the newcomer was turned to match (e.g. "hflip")
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,10 @@ class Store(ABC):
                     ) -> list[tuple[str, int, int, int, str]]:
         """(path, file_size, mtime_ns, id, status) of at most `limit` records with
         lo < path (lo <= path if inclusive) and path < hi, in byte order of paths."""
+
+    @abstractmethod
+    def signatures(self, ids: list[int]) -> dict[int, bytes]:
+        """The stored signatures of these records (those that have one)."""
 
     @abstractmethod
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,

@@ -191,10 +191,63 @@ MIGRATIONS: tuple[str, ...] = (
         held_us := extract(epoch FROM clock_timestamp() - t0) * 1e6;
     END $$;
     """,
+    # 3: the confirming signature of each image (dedupd.signature), read only for
+    # candidates; NULL for records written before it (they match on the hash alone).
+    # dedupd_claim as in 2, writing the signature too.
+    """
+    ALTER TABLE images ADD COLUMN signature BYTEA;
+    DROP FUNCTION dedupd_claim(integer, timestamptz, integer, bigint, bigint[], integer, text,
+                               text, text, bigint, text, bigint, bigint, integer, integer,
+                               double precision, text);
+    CREATE FUNCTION dedupd_claim(
+        p_lock integer, p_epoch timestamptz, p_coll integer, p_after bigint,
+        p_seen bigint[], p_d integer, p_scope text, p_path text, p_recipe text,
+        p_hash bigint, p_digest text, p_size bigint, p_mtime bigint, p_width integer,
+        p_height integer, p_first_seen double precision, p_status text, p_signature bytea,
+        OUT new_id bigint, OUT conflicts bigint[], OUT held_us double precision)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        t0 timestamptz;
+        newer bigint;
+    BEGIN
+        IF p_epoch IS DISTINCT FROM pg_postmaster_start_time() THEN
+            RAISE EXCEPTION 'dedupd: the replica belongs to another server start'
+                USING ERRCODE = '55000';
+        END IF;
+        PERFORM pg_advisory_xact_lock(1684366453, p_lock);
+        t0 := clock_timestamp();
+        -- What the replica has not seen: rows numbered after its watermark (read in
+        -- number order, which keeps the planner on images_seq), and the digest.
+        SELECT count(*), array_agg(id) FILTER (WHERE status IN ('kept', 'allowed')
+                                            AND bit_count((hash # p_hash)::bit(64)) <= p_d
+                                            AND id <> ALL (p_seen))
+            INTO newer, conflicts
+            FROM (SELECT id, hash, status FROM images WHERE coll = p_coll AND seq > p_after
+                  ORDER BY seq LIMIT 50001) t;
+        IF newer > 50000 THEN
+            RAISE EXCEPTION 'dedupd: the replica is too far behind' USING ERRCODE = '55000';
+        END IF;
+        SELECT conflicts || array_agg(id) INTO conflicts FROM images
+            WHERE scope = p_scope AND digest = p_digest AND status IN ('kept', 'allowed')
+                AND id <> ALL (p_seen);
+        IF conflicts IS NULL THEN
+            INSERT INTO images (coll, scope, path, recipe, hash, digest, file_size, mtime_ns,
+                                width, height, first_seen, status, seq, signature)
+            VALUES (p_coll, p_scope, p_path, p_recipe, p_hash, p_digest, p_size, p_mtime,
+                    p_width, p_height, p_first_seen, p_status, dedupd_bump(p_coll, 1),
+                    p_signature)
+            RETURNING id INTO new_id;
+            -- Visible at once, durable a moment later: the caller flushes the WAL after
+            -- the lock is gone (see PostgresStore.claim).
+            PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
+        held_us := extract(epoch FROM clock_timestamp() - t0) * 1e6;
+    END $$;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _CLAIM = ("SELECT new_id, conflicts, held_us FROM dedupd_claim(%s, %s, %s, %s, %s::bigint[], "
-          "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+          "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::bytea)")
 # A transactional WAL message commits with synchronous_commit on, which flushes the WAL
 # up to it: every commit before it becomes durable.
 _FLUSH = ("SELECT set_config('synchronous_commit', 'on', true), "
@@ -476,15 +529,15 @@ class PostgresStore(Store):
                         - n for c, n in sorted(per_coll.items())}
                 with conn.cursor().copy(
                         "COPY images (id, coll, scope, path, recipe, hash, hash_hi, digest, "
-                        "file_size, mtime_ns, width, height, first_seen, status, seq) "
-                        "FROM STDIN") as copy:
+                        "file_size, mtime_ns, width, height, first_seen, status, seq, "
+                        "signature) FROM STDIN") as copy:
                     for rid, r in zip(ids, records, strict=True):
                         low, high = _split(r.hash, _words(r.recipe))
                         coll = colls[(r.scope, r.recipe)]
                         seqs[coll] += 1
                         copy.write_row((rid, coll, r.scope, r.path, r.recipe, low, high,
                                         r.digest, r.file_size, r.mtime_ns, r.width, r.height,
-                                        r.first_seen, r.status, seqs[coll]))
+                                        r.first_seen, r.status, seqs[coll], r.signature))
             return ids
 
         def committed(conn: psycopg.Connection) -> list[int] | None:
@@ -523,13 +576,20 @@ class PostgresStore(Store):
             return conn.execute(
                 "UPDATE images SET coll=%s, scope=%s, path=%s, recipe=%s, hash=%s, "
                 "hash_hi=%s::bigint[], digest=%s, file_size=%s, mtime_ns=%s, width=%s, "
-                "height=%s, first_seen=%s, status=%s, seq=dedupd_bump(%s, 1) WHERE id=%s",
+                "height=%s, first_seen=%s, status=%s, seq=dedupd_bump(%s, 1), "
+                "signature=coalesce(%s::bytea, signature) WHERE id=%s",
                 (coll, record.scope, record.path, record.recipe, low, high, record.digest,
                  record.file_size, record.mtime_ns, record.width, record.height,
-                 record.first_seen, record.status, coll, record.id)).rowcount
+                 record.first_seen, record.status, coll, record.signature,
+                 record.id)).rowcount
 
         if self._run(write) == 0:
             raise StoreError(f"no image record {record.id}")
+
+    def signatures(self, ids: list[int]) -> dict[int, bytes]:
+        rows = self._query("SELECT id, signature FROM images WHERE id = ANY(%s) "
+                           "AND signature IS NOT NULL", (ids,))
+        return {row[0]: bytes(row[1]) for row in rows}
 
     def delete(self, record_id: int) -> None:
         self._run(lambda conn: conn.execute("DELETE FROM images WHERE id = %s", (record_id,)))
@@ -660,7 +720,7 @@ class PostgresStore(Store):
                 [m.record.id for m in seen.matches], max_distance, record.scope, record.path,
                 record.recipe, _signed(record.hash), record.digest, record.file_size,
                 record.mtime_ns, record.width, record.height, record.first_seen,
-                record.status)
+                record.status, record.signature)
 
         def write(conn: psycopg.Connection) -> tuple:
             if not self.durable:

@@ -89,6 +89,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE index_log (seq INTEGER PRIMARY KEY, image_id INTEGER NOT NULL);
     INSERT INTO meta VALUES ('log_floor', 0);
     """,
+    # 4: the confirming signature of each image (dedupd.signature), read only for
+    # candidates; NULL for records written before it (they match on the hash alone).
+    """
+    ALTER TABLE images ADD COLUMN signature BLOB;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # Indexes smaller than this load from SQL in well under a second: no snapshot.
@@ -348,9 +353,10 @@ class SQLiteStore(Store):
                 ids = range(top + 1, top + 1 + len(records))
                 blobs = [_hash_blob(r) for r in records]
                 db.executemany(
-                    f"INSERT INTO images ({_IMAGE_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO images ({_IMAGE_COLS}, signature) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [(i, r.scope, r.path, r.recipe, blob, r.digest, r.file_size, r.mtime_ns,
-                      r.width, r.height, r.first_seen, r.status)
+                      r.width, r.height, r.first_seen, r.status, r.signature)
                      for i, r, blob in zip(ids, records, blobs, strict=True)],
                 )
                 self._index_add(records, ids, blobs)
@@ -397,10 +403,11 @@ class SQLiteStore(Store):
                 raise StoreError(f"no image record {record.id}")
             db.execute(
                 "UPDATE images SET scope=?, path=?, recipe=?, hash=?, digest=?, file_size=?, "
-                "mtime_ns=?, width=?, height=?, first_seen=?, status=? WHERE id=?",
+                "mtime_ns=?, width=?, height=?, first_seen=?, status=?, "
+                "signature=coalesce(?, signature) WHERE id=?",
                 (record.scope, record.path, record.recipe, _hash_blob(record), record.digest,
                  record.file_size, record.mtime_ns, record.width, record.height,
-                 record.first_seen, record.status, record.id),
+                 record.first_seen, record.status, record.signature, record.id),
             )
             self._index_sync(old, record)
 
@@ -435,6 +442,13 @@ class SQLiteStore(Store):
             "SELECT path, file_size, mtime_ns, id, status FROM images WHERE "
             f"path {'>=' if inclusive else '>'} ? AND path < ? ORDER BY path LIMIT ?",
             (lo, hi, limit))
+
+    def signatures(self, ids: list[int]) -> dict[int, bytes]:
+        found: dict[int, bytes] = {}
+        for marks, chunk in _in_chunks(ids):
+            found.update(self._query(f"SELECT id, signature FROM images WHERE id IN ({marks}) "
+                                     "AND signature IS NOT NULL", chunk))
+        return found
 
     def find_matches(self, scope: str, recipe: str, hash: int, digest: str | None,
                      max_distance: int, limit: int = 10) -> list[Match]:
