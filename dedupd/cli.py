@@ -434,10 +434,9 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
     try:
         for root in (Path(f).resolve() for f in args.files):
-            if not root.exists():
-                error(root, "vanished", "no such file or directory")
-                continue
-            for path in iter_image_files([root], config):
+            # A named file is checked whatever it is (a missing one, a FIFO: the same
+            # one-line error as `hash`); a directory is walked.
+            for path in iter_image_files([root], config) if root.is_dir() else [root]:
                 outcome = hash_one((str(path), config.recipe, config.max_pixels, True))
                 if outcome.error is not None:
                     error(path, outcome.error.kind, outcome.error.reason)
