@@ -360,3 +360,27 @@ def test_daemon_json_log_stays_json_with_decoder_warnings(cfg: Path, tmp_path: P
     objs = [json.loads(line) for line in log.read_text().splitlines()]  # every line JSON
     said = [o for o in objs if SAID in o.get("message", "")]
     assert len(said) == 1 and str(warn) in said[0]["message"] and said[0]["priority"] == 4
+
+
+# ---------------------------------------------------------------- item 20: circuit breaker
+
+
+def test_circuit_breaker_message_says_what_it_counted(tmp_path: Path) -> None:
+    import cv2
+
+    root = tmp_path / "root"
+    img = photo(31, 320, 240)
+    write_image(root / "a0.jpg", img, quality=95)
+    for i, q in enumerate((90, 85, 80, 75, 70, 65), 1):  # near copies: all duplicates
+        (root / f"a{i}.jpg").write_bytes(
+            cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])[1].tobytes())
+    cfg = write_config(tmp_path / "c.yaml", {
+        "index": str(tmp_path / "i.sqlite"), "quarantine_dir": str(tmp_path / "q"),
+        "watches": [str(root)], "policies": {"default": {"max_distance": 8}},
+        "circuit_breaker": {"window": 50, "min_decisions": 4, "threshold": 0.5}})
+    proc = dedupd("--config", str(cfg), "--log", "stderr", "scan", "-j", "1", str(root))
+    assert proc.returncode == 1, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "circuit_open" in line]
+    assert said == [f"dedupd: <crit> circuit_open: {root}: 75% of the last 4 decisions would "
+                    "remove files; this root is now log-only until the end of this scan. "
+                    "Check max_distance!"]
