@@ -318,12 +318,13 @@ class Daemon:
         self._spawn(functools.partial(self._scan_loop, False), "dedupd-scanner")
         self._spawn(functools.partial(self._scan_loop, True), "dedupd-scanner-live")
         self.request_scan(*(w.path for w in self.config.watches), trigger="start-up")
+        if threading.current_thread() is threading.main_thread():
+            # Once READY is sent (or "started" logged), `systemctl reload` may come at once:
+            # SIGHUP's default action would end the process before run() installs its
+            # handlers.
+            signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         emit(Event.STARTED, f"watching {len(self.config.watches)} roots with {workers} workers",
              roots=",".join(str(w.path) for w in self.config.watches), index=self.store.url)
-        if threading.current_thread() is threading.main_thread():
-            # Once READY is sent, `systemctl reload` may come at once: SIGHUP's default
-            # action would end the process before run() installs its handlers.
-            signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
         self.notifier.ready(self.status_line())
         self.pinger.start()
 

@@ -383,3 +383,15 @@ def test_a_record_with_a_traceback_is_logged_not_dropped(mode: str) -> None:
     else:
         assert lines[0] == "dedupd: ERROR: processing /d/x.jpg failed", lines
         assert lines[-1] == "dedupd:   | OSError: disk on fire", lines
+
+
+def test_python_warnings_are_log_records_not_raw_stderr() -> None:
+    code = ("import warnings\nfrom dedupd.events import setup_logging\n"
+            "setup_logging('json')\nwarnings.warn('callback already exists', RuntimeWarning)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    record = json.loads(lines[0])
+    assert record["logger"] == "py.warnings" and record["priority"] == 4
+    assert "RuntimeWarning: callback already exists" in record["message"]
