@@ -424,7 +424,7 @@ ctypes.CDLL(None).mallopt(-3, 4 << 20)
 keep, holes = [], []
 for _ in range(200):
     holes.append(bytearray(300_000))
-    keep.append(bytearray(2000))
+    keep.append(bytearray(100_000))  # too big for a fragment imports left: it pins
 del holes
 freed = rss_kib()
 trimmed = release_free_heap()
