@@ -31,7 +31,7 @@ from dedupd.events import Event, emit, emit_summary, setup_logging
 from dedupd.hashing import ImageError, file_kind, hash_file
 from dedupd.pipeline import Pipeline
 from dedupd.policy import wanted, wanted_test
-from dedupd.quarantine import Quarantine, move_no_replace
+from dedupd.quarantine import Quarantine, move_no_replace, partial_path
 from dedupd.service import Notifier, WatchdogPinger, write_reload_ack
 from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError, open_store
 from dedupd.store.base import LIVE_STATUSES
@@ -962,7 +962,7 @@ class Daemon:
         if rejected_dir is not None and exc.kind in MOVABLE_REJECTS:
             target = Quarantine(self.store, rejected_dir).target_for(path, watch.path)
             try:
-                move_no_replace(path, target, rejected_dir / f".dedupd-partial-{os.getpid()}")
+                move_no_replace(path, target, partial_path(target, os.getpid()))
                 moved_to = str(target)
             except OSError as err:
                 log.warning("%s: cannot move to %s: %s", path, rejected_dir, err)

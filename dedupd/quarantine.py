@@ -9,8 +9,11 @@ whatever a crash left half-done. Every file ends either at its origin or in quar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -27,12 +30,15 @@ from dedupd.store.base import (
     PURGED,
     QUARANTINED,
     RESTORED,
+    RESTORING,
     ROLLED_BACK,
     ImageRecord,
     QuarantineEntry,
     Store,
     StoreError,
 )
+
+log = logging.getLogger("dedupd.quarantine")
 
 PARTIAL_PREFIX = ".dedupd-partial-"
 SIDECAR_SUFFIX = ".json"
@@ -53,20 +59,67 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{PARTIAL_PREFIX}sidecar-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+NAME_MAX = 255  # bytes per file name on Linux file systems
+
+
+def fit_name(stem: str, tail: str) -> str:
+    """stem + tail, the stem shortened (with a hash of the full name, so two long names
+    stay apart) until the name fits NAME_MAX bytes. Names are bytes: any the kernel
+    allows, surrogate-escaped as os.fsdecode gives them."""
+    name = stem + tail
+    if len(os.fsencode(name)) <= NAME_MAX:
+        return name
+    tag = "~" + hashlib.sha1(os.fsencode(name)).hexdigest()[:10]
+    while stem and len(os.fsencode(stem + tag + tail)) > NAME_MAX:
+        stem = stem[:-1]
+    return stem + tag + tail
+
+
+def sidecar_path(path: Path) -> Path:
+    """NAME.json beside a quarantined file; a hash-shortened name when NAME is too long."""
+    return path.with_name(fit_name(path.name, SIDECAR_SUFFIX))
+
+
+def partial_path(dst: Path, token: object) -> Path:
+    """The temporary name of a cross-file-system copy: beside dst (same file system, so
+    it can be renamed into place), a dotfile that watchers ignore."""
+    return dst.with_name(f"{PARTIAL_PREFIX}{token}")
+
+
+def _copy_preserving(src: Path, partial: Path) -> None:
+    """Copy src's bytes, owner (when permitted), mode, times and xattrs; fsync."""
+    st = os.lstat(src)
+    shutil.copyfile(src, partial, follow_symlinks=False)
+    with contextlib.suppress(PermissionError):  # unprivileged: the copy is ours
+        os.chown(partial, st.st_uid, st.st_gid, follow_symlinks=False)
+    shutil.copystat(src, partial, follow_symlinks=False)  # after chown (it clears setuid)
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def move_no_replace(src: Path, dst: Path, partial: Path) -> None:
     """Move src to dst without ever overwriting dst; raises FileExistsError if dst exists.
 
     Same file system: link then unlink (a crash in between leaves two names of one inode,
-    which reconcile resolves). Across file systems: copy to `partial`, fsync, rename to
-    dst, then unlink src.
+    which reconcile resolves). Across file systems: copy to `partial` (beside dst),
+    fsync, link to dst, then unlink src. Any failure leaves src as it was and nothing
+    at dst or partial (no orphan copy); the error is raised.
     """
     try:
         os.link(src, dst, follow_symlinks=False)
@@ -74,24 +127,37 @@ def move_no_replace(src: Path, dst: Path, partial: Path) -> None:
         raise
     except OSError as exc:
         if exc.errno == errno.EXDEV:
-            if dst.exists():
-                raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
-            shutil.copyfile(src, partial, follow_symlinks=False)
-            shutil.copystat(src, partial, follow_symlinks=False)
-            with open(partial, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.rename(partial, dst)
+            _copy_across(src, dst, partial)
         elif exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-            if dst.exists():  # no hard links here: a plain rename, checked first
+            if os.path.lexists(dst):  # no hard links here: a plain rename, checked first
                 raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
             os.rename(src, dst)
-            _fsync_dir(dst.parent)
+            with contextlib.suppress(OSError):  # the move is done; durability best effort
+                _fsync_dir(dst.parent)
             return
         else:
             raise
-    _fsync_dir(dst.parent)
-    os.unlink(src)
-    _fsync_dir(src.parent)
+    try:
+        _fsync_dir(dst.parent)
+        os.unlink(src)
+    except OSError:
+        if os.path.lexists(src):  # src untouched: undo the new name, report the failure
+            os.unlink(dst)
+            raise
+    with contextlib.suppress(OSError):  # src is gone, dst is durable: the move is done
+        _fsync_dir(src.parent)
+
+
+def _copy_across(src: Path, dst: Path, partial: Path) -> None:
+    """src to dst on another file system, through `partial`; never leaves `partial`."""
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "exists", str(dst))
+    try:
+        _copy_preserving(src, partial)
+        os.link(partial, dst)  # no-replace, unlike rename
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
 
 
 class Quarantine:
@@ -123,14 +189,14 @@ class Quarantine:
 
     def _free_name(self, target: Path) -> Path:
         """target, or target with ~N before the suffix if taken (with its sidecar)."""
+        stem, suffix = target.stem, target.suffix
+        if len(suffix) > 16:  # "a.<long tail>": not an extension worth keeping
+            stem, suffix = target.name, ""
         candidate, n = target, 0
-        while candidate.exists() or candidate.with_name(candidate.name + SIDECAR_SUFFIX).exists():
+        while os.path.lexists(candidate) or os.path.lexists(sidecar_path(candidate)):
             n += 1
-            candidate = target.with_name(f"{target.stem}~{n}{target.suffix}")
+            candidate = target.with_name(fit_name(f"{stem}~{n}", suffix))
         return candidate
-
-    def _partial(self, entry_id: int | None) -> Path:
-        return self.directory.resolve() / f"{PARTIAL_PREFIX}{entry_id}"
 
     # -- moving in
     def move_in(self, original: Path, root: Path | None, *, record: ImageRecord,
@@ -144,12 +210,13 @@ class Quarantine:
                 matched_path=matched_path, distance=distance, hash=hash_hex, policy=policy,
                 image_id=record.id, reason=reason))
             try:
-                move_no_replace(original, target, self._partial(entry.id))
+                move_no_replace(original, target, partial_path(target, entry.id))
             except FileExistsError:  # lost a race for the name: journal it, try another
                 self.store.update_quarantine(replace(entry, state=ROLLED_BACK))
                 continue
             except OSError as exc:
-                self.store.update_quarantine(replace(entry, state=ROLLED_BACK))
+                if not _leftovers(target, entry.id):  # else pending: repaired at start
+                    self.store.update_quarantine(replace(entry, state=ROLLED_BACK))
                 raise QuarantineError(f"{original}: cannot move to quarantine: "
                                       f"{exc.strerror or exc}") from None
             try:
@@ -179,8 +246,12 @@ class Quarantine:
         sidecar = {k: v for k, v in asdict(done).items() if k != "state"}
         sidecar["quarantined_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                   time.gmtime(done.created))
-        _write_atomic(target.with_name(target.name + SIDECAR_SUFFIX),
-                      json.dumps(sidecar, indent=2) + "\n")
+        # json escapes lone surrogates (\udcff): os.fsencode of the loaded string gives
+        # back a name's exact bytes, whatever the kernel allowed.
+        try:  # a convenience copy of the journal: its failure must not undo the move
+            _write_atomic(sidecar_path(target), json.dumps(sidecar, indent=2) + "\n")
+        except OSError as exc:
+            log.warning("%s: quarantined, but its sidecar cannot be written: %s", target, exc)
         self.store.update_quarantine(done)
         return done
 
@@ -198,38 +269,66 @@ class Quarantine:
     # -- start-up repair
     def reconcile(self, record_for: Callable[[QuarantineEntry], ImageRecord | None]
                   ) -> dict[str, int]:
-        """Finish or undo every half-done move; `record_for` rehashes an entry's file."""
-        counts = {"completed": 0, "rolled_back": 0, "restored": 0, "purged": 0}
+        """Finish or undo every half-done move; `record_for` rehashes an entry's file.
+        Never raises for one entry's file-system trouble: that entry is logged and left
+        for the next start, the others are repaired."""
+        counts = {"completed": 0, "rolled_back": 0, "restored": 0, "purged": 0, "failed": 0}
         if self.directory.exists():
             for leftover in self.directory.glob(f"{PARTIAL_PREFIX}*"):
                 leftover.unlink(missing_ok=True)  # our own partial copies; sources intact
-        for entry in self.store.list_quarantine((PENDING, DONE, RESTORED)):
-            src, dst = Path(entry.original_path), Path(entry.quarantine_path)
-            src_there, dst_there = src.exists(), dst.exists()
-            if entry.state == PENDING:
-                if src_there and dst_there:
-                    if os.path.samefile(src, dst) or _same_bytes(src, dst):
-                        os.unlink(src)
-                        src_there = False
-                    else:
-                        os.unlink(dst)
-                        dst_there = False
-                if dst_there:
-                    record = None if entry.image_id is not None else record_for(entry)
-                    self._complete(entry, record)
-                    counts["completed"] += 1
-                else:
-                    self.store.update_quarantine(replace(entry, state=ROLLED_BACK))
-                    counts["rolled_back"] += 1
-            elif entry.state == RESTORED:
-                if dst_there and not src_there:  # crash between journal and rename
-                    move_no_replace(dst, src, self._partial(entry.id))
-                    _remove_sidecar(dst)
-                    counts["restored"] += 1
-            elif not dst_there:  # DONE, but the file is gone: someone purged it by hand
-                self._forget(entry)
-                counts["purged"] += 1
+        for entry in self.store.list_quarantine((PENDING, DONE, RESTORING, RESTORED)):
+            try:
+                outcome = self._repair(entry, record_for)
+            except OSError as exc:
+                log.error("quarantine entry %s (%s): cannot repair now, retried at the next "
+                          "start: %s", entry.id, entry.quarantine_path, exc)
+                outcome = "failed"
+            if outcome:
+                counts[outcome] += 1
         return counts
+
+    def _repair(self, entry: QuarantineEntry,
+                record_for: Callable[[QuarantineEntry], ImageRecord | None]) -> str | None:
+        """Bring one journal entry to a final state; returns what was done, if anything."""
+        src, dst = Path(entry.original_path), Path(entry.quarantine_path)
+        if entry.state in (PENDING, RESTORING):  # a copy a crash left beside its target
+            partial_path(dst if entry.state == PENDING else src, entry.id).unlink(
+                missing_ok=True)
+        src_there, dst_there = os.path.lexists(src), os.path.lexists(dst)
+        if entry.state == PENDING:
+            if src_there and dst_there:
+                if os.path.samefile(src, dst) or _same_bytes(src, dst):
+                    os.unlink(src)
+                else:
+                    os.unlink(dst)
+                    dst_there = False
+            if dst_there:
+                record = None if entry.image_id is not None else record_for(entry)
+                self._complete(entry, record)
+                return "completed"
+            self.store.update_quarantine(replace(entry, state=ROLLED_BACK))
+            return "rolled_back"
+        if entry.state == RESTORING:  # moving back out: finish if it got there, else undo
+            if src_there and dst_there and (os.path.samefile(src, dst)
+                                            or _same_bytes(src, dst)):
+                os.unlink(dst)
+                dst_there = False
+            if src_there and not dst_there:
+                self._restored(entry)
+                return "restored"
+            self._move_record(entry, frm=src, to=dst, status=QUARANTINED)
+            self.store.update_quarantine(replace(entry, state=DONE))
+            return "rolled_back"
+        if entry.state == RESTORED:  # journalled by an older dedupd before its rename
+            if dst_there and not src_there:
+                move_no_replace(dst, src, partial_path(src, entry.id))
+                _remove_sidecar(dst)
+                return "restored"
+            return None
+        if not dst_there:  # DONE, but the file is gone: someone purged it by hand
+            self._forget(entry)
+            return "purged"
+        return None
 
     def _forget(self, entry: QuarantineEntry) -> None:
         rec = self.store.get_by_path(entry.quarantine_path)
@@ -252,23 +351,49 @@ class Quarantine:
         raise QuarantineError(f"{target}: not in quarantine")
 
     def restore(self, entry: QuarantineEntry) -> Path:
-        """Move a quarantined file back and mark it allowed (never quarantined again)."""
+        """Move a quarantined file back and mark it allowed (never quarantined again).
+        Journalled as `restoring` first; marked restored only once the file is back.
+        If the move fails the file stays in quarantine, listed as before."""
         if entry.state != DONE:
             raise QuarantineError(f"entry {entry.id} is {entry.state}, not quarantined")
         src, dst = Path(entry.quarantine_path), Path(entry.original_path)
         if not src.exists():
             raise QuarantineError(f"{src}: quarantined file is missing")
-        if dst.exists():
+        if os.path.lexists(dst):
             raise QuarantineError(f"{dst}: a file already exists there; move it first")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        rec = self.store.get_by_path(str(src))
-        # Journal first: a crash after this is finished by reconcile().
-        if rec is not None:
-            self.store.update(rec.with_(path=str(dst), status=ALLOWED))
-        self.store.update_quarantine(replace(entry, state=RESTORED))
-        move_no_replace(src, dst, self._partial(entry.id))
-        _remove_sidecar(src)
+        restoring = replace(entry, state=RESTORING)
+        self.store.update_quarantine(restoring)  # a crash after this: reconcile() decides
+        # The record moves first, so a daemon watching the root sees a known, allowed file.
+        self._move_record(entry, frm=src, to=dst, status=ALLOWED)
+        try:
+            move_no_replace(src, dst, partial_path(dst, entry.id))
+        except OSError as exc:
+            if not _leftovers(dst, entry.id):  # else `restoring`: repaired at start
+                self._move_record(entry, frm=dst, to=src, status=QUARANTINED)
+                self.store.update_quarantine(entry)
+            raise QuarantineError(f"{dst}: cannot restore from {src}: "
+                                  f"{exc.strerror or exc}") from None
+        self._restored(restoring)
         return dst
+
+    def _move_record(self, entry: QuarantineEntry, *, frm: Path, to: Path,
+                     status: str) -> None:
+        rec = self.store.get_by_path(str(frm))
+        if rec is None or entry.image_id not in (None, rec.id):
+            return  # not this entry's record (another file took the path)
+        if self.store.get_by_path(str(to)) is None:
+            self.store.update(rec.with_(path=str(to), status=status))
+
+    def _restored(self, entry: QuarantineEntry) -> None:
+        """The file is back at its original path: the journal says so, the sidecar goes."""
+        self._move_record(entry, frm=Path(entry.quarantine_path), to=Path(entry.original_path),
+                          status=ALLOWED)
+        try:
+            _remove_sidecar(Path(entry.quarantine_path))
+        except OSError as exc:
+            log.warning("%s: restored, but its sidecar stays: %s", entry.original_path, exc)
+        self.store.update_quarantine(replace(entry, state=RESTORED))
 
     def purge(self, older_than_days: float, dry_run: bool = False) -> list[QuarantineEntry]:
         """Delete quarantined files older than N days (the operator asked explicitly)."""
@@ -307,8 +432,13 @@ def restore_and_report(q: Quarantine, entry: QuarantineEntry, *,
     return back
 
 
+def _leftovers(dst: Path, entry_id: int | None) -> bool:
+    """After a failed move: did cleaning up fail too (a name at dst or its partial)?"""
+    return os.path.lexists(dst) or os.path.lexists(partial_path(dst, entry_id))
+
+
 def _remove_sidecar(path: Path) -> None:
-    path.with_name(path.name + SIDECAR_SUFFIX).unlink(missing_ok=True)
+    sidecar_path(path).unlink(missing_ok=True)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:

@@ -22,7 +22,8 @@ LIVE_STATUSES = (KEPT, ALLOWED)
 Known = tuple[int, int, int, str]
 
 # Quarantine journal states: intent is written before any rename (crash safety).
-PENDING, DONE, RESTORED = "pending", "done", "restored"
+# `restoring` is the intent of a restore, `restored` its completion (file back in place).
+PENDING, DONE, RESTORING, RESTORED = "pending", "done", "restoring", "restored"
 PURGED, ROLLED_BACK = "purged", "rolled_back"
 
 
