@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import photo, write_image
 
-from dedupd.quarantine import PARTIAL_PREFIX, Quarantine, QuarantineError, sidecar_path
+from dedupd.quarantine import PARTIAL_PREFIX, Quarantine, QuarantineError, fit_name, sidecar_path
 from dedupd.store import ImageRecord, open_store
-from dedupd.store.base import ALLOWED, DONE, RESTORED, RESTORING, ROLLED_BACK
+from dedupd.store.base import ALLOWED, DONE, QUARANTINED, RESTORED, RESTORING, ROLLED_BACK
 
 ERRNOS = (errno.ENOSPC, errno.EXDEV, errno.EACCES, errno.EROFS, errno.EIO)
 # The calls the move-in and restore paths make (directly or through pathlib/shutil).
@@ -268,3 +268,34 @@ def test_every_failing_call_keeps_each_file_exactly_once(tmp_path: Path, mount,
           f"{lost} files lost (running total: {TOTALS})")
     assert lost == 0
     assert faults > 0 or call in ("chown", "utime", "chmod", "copyfile", "replace", "rename")
+def test_names_of_255_bytes_and_any_bytes_are_quarantined(tmp_path: Path) -> None:
+    """#12-6: the sidecar of a 251-255 byte name fits (hash-shortened); non-UTF-8 bytes
+    survive the sidecar's JSON (escaped) and the store."""
+    import json
+
+    root = tmp_path / "root"
+    store = open_store(str(tmp_path / "i.sqlite"))
+    try:
+        q = Quarantine(store, tmp_path / "q")
+        names = ["a" * 251 + ".jpg", os.fsdecode(b"bad\xff\xfe name\n.jpg"),
+                 os.fsdecode(b"\xe9" * 250 + b".jpg")]
+        for i, name in enumerate(names):
+            src = write_image(root / name, photo(10 + i, 32, 32))
+            entry = quarantine(q, src, root)
+            moved = Path(entry.quarantine_path)
+            assert moved.name == name and not src.exists()
+            side = sidecar_path(moved)
+            assert len(os.fsencode(side.name)) <= 255
+            loaded = json.loads(side.read_text(encoding="utf-8"))
+            assert os.fsencode(loaded["original_path"]) == os.fsencode(str(src))
+            assert store.get_by_path(str(moved)).status == QUARANTINED
+            # A second file of the same long name gets a free, fitting name.
+            again = write_image(root / name, photo(20 + i, 32, 32))
+            other = Path(quarantine(q, again, root).quarantine_path)
+            assert other != moved and len(os.fsencode(other.name)) <= 255
+            assert q.restore(store.get_quarantine(entry.id)) == src and src.exists()
+    finally:
+        store.close()
+    assert len(os.fsencode(fit_name("é" * 200, ".json"))) <= 255
+
+

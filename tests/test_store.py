@@ -244,3 +244,79 @@ def test_index_snapshot_catches_up_after_an_unclean_stop(tmp_path: Path, monkeyp
     assert _index_contents(store, from_snapshot=False) == []
     assert _index_contents(store) == _live_truth(db)
     store._db.close()
+
+
+BYTE_PATHS = [os.fsdecode(p) for p in (b"/d/bad\xff.jpg", b"/d/back\\slash\\xff.jpg",
+                                        b"/d/new\nline.jpg", b"/d/\xe9t\xe9.jpg",
+                                        b"/d\xff/x.jpg", "/d/ünï.jpg".encode())]
+
+
+def test_any_bytes_the_kernel_allows_are_a_path(store_url: str) -> None:
+    """#12-6: non-UTF-8 names (surrogate-escaped) and backslashes round-trip exactly,
+    in records, lookups, prefix listings and the quarantine journal."""
+    store = open_store(store_url)
+    try:
+        store.insert_many([rec(p, i, digest=f"d{i}") for i, p in enumerate(BYTE_PATHS)])
+        for p in BYTE_PATHS:
+            assert store.get_by_path(p).path == p
+        assert store.existing_paths(BYTE_PATHS + ["/d/other"]) == set(BYTE_PATHS)
+        under = sorted(r.path for r in store.iter_records(prefix="/d"))
+        assert under == sorted(p for p in BYTE_PATHS if p.startswith("/d/"))
+        moved = store.get_by_path(BYTE_PATHS[0]).with_(path=BYTE_PATHS[0] + "\udcfe")
+        store.update(moved)
+        assert store.get_by_path(BYTE_PATHS[0] + "\udcfe").id == moved.id
+        e = store.add_quarantine(QuarantineEntry(BYTE_PATHS[1], BYTE_PATHS[2], BYTE_PATHS[4],
+                                                 0, "00", "p"))
+        assert store.get_quarantine(e.id) == e and store.list_quarantine() == [e]
+    finally:
+        store.close()
+
+
+def test_rejections_are_remembered(store_url: str) -> None:
+    """#12-19: a rejected file's path, size, mtime and reason persist (on disk, not in a
+    set that is wiped when it grows), per path, until forgotten."""
+    from dedupd.store.base import Rejection
+
+    store = open_store(store_url)
+    try:
+        r = Rejection(BYTE_PATHS[0], 10, 20, "corrupt", "bad marker")
+        store.put_rejection(r)
+        store.put_rejection(Rejection("/e/x.jpg", 1, 2, "empty", "zero bytes"))
+        assert store.get_rejection(BYTE_PATHS[0]) == r
+        newer = Rejection(BYTE_PATHS[0], 11, 21, "truncated", "no EOI")
+        store.put_rejection(newer)
+        assert store.get_rejection(BYTE_PATHS[0]) == newer
+        assert store.rejections("/d") == [newer]
+        store.forget_rejection(BYTE_PATHS[0])
+        assert store.get_rejection(BYTE_PATHS[0]) is None and store.rejections("/d") == []
+    finally:
+        store.close()
+    again = open_store(store_url)
+    assert again.get_rejection("/e/x.jpg").reason == "zero bytes"
+    again.close()
+
+
+def test_migration_keeps_paths_with_backslashes(tmp_path: Path) -> None:
+    """A version-3 file whose paths hold backslashes reads back the same after the
+    path encoding (which doubles them) is introduced."""
+    import dedupd.store.sqlite as backend
+
+    db = tmp_path / "i.sqlite"
+    conn = sqlite3.connect(db)
+    for script in backend.MIGRATIONS[:3]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute("INSERT INTO images VALUES (1, 's', ?, ?, ?, 'd', 1, 1, 1, 1, 0, 'kept')",
+                 ("/d/a\\b.jpg", RECIPE, (5).to_bytes(8, "little")))
+    conn.execute("INSERT INTO quarantine VALUES (1, 1, '/d/x\\y', '/q/x\\y', '/m', 0, '00', "
+                 "'p', 'duplicate', 0, 'done')")
+    conn.commit()
+    conn.close()
+    store = open_store(str(db))
+    try:
+        assert store.migrated == (3, SCHEMA_VERSION)
+        assert store.get_by_path("/d/a\\b.jpg").id == 1
+        e = store.get_quarantine(1)
+        assert (e.original_path, e.quarantine_path) == ("/d/x\\y", "/q/x\\y")
+    finally:
+        store.close()

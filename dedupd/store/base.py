@@ -6,6 +6,7 @@ see SQL. Nothing here knows about watching files or policies.
 
 from __future__ import annotations
 
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,32 @@ Known = tuple[int, int, int, str]
 # `restoring` is the intent of a restore, `restored` its completion (file back in place).
 PENDING, DONE, RESTORING, RESTORED = "pending", "done", "restoring", "restored"
 PURGED, ROLLED_BACK = "purged", "rolled_back"
+
+
+def path_to_db(path: str) -> str:
+    """A path as the store keeps it. Paths are bytes: a name that is not UTF-8 arrives
+    surrogate-escaped (os.fsdecode), which neither SQLite nor PostgreSQL text can hold.
+    Each such byte is written \\xHH and a backslash is doubled: reversible, and
+    character by character, so a directory's prefix stays a prefix (prefix scans)."""
+    if "\\" not in path:
+        try:
+            path.encode("utf-8")
+            return path
+        except UnicodeEncodeError:
+            pass
+    return "".join("\\\\" if c == "\\" else f"\\x{ord(c) - 0xDC00:02x}"
+                   if "\udc80" <= c <= "\udcff" else c for c in path)
+
+
+_DB_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+
+
+def path_from_db(stored: str) -> str:
+    """The inverse of path_to_db: the str os.fsdecode would give for the path's bytes."""
+    if "\\" not in stored:
+        return stored
+    return _DB_ESCAPE.sub(lambda m: "\\" if m[1] == "\\" else chr(0xDC00 + int(m[1][1:], 16)),
+                          stored)
 
 
 class StoreError(Exception):
@@ -77,6 +104,19 @@ def nearest_first(matches: Iterable[Match], limit: int) -> list[Match]:
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """A file found unusable (kind, reason) as it was then (size, mtime): logged once,
+    looked at again only when it changes."""
+
+    path: str
+    file_size: int
+    mtime_ns: int
+    kind: str
+    reason: str
+    seen: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
 class QuarantineEntry:
     original_path: str
     quarantine_path: str
@@ -118,7 +158,7 @@ class QuarantineFilter:
         sql = [f"state IN ({','.join([mark] * len(self.states))})"]
         args: list[object] = list(self.states)
         if self.root:
-            root = self.root.rstrip("/") + "/"
+            root = path_to_db(self.root.rstrip("/") + "/")  # as stored
             sql.append(f"substr(original_path, 1, CAST({mark} AS INTEGER)) = {mark}")
             args += [len(root), root]
         for cond, value in (("policy = ", self.policy), ("distance >= ", self.min_distance),
@@ -272,6 +312,21 @@ class Store(ABC):
     def ping(self) -> None:
         """Raise StoreError unless the store answers right now (one try, no retries)."""
         self.get(0)
+
+    # -- rejected files
+    @abstractmethod
+    def get_rejection(self, path: str) -> Rejection | None: ...
+
+    @abstractmethod
+    def put_rejection(self, rejection: Rejection) -> None:
+        """Insert or replace the rejection of rejection.path."""
+
+    @abstractmethod
+    def forget_rejection(self, path: str) -> None: ...
+
+    @abstractmethod
+    def rejections(self, prefix: str) -> list[Rejection]:
+        """The rejections of paths under a directory (to drop those of vanished files)."""
 
     # -- quarantine journal
     @abstractmethod

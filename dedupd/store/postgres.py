@@ -52,9 +52,12 @@ from dedupd.store.base import (
     Match,
     QuarantineEntry,
     QuarantineFilter,
+    Rejection,
     Store,
     StoreError,
     nearest_first,
+    path_from_db,
+    path_to_db,
 )
 from dedupd.store.hamming import SUBSTRINGS, substring_probes
 from dedupd.store.replica import Replicas
@@ -244,6 +247,24 @@ MIGRATIONS: tuple[str, ...] = (
         held_us := extract(epoch FROM clock_timestamp() - t0) * 1e6;
     END $$;
     """,
+    # 4: paths of any bytes (store.base.path_to_db): backslashes already stored are
+    # doubled; rejected files are remembered (logged once until they change).
+    """
+    UPDATE images SET path = replace(path, chr(92), chr(92) || chr(92))
+        WHERE strpos(path, chr(92)) > 0;
+    UPDATE quarantine SET original_path = replace(original_path, chr(92), chr(92) || chr(92)),
+        quarantine_path = replace(quarantine_path, chr(92), chr(92) || chr(92)),
+        matched_path = replace(matched_path, chr(92), chr(92) || chr(92))
+        WHERE strpos(original_path || quarantine_path || matched_path, chr(92)) > 0;
+    CREATE TABLE rejections (
+        path TEXT COLLATE "C" PRIMARY KEY,
+        file_size BIGINT NOT NULL,
+        mtime_ns BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        seen DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _CLAIM = ("SELECT new_id, conflicts, held_us FROM dedupd_claim(%s, %s, %s, %s, %s::bigint[], "
@@ -294,14 +315,21 @@ def _joined(low: int, high: list[int] | None) -> int:
 
 def _record(row: tuple) -> ImageRecord:
     (rid, scope, path, recipe, low, high, digest, size, mtime, w, h, seen, status) = row[:13]
-    return ImageRecord(scope, path, recipe, _joined(low, high), digest, size, mtime, w, h,
-                       seen, status, rid)
+    return ImageRecord(scope, path_from_db(path), recipe, _joined(low, high), digest, size,
+                       mtime, w, h, seen, status, rid)
 
 
 def _entry(row: tuple) -> QuarantineEntry:
     (qid, image_id, orig, qpath, matched, dist, hexhash, policy, reason, created, state) = row
-    return QuarantineEntry(orig, qpath, matched, dist, hexhash, policy, image_id, reason,
-                           created, state, qid)
+    return QuarantineEntry(path_from_db(orig), path_from_db(qpath), path_from_db(matched), dist,
+                           hexhash, policy, image_id, reason, created, state, qid)
+
+
+def _entry_row(entry: QuarantineEntry) -> tuple:
+    """The journal columns after id, in _QUAR_COLS order, as stored."""
+    return (entry.image_id, path_to_db(entry.original_path), path_to_db(entry.quarantine_path),
+            path_to_db(entry.matched_path), entry.distance, entry.hash, entry.policy,
+            entry.reason, entry.created, entry.state)
 
 
 def _lock_key(scope: str) -> int:
@@ -535,15 +563,15 @@ class PostgresStore(Store):
                         low, high = _split(r.hash, _words(r.recipe))
                         coll = colls[(r.scope, r.recipe)]
                         seqs[coll] += 1
-                        copy.write_row((rid, coll, r.scope, r.path, r.recipe, low, high,
+                        copy.write_row((rid, coll, r.scope, path_to_db(r.path), r.recipe, low, high,
                                         r.digest, r.file_size, r.mtime_ns, r.width, r.height,
                                         r.first_seen, r.status, seqs[coll], r.signature))
             return ids
 
         def committed(conn: psycopg.Connection) -> list[int] | None:
             rows = conn.execute(f"SELECT {_SELECT_IMAGE} FROM images WHERE path = ANY(%s)",
-                                ([r.path for r in records],)).fetchall()
-            by_path = {row[2]: _record(row) for row in rows}
+                                ([path_to_db(r.path) for r in records],)).fetchall()
+            by_path = {rec.path: rec for rec in map(_record, rows)}
             if len(by_path) == len(records) and all(
                     by_path[r.path].digest == r.digest for r in records):
                 return [by_path[r.path].id for r in records]  # type: ignore[misc]
@@ -557,15 +585,17 @@ class PostgresStore(Store):
             raise
 
     def existing_paths(self, paths: list[str]) -> set[str]:
-        rows = self._query("SELECT path FROM images WHERE path = ANY(%s)", (paths,))
-        return {row[0] for row in rows}
+        rows = self._query("SELECT path FROM images WHERE path = ANY(%s)",
+                           ([path_to_db(p) for p in paths],))
+        return {path_from_db(row[0]) for row in rows}
 
     def get(self, record_id: int) -> ImageRecord | None:
         rows = self._query(f"SELECT {_SELECT_IMAGE} FROM images WHERE id = %s", (record_id,))
         return _record(rows[0]) if rows else None
 
     def get_by_path(self, path: str) -> ImageRecord | None:
-        rows = self._query(f"SELECT {_SELECT_IMAGE} FROM images WHERE path = %s", (path,))
+        rows = self._query(f"SELECT {_SELECT_IMAGE} FROM images WHERE path = %s",
+                           (path_to_db(path),))
         return _record(rows[0]) if rows else None
 
     def update(self, record: ImageRecord) -> None:
@@ -578,8 +608,8 @@ class PostgresStore(Store):
                 "hash_hi=%s::bigint[], digest=%s, file_size=%s, mtime_ns=%s, width=%s, "
                 "height=%s, first_seen=%s, status=%s, seq=dedupd_bump(%s, 1), "
                 "signature=coalesce(%s::bytea, signature) WHERE id=%s",
-                (coll, record.scope, record.path, record.recipe, low, high, record.digest,
-                 record.file_size, record.mtime_ns, record.width, record.height,
+                (coll, record.scope, path_to_db(record.path), record.recipe, low, high,
+                 record.digest, record.file_size, record.mtime_ns, record.width, record.height,
                  record.first_seen, record.status, coll, record.signature,
                  record.id)).rowcount
 
@@ -605,7 +635,7 @@ class PostgresStore(Store):
             args.append(scope)
         key = "id"
         if prefix is not None:
-            base = prefix.rstrip("/") + "/"
+            base = path_to_db(prefix.rstrip("/") + "/")
             where.append("path >= %s AND path < %s")  # byte order: the column is C-collated
             args += [base, base[:-1] + "0"]
             key = "path"
@@ -717,7 +747,8 @@ class PostgresStore(Store):
             return super().claim(record, max_distance, seen)
         replica, watermark = seen.horizon
         args = (_lock_key(record.scope), replica.epoch, replica.coll, watermark,
-                [m.record.id for m in seen.matches], max_distance, record.scope, record.path,
+                [m.record.id for m in seen.matches], max_distance, record.scope,
+                path_to_db(record.path),
                 record.recipe, _signed(record.hash), record.digest, record.file_size,
                 record.mtime_ns, record.width, record.height, record.first_seen,
                 record.status, record.signature)
@@ -730,7 +761,7 @@ class PostgresStore(Store):
             cur = psycopg.ClientCursor(conn)
             try:
                 cur.execute(f"BEGIN; {_CLAIM}; COMMIT; {_FLUSH} FROM images WHERE path = %s "
-                            "AND digest = %s", (*args, record.path, record.digest))
+                            "AND digest = %s", (*args, path_to_db(record.path), record.digest))
             except psycopg.Error:
                 if conn.info.transaction_status == pq.TransactionStatus.INERROR:
                     conn.execute("ROLLBACK")
@@ -743,7 +774,7 @@ class PostgresStore(Store):
 
         def committed(conn: psycopg.Connection) -> tuple | None:
             row = conn.execute("SELECT id, digest FROM images WHERE path = %s",
-                               (record.path,)).fetchone()
+                               (path_to_db(record.path),)).fetchone()
             return (row[0], None, None, False) if row and row[1] == record.digest else None
 
         try:
@@ -856,9 +887,7 @@ class PostgresStore(Store):
 
     # -- quarantine journal
     def add_quarantine(self, entry: QuarantineEntry) -> QuarantineEntry:
-        values = (entry.image_id, entry.original_path, entry.quarantine_path, entry.matched_path,
-                  entry.distance, entry.hash, entry.policy, entry.reason, entry.created,
-                  entry.state)
+        values = _entry_row(entry)
 
         def write(conn: psycopg.Connection) -> QuarantineEntry:
             (qid,) = conn.execute(
@@ -872,7 +901,7 @@ class PostgresStore(Store):
             row = conn.execute(
                 f"SELECT {_QUAR_COLS} FROM quarantine WHERE original_path = %s "
                 "AND quarantine_path = %s AND created = %s ORDER BY id DESC LIMIT 1",
-                (entry.original_path, entry.quarantine_path, entry.created)).fetchone()
+                (values[1], values[2], entry.created)).fetchone()
             return _entry(row) if row else None
 
         return self._run(write, committed)
@@ -883,9 +912,7 @@ class PostgresStore(Store):
                 "UPDATE quarantine SET image_id=%s, original_path=%s, quarantine_path=%s, "
                 "matched_path=%s, distance=%s, hash=%s, policy=%s, reason=%s, created=%s, "
                 "state=%s WHERE id=%s",
-                (entry.image_id, entry.original_path, entry.quarantine_path,
-                 entry.matched_path, entry.distance, entry.hash, entry.policy, entry.reason,
-                 entry.created, entry.state, entry.id))
+                (*_entry_row(entry), entry.id))
             if not self.durable:
                 self._flush(conn)
 
@@ -911,3 +938,27 @@ class PostgresStore(Store):
     def count_quarantine(self, where: QuarantineFilter) -> int:
         sql, args = where.where("%s")
         return int(self._query(f"SELECT count(*) FROM quarantine WHERE {sql}", tuple(args))[0][0])
+
+    # -- rejected files
+    def get_rejection(self, path: str) -> Rejection | None:
+        rows = self._query("SELECT path, file_size, mtime_ns, kind, reason, seen FROM "
+                           "rejections WHERE path = %s", (path_to_db(path),))
+        return Rejection(path, *rows[0][1:]) if rows else None
+
+    def put_rejection(self, rejection: Rejection) -> None:
+        self._run(lambda conn: conn.execute(
+            "INSERT INTO rejections VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (path) DO UPDATE "
+            "SET file_size = excluded.file_size, mtime_ns = excluded.mtime_ns, "
+            "kind = excluded.kind, reason = excluded.reason, seen = excluded.seen",
+            (path_to_db(rejection.path), rejection.file_size, rejection.mtime_ns,
+             rejection.kind, rejection.reason, rejection.seen)))
+
+    def forget_rejection(self, path: str) -> None:
+        self._run(lambda conn: conn.execute("DELETE FROM rejections WHERE path = %s",
+                                            (path_to_db(path),)))
+
+    def rejections(self, prefix: str) -> list[Rejection]:
+        base = path_to_db(prefix.rstrip("/") + "/")
+        rows = self._query("SELECT path, file_size, mtime_ns, kind, reason, seen FROM "
+                           "rejections WHERE path >= %s AND path < %s", (base, base[:-1] + "0"))
+        return [Rejection(path_from_db(row[0]), *row[1:]) for row in rows]

@@ -26,9 +26,12 @@ from dedupd.store.base import (
     Match,
     QuarantineEntry,
     QuarantineFilter,
+    Rejection,
     Store,
     StoreError,
     nearest_first,
+    path_from_db,
+    path_to_db,
 )
 from dedupd.store.hamming import HammingIndex
 
@@ -94,6 +97,23 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE images ADD COLUMN signature BLOB;
     """,
+    # 5: paths of any bytes (store.base.path_to_db): backslashes already stored are
+    # doubled; rejected files are remembered (logged once until they change).
+    """
+    UPDATE images SET path = replace(path, '\\', '\\\\') WHERE instr(path, '\\') > 0;
+    UPDATE quarantine SET original_path = replace(original_path, '\\', '\\\\'),
+        quarantine_path = replace(quarantine_path, '\\', '\\\\'),
+        matched_path = replace(matched_path, '\\', '\\\\')
+        WHERE instr(original_path || quarantine_path || matched_path, '\\') > 0;
+    CREATE TABLE rejections (
+        path TEXT PRIMARY KEY,
+        file_size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        seen REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # Indexes smaller than this load from SQL in well under a second: no snapshot.
@@ -120,14 +140,21 @@ def _hash_blob(record: ImageRecord) -> bytes:
 
 def _record(row: tuple) -> ImageRecord:
     (rid, scope, path, recipe, blob, digest, size, mtime, w, h, seen, status) = row
-    return ImageRecord(scope, path, recipe, bytes_to_hash(blob), digest, size, mtime, w, h,
-                       seen, status, rid)
+    return ImageRecord(scope, path_from_db(path), recipe, bytes_to_hash(blob), digest, size,
+                       mtime, w, h, seen, status, rid)
 
 
 def _entry(row: tuple) -> QuarantineEntry:
     (qid, image_id, orig, qpath, matched, dist, hexhash, policy, reason, created, state) = row
-    return QuarantineEntry(orig, qpath, matched, dist, hexhash, policy, image_id, reason,
-                           created, state, qid)
+    return QuarantineEntry(path_from_db(orig), path_from_db(qpath), path_from_db(matched), dist,
+                           hexhash, policy, image_id, reason, created, state, qid)
+
+
+def _entry_row(entry: QuarantineEntry) -> tuple:
+    """The journal columns after id, in _QUAR_COLS order, as stored."""
+    return (entry.image_id, path_to_db(entry.original_path), path_to_db(entry.quarantine_path),
+            path_to_db(entry.matched_path), entry.distance, entry.hash, entry.policy,
+            entry.reason, entry.created, entry.state)
 
 
 class SQLiteStore(Store):
@@ -355,8 +382,8 @@ class SQLiteStore(Store):
                 db.executemany(
                     f"INSERT INTO images ({_IMAGE_COLS}, signature) "
                     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [(i, r.scope, r.path, r.recipe, blob, r.digest, r.file_size, r.mtime_ns,
-                      r.width, r.height, r.first_seen, r.status, r.signature)
+                    [(i, r.scope, path_to_db(r.path), r.recipe, blob, r.digest, r.file_size,
+                      r.mtime_ns, r.width, r.height, r.first_seen, r.status, r.signature)
                      for i, r, blob in zip(ids, records, blobs, strict=True)],
                 )
                 self._index_add(records, ids, blobs)
@@ -383,8 +410,8 @@ class SQLiteStore(Store):
 
     def existing_paths(self, paths: list[str]) -> set[str]:
         found: set[str] = set()
-        for marks, chunk in _in_chunks(paths):
-            found.update(row[0] for row in self._query(
+        for marks, chunk in _in_chunks([path_to_db(p) for p in paths]):
+            found.update(path_from_db(row[0]) for row in self._query(
                 f"SELECT path FROM images WHERE path IN ({marks})", chunk))
         return found
 
@@ -393,7 +420,8 @@ class SQLiteStore(Store):
         return _record(rows[0]) if rows else None
 
     def get_by_path(self, path: str) -> ImageRecord | None:
-        rows = self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE path = ?", (path,))
+        rows = self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE path = ?",
+                           (path_to_db(path),))
         return _record(rows[0]) if rows else None
 
     def update(self, record: ImageRecord) -> None:
@@ -405,8 +433,8 @@ class SQLiteStore(Store):
                 "UPDATE images SET scope=?, path=?, recipe=?, hash=?, digest=?, file_size=?, "
                 "mtime_ns=?, width=?, height=?, first_seen=?, status=?, "
                 "signature=coalesce(?, signature) WHERE id=?",
-                (record.scope, record.path, record.recipe, _hash_blob(record), record.digest,
-                 record.file_size, record.mtime_ns, record.width, record.height,
+                (record.scope, path_to_db(record.path), record.recipe, _hash_blob(record),
+                 record.digest, record.file_size, record.mtime_ns, record.width, record.height,
                  record.first_seen, record.status, record.signature, record.id),
             )
             self._index_sync(old, record)
@@ -423,7 +451,7 @@ class SQLiteStore(Store):
         a 10M-row scan never holds 10M objects, and writers get the lock between pages."""
         key, where, args = "id", ["id > ?"], [0]
         if prefix is not None:
-            base = prefix.rstrip("/") + "/"
+            base = path_to_db(prefix.rstrip("/") + "/")
             # Range scan instead of LIKE: paths may contain % and _.
             key, where, args = "path", ["path > ?", "path < ?"], [base, base[:-1] + "0"]
         if scope is not None:
@@ -499,10 +527,7 @@ class SQLiteStore(Store):
         with self._tx() as db:
             cur = db.execute(
                 f"INSERT INTO quarantine ({_QUAR_COLS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?)",
-                (entry.image_id, entry.original_path, entry.quarantine_path, entry.matched_path,
-                 entry.distance, entry.hash, entry.policy, entry.reason, entry.created,
-                 entry.state),
-            )
+                _entry_row(entry))
         return QuarantineEntry(**{**entry.__dict__, "id": cur.lastrowid})
 
     def update_quarantine(self, entry: QuarantineEntry) -> None:
@@ -510,11 +535,7 @@ class SQLiteStore(Store):
             db.execute(
                 "UPDATE quarantine SET image_id=?, original_path=?, quarantine_path=?, "
                 "matched_path=?, distance=?, hash=?, policy=?, reason=?, created=?, state=? "
-                "WHERE id=?",
-                (entry.image_id, entry.original_path, entry.quarantine_path, entry.matched_path,
-                 entry.distance, entry.hash, entry.policy, entry.reason, entry.created,
-                 entry.state, entry.id),
-            )
+                "WHERE id=?", (*_entry_row(entry), entry.id))
 
     def get_quarantine(self, entry_id: int) -> QuarantineEntry | None:
         rows = self._query(f"SELECT {_QUAR_COLS} FROM quarantine WHERE id = ?", (entry_id,))
@@ -536,3 +557,24 @@ class SQLiteStore(Store):
         sql, args = where.where("?")
         return int(self._query(f"SELECT count(*) FROM quarantine WHERE {sql}", tuple(args))[0][0])
 
+    # -- rejected files
+    def get_rejection(self, path: str) -> Rejection | None:
+        rows = self._query("SELECT path, file_size, mtime_ns, kind, reason, seen FROM "
+                           "rejections WHERE path = ?", (path_to_db(path),))
+        return Rejection(path, *rows[0][1:]) if rows else None
+
+    def put_rejection(self, rejection: Rejection) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO rejections VALUES (?,?,?,?,?,?)",
+                       (path_to_db(rejection.path), rejection.file_size, rejection.mtime_ns,
+                        rejection.kind, rejection.reason, rejection.seen))
+
+    def forget_rejection(self, path: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM rejections WHERE path = ?", (path_to_db(path),))
+
+    def rejections(self, prefix: str) -> list[Rejection]:
+        base = path_to_db(prefix.rstrip("/") + "/")
+        rows = self._query("SELECT path, file_size, mtime_ns, kind, reason, seen FROM "
+                           "rejections WHERE path > ? AND path < ?", (base, base[:-1] + "0"))
+        return [Rejection(path_from_db(row[0]), *row[1:]) for row in rows]
