@@ -28,6 +28,7 @@ from dedupd.hashing import (
     hash_to_hex,
 )
 from dedupd.store import ImageRecord, Match, StoreError, open_store
+from dedupd.store.base import UNRESOLVED
 
 EXIT_OK, EXIT_DUPLICATE, EXIT_ERROR = 0, 1, 2
 # sysexits.h EX_CONFIG: a configuration error is permanent, so the unit lists it in
@@ -319,7 +320,8 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             path = Path(o.path)
             known = store.get_by_path(o.path)
             if known is not None and known.digest == o.result.digest \
-                    and known.recipe == recipe.key:  # type: ignore[union-attr]
+                    and known.recipe == recipe.key \
+                    and known.status != UNRESOLVED:  # type: ignore[union-attr]
                 counts["known"] += 1
                 continue
             watch = config.watch_for(path)
@@ -665,6 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     qsub = p.add_subparsers(dest="quarantine_command", metavar="ACTION", required=True)
     q = qsub.add_parser("list", help="list quarantined files")
     _json_flag(q)
+    q.add_argument("--pending", action="store_true",
+                   help="list duplicates that could not be removed yet (retried on rescan)")
     q = qsub.add_parser("purge", help="delete quarantined files older than DAYS")
     q.add_argument("--older-than", type=_days, required=True, metavar="DAYS")
     _json_flag(q)

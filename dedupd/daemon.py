@@ -34,7 +34,7 @@ from dedupd.policy import wanted, wanted_test
 from dedupd.quarantine import Quarantine, move_no_replace, partial_path
 from dedupd.service import Notifier, WatchdogPinger, write_reload_ack
 from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError, open_store
-from dedupd.store.base import LIVE_STATUSES
+from dedupd.store.base import IN_ROOT_STATUSES, UNRESOLVED, Rejection
 from dedupd.watcher import Root, Watcher, WatchError, is_ignored, name_ignored
 
 if TYPE_CHECKING:
@@ -45,6 +45,14 @@ log = logging.getLogger("dedupd.daemon")
 # Kinds of bad input moved to rejected_dir (when set). Truncated files stay: a slow
 # writer may still be finishing them, and a later close event brings them back.
 MOVABLE_REJECTS = ("empty", "corrupt", "unsupported", "too_large")
+# What a file still being written looks like: decided only once provably finished.
+MAYBE_UNFINISHED = ("empty", "truncated", "corrupt", "unsupported")
+# How long a file must stay unchanged, without a close after its last write, before it
+# is judged as it is: a slow writer may pause far longer than settle_seconds.
+UNFINISHED_GRACE = 60.0
+# How long a hashed file waits for files that arrived before it and are still being
+# hashed (keep: first); past it, the pipeline's arrival check still applies.
+TURN_SECONDS = 30.0
 # How often the store persists its in-memory index: after a SIGKILL, a start catches up
 # on at most this much work.
 CHECKPOINT_SECONDS = 900.0
@@ -110,6 +118,10 @@ class WorkQueue:
         self._due: dict[Path, tuple[float, bool]] = {}  # path -> (due, background)
         self._waiting = [0, 0]  # per class: live, background
         self._arrived: dict[Path, float] = {}  # first put of a path not yet done (metrics)
+        # Per path while queued or in flight: (arrival, since). arrival: wall-clock time
+        # of its first event, or its mtime if a scan found it; since: time.monotonic()
+        # from which it waited (a scan's start). keep: first decides by arrival.
+        self._arrival: dict[Path, tuple[float, float]] = {}
         self.arrivals = 0  # paths that entered the queue (metrics)
         self._taken: dict[Path, bool] = {}  # handed to a worker, not yet done(): class
         # Due again while a worker still has it: handed out after done(), never to a second
@@ -125,10 +137,12 @@ class WorkQueue:
             return len(self._due)
 
     def put(self, path: Path, delay: float = 0.0, *, block: bool = False,
-            background: bool = False) -> bool:
+            background: bool = False, arrival: float | None = None,
+            since: float | None = None, keep_place: bool = False) -> bool:
         """Queue path (a live event unless `background`); False if refused (full or
         closed). A live event for a path waiting as background work promotes it; a
-        background put for a path already waiting changes nothing."""
+        background put for a path already waiting changes nothing. keep_place (a retry
+        after a store outage): due as of its first queuing, ahead of later files."""
         with self._cond:
             while True:
                 old = self._due.get(path)
@@ -151,10 +165,14 @@ class WorkQueue:
                     self._waiting[0] += 1
                 # A close/rename makes a file due now; a modification postpones it.
                 due = now + delay if delay > 0 else min(old[0], now)
+            if keep_place and path in self._arrived:
+                due = min(due, self._arrived[path])
             self._due[path] = (due, background)
             if path not in self._arrived:
                 self._arrived[path] = now
                 self.arrivals += 1
+                self._arrival[path] = (time.time() if arrival is None else arrival,
+                                       now if since is None else since)
             self._seq += 1
             heapq.heappush(self._heaps[background], (due, self._seq, path))
             self._cond.notify_all()
@@ -178,11 +196,32 @@ class WorkQueue:
                     self._waiting[background] or background in self._taken.values()):
                 self._cond.wait(0.5)
 
+    def arrival(self, path: Path) -> tuple[float | None, float | None]:
+        """(arrival, since) of a queued or in-flight path; (None, None) if unknown."""
+        with self._cond:
+            return self._arrival.get(path, (None, None))
+
+    def wait_turn(self, path: Path, timeout: float) -> None:
+        """Wait (at most timeout) until no file that arrived before `path` is still in
+        a worker's hands: decisions follow arrival order even when a later copy hashes
+        sooner (keep: first). Arrival order is total, so waits never form a cycle."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            mine = (self._arrival.get(path, (time.time(), 0.0))[0], str(path))
+            while not self._closed:
+                earlier = any(p != path and (self._arrival.get(p, (mine[0], 0.0))[0], str(p))
+                              < mine for p in self._taken)
+                left = deadline - time.monotonic()
+                if not earlier or left <= 0:
+                    return
+                self._cond.wait(left)
+
     def done(self, path: Path) -> None:
         with self._cond:
             self._taken.pop(path, None)
             if path not in self._due:
                 self._arrived.pop(path, None)
+                self._arrival.pop(path, None)
             held = self._held.pop(path, None)
             if held is not None and self._due.get(path) == held:
                 self._seq += 1
@@ -197,6 +236,7 @@ class WorkQueue:
                 self._cond.notify_all()
             if path not in self._taken:
                 self._arrived.pop(path, None)
+                self._arrival.pop(path, None)
 
     def arrived(self, path: Path) -> float | None:
         """When (monotonic) path was first queued, for the decision latency."""
@@ -287,8 +327,12 @@ class Daemon:
         self._dir_marks: dict[str, tuple[int, int, int]] = {}
         self._interval_runs: dict[Path, int] = {}
         self._busy: dict[int, float] = {}  # worker thread id -> time its current file started
-        self._rejected: set[tuple[str, int, int]] = set()
+        # When a path was last reported complete (closed after writing, or renamed in):
+        # a short or broken file is final only after that, or after a longer grace.
+        self._closed: dict[Path, float] = {}
+        self._unreadable: set[str] = set()  # directories already reported unreadable
         self._threads: list[threading.Thread] = []
+        self._root_ids: dict[Path, tuple[int, int] | None] = {}  # (st_dev, st_ino) armed
         self._tick = time.monotonic()
         # While the store is unreachable: why and since when (workers pause, files wait).
         self._store_down: tuple[str, float] | None = None
@@ -310,7 +354,7 @@ class Daemon:
             self.store.warm(scope, self.config.recipe.key)  # the first file must not wait
         release_free_heap()  # what loading a big index left behind
         self.metrics.start()
-        self.watcher.arm(self._roots())
+        self._arm(self.config)
         workers = self.config.workers or len(os.sched_getaffinity(0))
         self.queue.background_slots = max(1, workers - 1)
         for i in range(workers):
@@ -336,6 +380,44 @@ class Daemon:
     def _roots(self, config: Config | None = None) -> list[Root]:
         return [Root(w.path, w.recursive) for w in (config or self.config).watches]
 
+    def _arm(self, config: Config, *, present_only: bool = False) -> None:
+        """Watch config's roots (only those that exist, if present_only) and note which
+        directory each one is, to notice it being deleted or replaced."""
+        roots = self._roots(config)
+        if present_only:
+            roots = [r for r in roots if r.path.is_dir()]
+        self.watcher.arm(roots)
+        self._root_ids = {r.path: _dir_id(r.path) for r in self._roots(config)}
+
+    def check_roots(self) -> None:
+        """A watched root deleted, moved away or replaced takes its inotify watches with
+        it (IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED): say so once, and once a directory
+        is at the path again, re-arm the watches and rescan (main loop, every second)."""
+        back = False
+        for path in list(self._root_ids):
+            now = _dir_id(path)
+            with self._scan_cond:  # dir_deleted() marks roots lost from the watcher thread
+                armed = self._root_ids.get(path)
+                if now == armed:
+                    continue
+                if now is not None:
+                    self._root_ids[path] = now
+            if now is None:
+                self._root_lost(path)
+                continue
+            log.warning("%s: watched root is %s; watching it again and rescanning", path,
+                        "back" if armed is None else "a new directory (replaced)")
+            back = True
+        if back:
+            try:
+                self._arm(self.config, present_only=True)
+            except WatchError as exc:
+                log.error("cannot re-arm the watches (retried): %s", exc)
+                for path in self._root_ids:
+                    self._root_ids[path] = None  # compare afresh at the next check
+                return
+            self.request_scan(*(w.path for w in self.config.watches), trigger="root back")
+
     def handle_signals(self) -> None:
         """SIGTERM/SIGINT stop, SIGHUP reloads. Installed before start() announces READY:
         a reload sent right after READY must not find SIGHUP's default (terminate)."""
@@ -347,7 +429,7 @@ class Daemon:
         """Main loop: signals, STATUS, summaries, periodic reconciliation; returns exit code."""
         self.handle_signals()
         last_status = last_summary = last_reconcile = last_ping = last_checkpoint = \
-            last_trim = time.monotonic()
+            last_trim = last_roots = time.monotonic()
         trimmed_at = 0  # files processed at the last heap trim
         while not self._stop.is_set():
             self._stop.wait(0.25)
@@ -355,6 +437,9 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            if now - last_roots >= 1.0:
+                self.check_roots()
+                last_roots = now
             if now - last_ping >= (1.0 if self._store_down else 5.0):
                 self.check_store()
                 last_ping = now = self._tick = time.monotonic()
@@ -408,7 +493,7 @@ class Daemon:
                 raise ConfigError(new.source, "index", "cannot change while running; restart")
             check_writable(new)  # a root outside the unit's ReadWritePaths: restart
             self.watcher.ignore = new.ignore
-            self.watcher.arm(self._roots(new))
+            self._arm(new)
         except (ConfigError, WatchError) as exc:
             emit(Event.RELOAD_FAILED, f"reload failed, keeping the previous config: {exc}",
                  reason=str(exc))
@@ -416,7 +501,7 @@ class Daemon:
             if isinstance(exc, WatchError):  # the old watches were stopped: back to them
                 self.watcher.ignore = old.ignore
                 with contextlib.suppress(WatchError):
-                    self.watcher.arm(self._roots())
+                    self._arm(old)
                 self.request_scan(*(w.path for w in old.watches), trigger="reload")
         else:
             self.config = new
@@ -540,7 +625,9 @@ class Daemon:
     # ------------------------------------------------------------ watcher sink
 
     def file_ready(self, path: Path) -> None:
-        if not self.queue.put(path):
+        if self.queue.put(path):
+            self._closed[path] = time.time()
+        else:
             self._queue_full(path)
 
     def file_changing(self, path: Path) -> None:
@@ -562,14 +649,17 @@ class Daemon:
 
     def file_deleted(self, path: Path) -> None:
         self.queue.discard(path)
+        self._closed.pop(path, None)
         watch = self.config.watch_for(path)
         if watch is None:
             return
         try:
             with self.store.locked(watch.scope):
                 rec = self.store.get_by_path(str(path))
-                if rec is not None and rec.status in LIVE_STATUSES and not path.exists():
+                if rec is not None and rec.status in IN_ROOT_STATUSES and not path.exists():
                     self.store.delete(rec.id)  # type: ignore[arg-type]
+                if not os.path.lexists(path):
+                    self.store.forget_rejection(str(path))
         except StoreError as exc:
             self._store_call_failed(exc, path)
 
@@ -593,7 +683,8 @@ class Daemon:
         try:
             for rec in list(self.store.iter_records(prefix=str(src))):
                 moved = dst / Path(rec.path).relative_to(src)
-                if new is not None and rec.scope == new.scope and rec.status in LIVE_STATUSES:
+                if new is not None and rec.scope == new.scope and \
+                        rec.status in IN_ROOT_STATUSES:
                     with self.store.locked(rec.scope):
                         if self.store.get_by_path(str(moved)) is None:
                             self.store.update(rec.with_(path=str(moved)))
@@ -605,7 +696,18 @@ class Daemon:
         self.request_scan(path, trigger="directory")
 
     def dir_deleted(self, path: Path) -> None:
+        if path in self._root_ids:  # IN_DELETE_SELF: a new directory may get its inode
+            self._root_lost(path)
         self.request_scan(path, trigger="directory")
+
+    def _root_lost(self, path: Path) -> None:
+        """A watched root went away: say so once; check_roots() re-arms it once back."""
+        with self._scan_cond:
+            if self._root_ids.get(path) is None:
+                return
+            self._root_ids[path] = None
+        log.warning("%s: watched root is gone (deleted or moved away); files there are "
+                    "not watched until it is back", path)
 
     def overflow(self) -> None:
         roots = [w.path for w in self.config.watches]
@@ -699,11 +801,14 @@ class Daemon:
         try:
             while stack and not self._stop.is_set():
                 self._reconcile_dir(stack.pop(), counts, stack, vanished, live=live,
-                                    recursive=recursive, run=run,
+                                    recursive=recursive, run=run, since=started,
                                     settle=self.config.settle_seconds if quiet else 0.0)
                 if len(vanished) >= VANISHED_BATCH:
                     self._forget(vanished, counts, live)
             self._forget(vanished, counts, live)
+            for rejection in self.store.rejections(str(top)):
+                if not os.path.lexists(rejection.path):  # said once, until it changes
+                    self.store.forget_rejection(rejection.path)
         finally:
             self._progress.pop(top, None)
         if self._stop.is_set():
@@ -728,7 +833,7 @@ class Daemon:
 
     def _reconcile_dir(self, directory: Path, counts: dict[str, int], stack: list[Path],
                        vanished: list[tuple[int, str]], *, live: bool, recursive: bool,
-                       run: int, settle: float) -> None:
+                       run: int, settle: float, since: float | None = None) -> None:
         """Compare one directory with its records; push its subdirectories on `stack`.
         Empty files are queued `settle` seconds ahead: a directory that just appeared may
         hold files created but not yet written (their close event makes them due at once),
@@ -752,7 +857,7 @@ class Daemon:
             self._vanished_under(directory, vanished, gone=True)
             return
         except OSError as exc:  # unreadable: leave its records alone
-            log.warning("cannot list %s: %s; its files are left as they are", name, exc)
+            self._unreadable_dir(directory, exc)
             return
         counts["dirs"] += 1
         ignored = name_ignored(config.ignore)
@@ -794,20 +899,23 @@ class Daemon:
                     est = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                except OSError as exc:  # listable but not searchable: nothing to stat
+                    self._unreadable_dir(directory, exc)
+                    return
                 known = files.pop(entry_name, None)
                 if known is not None and known[0] == est.st_size and \
-                        known[1] == est.st_mtime_ns:
-                    continue
-                if (entry.path, est.st_size, est.st_mtime_ns) in self._rejected:
+                        known[1] == est.st_mtime_ns and known[3] != UNRESOLVED:
+                    continue  # unresolved duplicates are decided again
+                if known is None and self._known_reject(Path(entry.path), est):
                     continue
                 self.queue.put(Path(entry.path), 0.0 if est.st_size else settle, block=True,
-                               background=not live)
+                               background=not live, arrival=est.st_mtime, since=since)
                 counts["queued"] += 1
         counts["seen"] += seen
         # Records left: files gone, or present but not wanted (kept, as before).
         for entry_name, (_, _, rid, status) in files.items():
             path = os.path.join(name, entry_name)
-            if status in LIVE_STATUSES and not os.path.lexists(path):
+            if status in IN_ROOT_STATUSES and not os.path.lexists(path):
                 vanished.append((rid, path))
         for sub in store_subdirs if recursive else ():  # a shallow scan leaves them
             if sub not in walked:
@@ -827,8 +935,16 @@ class Daemon:
             for key in [k for k in self._dir_marks if k == name or k.startswith(name + "/")]:
                 del self._dir_marks[key]
         for rec in self.store.iter_records(prefix=str(directory)):
-            if rec.status in LIVE_STATUSES and (gone or not os.path.lexists(rec.path)):
+            if rec.status in IN_ROOT_STATUSES and (gone or not os.path.lexists(rec.path)):
                 vanished.append((rec.id, rec.path))  # type: ignore[arg-type]
+
+    def _unreadable_dir(self, path: Path, exc: OSError) -> None:
+        """One line per unreadable directory, once (until a restart); the walk goes on."""
+        key = str(path)
+        if key not in self._unreadable and len(self._unreadable) < 100_000:
+            self._unreadable.add(key)
+            log.warning("%s: cannot read this directory, its files are skipped: %s", path,
+                        exc.strerror or exc)
 
     def _forget(self, vanished: list[tuple[int, str]], counts: dict[str, int],
                 live: bool) -> None:
@@ -875,7 +991,7 @@ class Daemon:
                 # Nothing was decided, or the decision is in the store already (process()
                 # starts by asking the store about the path): retrying is safe.
                 self._store_failed(exc, path=str(path))
-                if not self.queue.put(path, block=False):
+                if not self.queue.put(path, block=False, keep_place=True):
                     self._queue_full(path)
             except Exception:
                 log.exception("processing %s failed; it stays where it is", path)
@@ -883,6 +999,8 @@ class Daemon:
             finally:
                 self._busy.pop(me, None)
                 self.queue.done(path)
+                if path not in self.queue:  # not waiting to be looked at again
+                    self._closed.pop(path, None)
 
     def process(self, path: Path) -> None:
         """Hash one file and carry out its policy's decision."""
@@ -899,6 +1017,9 @@ class Daemon:
             st = path.lstat()
         except FileNotFoundError:
             return
+        except OSError as exc:  # e.g. a directory without search permission
+            self._unreadable_dir(path.parent, exc)
+            return
         if stat.S_ISLNK(st.st_mode):
             if not self._symlink_allowed(path):
                 self._reject(path, watch, ImageError("not_regular", self._symlink_reason(path)),
@@ -911,8 +1032,8 @@ class Daemon:
                     "not_regular", f"{file_kind(st.st_mode)}, not a regular file"), st)
             return
         known = self.store.get_by_path(str(path))
-        if known is not None and (known.file_size, known.mtime_ns) == (st.st_size,
-                                                                       st.st_mtime_ns) \
+        if known is not None and known.status != UNRESOLVED and \
+                (known.file_size, known.mtime_ns) == (st.st_size, st.st_mtime_ns) \
                 and known.recipe == config.recipe.key:  # else re-hashed (e.g. v1 -> v2)
             self.pipeline.report_interrupted(path)  # decided just before an outage
             return
@@ -920,13 +1041,48 @@ class Daemon:
         try:
             h = hash_file(path, config.recipe, config.max_pixels)
         except ImageError as exc:
-            self._reject(path, watch, exc, st)
+            if not self._changed_since(path, st):
+                self._reject(path, watch, exc, st)
             return
         if h.warnings:  # decoded all the same: accepted or matched, with the complaint logged
             log.warning("%s: decoded with complaints (hashed anyway): %s", path,
                         "; ".join(h.warnings))
         self.metrics.observe_hash(time.monotonic() - started)
-        self.pipeline.ingest(path, watch, h, st.st_mtime_ns, known)
+        if self._changed_since(path, st):
+            return
+        if known is None and self.store.get_rejection(str(path)) is not None:
+            self.store.forget_rejection(str(path))  # it was fixed (rewritten)
+        self.queue.wait_turn(path, TURN_SECONDS)
+        arrival, since = self.queue.arrival(path)
+        self._closed.pop(path, None)
+        self.pipeline.ingest(path, watch, h, st.st_mtime_ns, known, arrival=arrival,
+                             queued=since)
+
+    def _changed_since(self, path: Path, before: os.stat_result) -> bool:
+        """Still being written (size, mtime or ctime moved since `before`)? Then it is
+        queued again to settle, and nothing is decided about it now."""
+        try:
+            now = path.stat()
+        except OSError:
+            return True  # gone or replaced: its own events bring it back
+        if (now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino) == (
+                before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino):
+            return False
+        self.file_changing(path)
+        return True
+
+    def _symlink_reason(self, path: Path) -> str:
+        """Why a symlink is not followed, in the words that fit it."""
+        try:
+            target = Path(os.path.realpath(path, strict=True))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symlink loop (not followed)"
+            return "dangling symlink (its target does not exist)"
+        if any(target == w.path or w.path in target.parents for w in self.config.watches):
+            return "symlink to a file inside the watched roots, not followed " \
+                "(follow_symlinks is off)"
+        return "symlink pointing out of the watched roots (not followed)"
 
     def _symlink_reason(self, path: Path) -> str:
         """Why a symlink is not followed, in the words that fit it."""
@@ -947,15 +1103,32 @@ class Daemon:
         target = Path(os.path.realpath(path))
         return any(target == w.path or w.path in target.parents for w in self.config.watches)
 
+    def _known_reject(self, path: Path, st: os.stat_result) -> bool:
+        """Rejected before, as it is now (same size and mtime): not logged again."""
+        old = self.store.get_rejection(str(path))
+        return old is not None and (old.file_size, old.mtime_ns) == (st.st_size,
+                                                                     st.st_mtime_ns)
+
+    def _final(self, path: Path, st: os.stat_result) -> float:
+        """0 if a file that looks short or broken is provably finished: unchanged for
+        settle_seconds since a close or rename-in that came after its last change, or
+        for UNFINISHED_GRACE without one (a writer may pause). Else seconds to wait."""
+        changed = max(st.st_mtime, st.st_ctime)
+        closed = self._closed.get(path)
+        grace = self.config.settle_seconds if closed is not None and closed >= changed \
+            else max(UNFINISHED_GRACE, self.config.settle_seconds)
+        return max(0.0, changed + grace - time.time())
+
     def _reject(self, path: Path, watch: Watch, exc: ImageError, st: os.stat_result) -> None:
-        if exc.kind == "vanished":
+        if exc.kind == "vanished" or self._known_reject(path, st):
             return
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        if key in self._rejected:
-            return
-        if len(self._rejected) > 100_000:
-            self._rejected.clear()
-        self._rejected.add(key)
+        if exc.kind in MAYBE_UNFINISHED:
+            wait = self._final(path, st)
+            if wait > 0:  # not provably finished: look again once it would be
+                if not self.queue.put(path, wait + 0.05):
+                    self._queue_full(path)
+                return
+        self._closed.pop(path, None)
         self.pipeline.count("rejected")
         moved_to = None
         rejected_dir = self.config.rejected_dir
@@ -966,6 +1139,9 @@ class Daemon:
                 moved_to = str(target)
             except OSError as err:
                 log.warning("%s: cannot move to %s: %s", path, rejected_dir, err)
+        if moved_to is None:  # left in place: said once, until the file changes
+            self.store.put_rejection(Rejection(str(path), st.st_size, st.st_mtime_ns,
+                                               exc.kind, exc.reason))
         emit(Event.IMAGE_REJECTED, f"{path}: {exc.kind}: {exc.reason}"
              + (f"; moved to {moved_to}" if moved_to else "; left in place"),
              path=str(path), reason=exc.reason, kind=exc.kind, root=str(watch.path),
@@ -984,6 +1160,15 @@ class Daemon:
                            recipe=h.recipe.key, hash=h.hash, digest=h.digest,
                            file_size=h.file_size, mtime_ns=st.st_mtime_ns, width=h.width,
                            height=h.height)
+
+
+def _dir_id(path: Path) -> tuple[int, int] | None:
+    """Which directory is at path now (device, inode); None if none is."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 # ---------------------------------------------------------------- CLI entry points

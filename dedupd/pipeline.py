@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,9 +22,12 @@ from dedupd.policy import ACCEPT, DUPLICATE, REPLACE, Breaker, Decision, big_eno
 from dedupd.quarantine import Quarantine, QuarantineError
 from dedupd.signature import Signature, confirms
 from dedupd.store import ImageRecord, Match, QuarantineEntry, Store
-from dedupd.store.base import LIVE_STATUSES, Lookup, nearest_first
+from dedupd.store.base import KEPT, LIVE_STATUSES, UNRESOLVED, Lookup, nearest_first
 
 log = logging.getLogger("dedupd.pipeline")
+# How many recent decisions keep: first remembers: a file still in the queue competes by
+# arrival only with copies decided while it waited (bounded by the queue and workers).
+DECIDED_MEMORY = 50_000
 
 # Candidates within the threshold given a second look, nearest first: enough that a
 # dictionary with many look-alikes (dark frames, blank pages) still finds the real copy.
@@ -100,6 +105,8 @@ class Pipeline:
         self._counts_lock = threading.Lock()
         # Decisions whose store write failed mid-way: reported once a retry knows.
         self._unreported: dict[str, tuple[Event, str, dict[str, object]]] = {}
+        # When each recently kept path was decided (time.monotonic()), for keep: first.
+        self._decided: OrderedDict[str, float] = OrderedDict()
         # How long an open circuit breaker stays open, for its message (`scan` says its own).
         self.breaker_until = "the config is reloaded or the daemon restarts"
         self.configure(config)
@@ -122,10 +129,14 @@ class Pipeline:
             emit(report[0], report[1], **report[2])  # type: ignore[arg-type]
 
     def ingest(self, path: Path, watch: Watch, hashed: ImageHash, mtime_ns: int,
-               known: ImageRecord | None) -> Outcome | None:
+               known: ImageRecord | None, *, arrival: float | None = None,
+               queued: float | None = None) -> Outcome | None:
         """Compare, decide, act. `known` is the record the path already had (the file
-        was rewritten in place). None when nothing was decided: the file vanished, is
-        below the policy's minimum size, or is an indexed file that moved."""
+        was rewritten in place). `arrival` (wall-clock time of the file's first event, or
+        its mtime when a scan found it) and `queued` (time.monotonic() from when it
+        waited) make `keep: first` mean arrival order, whichever copy hashed first.
+        None when nothing was decided: the file vanished, is below the policy's
+        minimum size, or is an indexed file that moved."""
         self.count("processed")
         policy = self.config.policy_for(watch)
         if not big_enough(policy, hashed.width, hashed.height):
@@ -136,7 +147,8 @@ class Pipeline:
                              hash=hashed.hash, digest=hashed.digest,
                              file_size=hashed.file_size, mtime_ns=mtime_ns,
                              width=hashed.width, height=hashed.height,
-                             signature=hashed.signature.to_bytes() if hashed.signature else None)
+                             signature=hashed.signature.to_bytes() if hashed.signature else None,
+                             **({"first_seen": arrival} if arrival is not None else {}))
         flips = policy.match_flips_rotations
         if known is None:
             # The usual case takes no lock: look (a shared store may answer from a copy
@@ -154,7 +166,8 @@ class Pipeline:
                 matches = as_flipped(self.store, watch.scope, hashed, policy.max_distance,
                                      record.path)
             if not self._gone(matches):
-                return self._decide_and_act(path, watch, record, matches[:8], seen, hashed)
+                return self._decide_and_act(path, watch, record, matches[:8], seen, hashed,
+                                            queued)
         with self.store.locked(watch.scope):
             if not path.exists():
                 return None
@@ -172,7 +185,20 @@ class Pipeline:
                                                          mtime_ns=record.mtime_ns))
                     return None
             matches = [m for m in matches if m not in gone]
-            return self._decide_and_act(path, watch, record, matches, Lookup(matches), hashed)
+            return self._decide_and_act(path, watch, record, matches, Lookup(matches), hashed,
+                                        queued)
+
+    def _arrived_first(self, record: ImageRecord, matches: list[Match],
+                       queued: float | None) -> bool:
+        """Did the newcomer arrive before its nearest match, which was decided only
+        while the newcomer waited (it hashed faster)? Ties go by path: deterministic."""
+        if not matches or queued is None:
+            return False
+        best = matches[0].record
+        with self._counts_lock:
+            decided = self._decided.get(best.path)
+        return (decided is not None and decided >= queued
+                and (record.first_seen, record.path) < (best.first_seen, best.path))
 
     def _gone(self, matches: list[Match]) -> list[Match]:
         """Matches whose files vanished from under our roots. The disk is the truth only
@@ -181,14 +207,16 @@ class Pipeline:
                 and not os.path.lexists(m.record.path)]
 
     def _settle(self, path: Path, watch: Watch, record: ImageRecord, matches: list[Match],
-                seen: Lookup, breaker_open: bool, hashed: ImageHash) -> Decision:
+                seen: Lookup, breaker_open: bool, hashed: ImageHash,
+                queued: float | None = None) -> Decision:
         """The decision, with a newcomer that is to be kept already claimed in the store:
         a look-alike that arrived meanwhile (here or on another host) makes the claim
         fail and is decided against instead. The accept report waits in _unreported from
         before the claim (see _keep)."""
         policy = self.config.policy_for(watch)
         while True:
-            decision = decide(policy, record, matches, breaker_open=breaker_open)
+            decision = decide(policy, record, matches, breaker_open=breaker_open,
+                              newcomer_first=self._arrived_first(record, matches, queued))
             if decision.verdict == DUPLICATE or record.id is not None:
                 return decision
             if decision.verdict == ACCEPT:
@@ -212,10 +240,12 @@ class Pipeline:
             low_information=hashed.low_information or None))
 
     def _decide_and_act(self, path: Path, watch: Watch, record: ImageRecord,
-                        matches: list[Match], seen: Lookup, hashed: ImageHash) -> Outcome:
+                        matches: list[Match], seen: Lookup, hashed: ImageHash,
+                        queued: float | None = None) -> Outcome:
         policy = self.config.policy_for(watch)
         breaker = self.breakers.setdefault(watch.path, Breaker(self.config.circuit_breaker))
-        decision = self._settle(path, watch, record, matches, seen, breaker.open, hashed)
+        decision = self._settle(path, watch, record, matches, seen, breaker.open, hashed,
+                                queued)
         claimed = record.id is None and decision.verdict != DUPLICATE
         removes = decision.verdict != ACCEPT and decision.action in ("quarantine", "delete")
         if breaker.record(removes):
@@ -232,7 +262,7 @@ class Pipeline:
         match = decision.match
         assert match is not None
         self.count("duplicates")
-        if decision.verdict == REPLACE:  # the newcomer is larger: the older copy goes
+        if decision.verdict == REPLACE:  # the newcomer is larger, or came first
             loser, winner = match.record, record
             self._keep(winner, claimed=claimed)
         else:
@@ -247,16 +277,25 @@ class Pipeline:
                       hash=hash_to_hex(loser.hash, size), policy=policy.name,
                       root=str(watch.path), action=decision.action, identical=match.identical,
                       **extra)
-        if decision.action == "log":
-            self._keep(loser, (Event.DUPLICATE_LOGGED, f"{loser.path}: duplicate of "
-                               f"{winner.path} (distance {match.distance}); left in place "
-                               "(log only)", fields))
+        what = f"{loser.path}: duplicate of {winner.path} (distance {match.distance})"
+        if decision.action == "log" and policy.action == "log":
+            self._keep(loser, (Event.DUPLICATE_LOGGED, f"{what}; left in place (log only)",
+                               fields))
+        elif decision.action == "log":  # the breaker holds back a removal: not settled
+            self._keep(loser, (Event.DUPLICATE_LOGGED, f"{what}; left in place, unresolved "
+                               "(circuit breaker open: log-only until a reload)", fields),
+                       status=UNRESOLVED)
         elif decision.action == "delete":
-            os.unlink(loser.path)
+            try:
+                os.unlink(loser.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                return self._unresolved(loser, watch, f"cannot delete: {exc.strerror or exc}",
+                                        outcome)
             if loser.id is not None:
                 self.store.delete(loser.id)
-            emit(Event.DUPLICATE_DELETED, f"{loser.path}: duplicate of {winner.path} "
-                 f"(distance {match.distance}); deleted", **fields)
+            emit(Event.DUPLICATE_DELETED, f"{what}; deleted", **fields)
         else:
             loser_watch = self.config.watch_for(loser.path)
             try:
@@ -265,15 +304,21 @@ class Pipeline:
                     matched_path=winner.path, distance=match.distance,
                     hash_hex=fields["hash"], policy=policy.name)  # type: ignore[arg-type]
             except QuarantineError as exc:
-                self._keep(loser)
-                emit(Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but {exc}; left in place",
-                     path=loser.path, reason=str(exc), kind="quarantine_failed",
-                     root=str(watch.path))
-                return replace(outcome, action="log")
+                return self._unresolved(loser, watch, str(exc), outcome)
             self.report_quarantined(entry, root=str(watch.path), identical=match.identical,
                                     **extra)
             outcome = replace(outcome, moved_to=entry.quarantine_path)
         return outcome
+
+    def _unresolved(self, loser: ImageRecord, watch: Watch, why: str,
+                    outcome: Outcome) -> Outcome:
+        """A removal the policy wants failed: the file stays, recorded as unresolved (not
+        kept), and is decided again at the next reconciliation, reload or start."""
+        self._keep(loser, (Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but {why}; left "
+                           "in place, unresolved (retried at the next rescan)", dict(
+                               path=loser.path, reason=why, kind="quarantine_failed",
+                               root=str(watch.path))), status=UNRESOLVED)
+        return replace(outcome, action="log")
 
     def report_quarantined(self, entry: QuarantineEntry, **fields: object) -> None:
         """Count and log a finished quarantine move: one just made, or one an outage
@@ -287,17 +332,25 @@ class Pipeline:
 
     def _keep(self, record: ImageRecord,
               report: tuple[Event, str, dict[str, object]] | None = None,
-              claimed: bool = False) -> None:
-        """Record a file as part of its dataset (unless `claimed` did), then emit
-        `report`. If the store fails mid-write the report waits: the retry finds the
-        record (the write did commit) and emits it then, or decides afresh; either way
-        it is said exactly once."""
+              claimed: bool = False, status: str = KEPT) -> None:
+        """Record a file as part of its dataset (unless `claimed` did), or as an
+        unresolved duplicate, then emit `report`. If the store fails mid-write the report
+        waits: the retry finds the record (the write did commit) and emits it then, or
+        decides afresh; either way it is said exactly once."""
         if report is not None:
             self._unreported[record.path] = report
+        if status == KEPT:
+            with self._counts_lock:
+                self._decided[record.path] = time.monotonic()
+                self._decided.move_to_end(record.path)
+                while len(self._decided) > DECIDED_MEMORY:
+                    self._decided.popitem(last=False)
         if record.id is None:
             if not claimed:
-                self.store.insert(record)
-        elif record.status not in LIVE_STATUSES:
+                self.store.insert(record.with_(status=status))
+        elif status == UNRESOLVED and record.status != UNRESOLVED:
+            self.store.update(record.with_(status=UNRESOLVED))
+        elif status == KEPT and record.status not in LIVE_STATUSES:
             self.store.update(record.with_(status="kept"))
         if report is not None:
             self._unreported.pop(record.path, None)

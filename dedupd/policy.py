@@ -63,12 +63,16 @@ class Decision:
 
 
 def decide(policy: Policy, candidate: ImageRecord, matches: list[Match],
-           *, breaker_open: bool = False) -> Decision:
-    """Apply keep=first|largest to the nearest live match."""
+           *, breaker_open: bool = False, newcomer_first: bool = False) -> Decision:
+    """Apply keep=first|largest to the nearest live match. `newcomer_first`: the
+    candidate arrived before that match (which was only decided sooner), so under
+    keep=first the match is the duplicate."""
     action = "log" if breaker_open else policy.action
     if not matches:
         return Decision(ACCEPT, action)
     best = matches[0]
+    if policy.keep == "first" and newcomer_first:
+        return Decision(REPLACE, action, best)
     if policy.keep == "largest" and not best.identical:
         old = best.record
         if candidate.width * candidate.height > old.width * old.height:

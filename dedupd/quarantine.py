@@ -32,6 +32,7 @@ from dedupd.store.base import (
     RESTORED,
     RESTORING,
     ROLLED_BACK,
+    UNRESOLVED,
     ImageRecord,
     QuarantineEntry,
     Store,
@@ -466,6 +467,8 @@ def cmd_quarantine(args: argparse.Namespace, config: object) -> int:
     store = open_store(config.index)  # type: ignore[attr-defined]
     try:
         q = Quarantine(store, config.quarantine_dir)  # type: ignore[attr-defined]
+        if args.quarantine_command == "list" and getattr(args, "pending", False):
+            return _list_pending(store, config, args.json)
         if args.quarantine_command == "list":
             entries = store.list_quarantine((DONE,))
             if args.json:
@@ -491,6 +494,32 @@ def cmd_quarantine(args: argparse.Namespace, config: object) -> int:
         return 0
     finally:
         store.close()
+
+
+def _list_pending(store: Store, config: object, as_json: bool) -> int:
+    """Duplicates the policy would remove but that are still in place (quarantine failed,
+    circuit breaker open), each with the copy it duplicates."""
+    rows = []
+    for rec in store.iter_records():
+        if rec.status != UNRESOLVED:
+            continue
+        watch = config.watch_for(rec.path)  # type: ignore[attr-defined]
+        distance = config.policy_for(watch).max_distance if watch else 0  # type: ignore[attr-defined]
+        match = next((m for m in store.find_matches(rec.scope, rec.recipe, rec.hash, rec.digest,
+                                                    distance, limit=1)), None)
+        rows.append({"path": rec.path, "scope": rec.scope,
+                     "matched_path": match.record.path if match else None,
+                     "distance": match.distance if match else None})
+    if as_json:
+        json.dump(rows, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        for row in rows:
+            print(f"{row['path']}  (duplicate of {row['matched_path']}, "
+                  f"d={row['distance']})")
+        print(f"{len(rows)} pending (retried at the next rescan, reload or start)",
+              file=sys.stderr)
+    return 0
 
 
 def cmd_restore(args: argparse.Namespace, config: object) -> int:

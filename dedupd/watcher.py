@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase, translate
@@ -35,6 +36,9 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger("dedupd.watcher")
+# watchdog warns on stderr (raw text, breaking JSON logs) when it re-adds a directory it
+# could not watch; the start-up and arrival walks report unreadable directories instead.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 # The events the handler acts on. Naming them lets watchdog ask the kernel for just these:
 # without the filter every open and read-only close in a root (dedupd's own reads of each

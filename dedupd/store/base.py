@@ -14,9 +14,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 
 KEPT, QUARANTINED, ALLOWED, DELETED = "kept", "quarantined", "allowed", "deleted"
-STATUSES = (KEPT, QUARANTINED, ALLOWED, DELETED)
+# A duplicate the policy would remove but that could not be (quarantine failed, circuit
+# breaker open): left in place, decided again when the cause may be gone.
+UNRESOLVED = "unresolved"
+STATUSES = (KEPT, QUARANTINED, ALLOWED, DELETED, UNRESOLVED)
 # Records in these states are part of a dataset and count as "already seen".
 LIVE_STATUSES = (KEPT, ALLOWED)
+# Records whose file lies in a watched root (the rest are in quarantine or gone).
+IN_ROOT_STATUSES = (KEPT, ALLOWED, UNRESOLVED)
 
 # What a reconcile needs of a record, by name in its directory: (file_size, mtime_ns, id,
 # status). A plain tuple: a reconcile reads millions of them.

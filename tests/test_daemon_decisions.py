@@ -1,0 +1,291 @@
+"""Decisions that used to go wrong and stay wrong (issue #12, items 7-10, 13, 19), on a
+real daemon subprocess: real inotify, real files, real SQLite, real mounts where a fault
+is needed (a full tmpfs as the quarantine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+from conftest import photo, write_image
+from daemonproc import DaemonProcess, records, wait_for, write_config
+
+from dedupd.hashing import Recipe, hamming, hash_file
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    root = tmp_path / "data"
+    root.mkdir()
+    state = tmp_path / "state"
+
+    def make(**extra) -> tuple[Path, Path, Path, Path]:
+        body = {"index": str(state / "index.sqlite"), "quarantine_dir": str(state / "q"),
+                "settle_seconds": 0.5, "watches": [{"path": str(root)}],
+                "policies": {"default": {"max_distance": 6}}}
+        body.update(extra)
+        cfg = write_config(tmp_path / "dedupd.yaml", body)
+        return cfg, root, state / "index.sqlite", Path(body["quarantine_dir"])
+
+    return make
+
+
+def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dedupd", "--config", str(cfg), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def encode(img, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+def mount_tmpfs(where: Path, size: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (a quarantine file system that fills)")
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+def test_a_duplicate_that_cannot_be_removed_stays_pending_and_is_retried(setup,
+                                                                         tmp_path: Path
+                                                                         ) -> None:
+    """#12-7 and #11-4: the quarantine file system is full. The duplicate stays in place
+    recorded as unresolved (not kept), `quarantine list --pending`, `check` and `scan`
+    all call it a duplicate, no orphan copy is left, and once there is room a reload
+    retries it."""
+    qfs = tmp_path / "qfs"
+    mount_tmpfs(qfs, "512k")
+    try:
+        cfg, root, db, _ = setup(quarantine_dir=str(qfs / "q"))
+        filler = qfs / "filler"
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+        try:
+            data = encode(photo(3, 640, 480))
+            (root / "a.jpg").write_bytes(data)
+            wait_for(lambda: records(db).get(str(root / "a.jpg")) == "kept", 30, "a kept")
+            (root / "b.jpg").write_bytes(data)  # a byte-identical copy
+            wait_for(lambda: records(db).get(str(root / "b.jpg")) == "unresolved", 30,
+                     "b recorded as unresolved")
+            assert (root / "b.jpg").read_bytes() == data
+            orphans = [p for p in qfs.rglob("*") if p.is_file() and p != filler]
+            assert orphans == []
+            pending = cli(cfg, "quarantine", "list", "--pending", "--json")
+            assert pending.returncode == 0, pending.stderr
+            rows = json.loads(pending.stdout)
+            assert [(r["path"], r["matched_path"]) for r in rows] == [
+                (str(root / "b.jpg"), str(root / "a.jpg"))]
+            assert cli(cfg, "check", str(root / "b.jpg")).returncode == 1
+            scan = cli(cfg, "scan", "--dry-run", "--json", str(root))
+            assert scan.returncode == 1, scan.stdout + scan.stderr
+            assert str(root / "b.jpg") in scan.stdout
+            filler.unlink()
+            daemon.signal(signal.SIGHUP)  # the cause may be gone: a reload retries
+            wait_for(lambda: not (root / "b.jpg").exists(), 30, "b quarantined on retry")
+            assert "unresolved" not in records(db).values()
+            assert (root / "a.jpg").exists()
+        finally:
+            assert daemon.stop() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(qfs)], check=False)
+
+
+def test_circuit_breaker_holds_duplicates_as_pending_until_reload(setup,
+                                                                  tmp_path: Path) -> None:
+    """#12-7: duplicates left in place by an open circuit breaker are unresolved, and
+    quarantined once a reload re-arms it."""
+    cfg, root, db, quarantine = setup(
+        circuit_breaker={"window": 2, "min_decisions": 2, "threshold": 0.5})
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        data = encode(photo(4, 320, 240))
+        (root / "a.jpg").write_bytes(data)
+        wait_for(lambda: records(db).get(str(root / "a.jpg")) == "kept", 30, "a kept")
+        (root / "b.jpg").write_bytes(data)
+        wait_for(lambda: not (root / "b.jpg").exists(), 30, "b quarantined")
+        (root / "c.jpg").write_bytes(data)  # 2 of the last 2 would remove: trips
+        wait_for(lambda: records(db).get(str(root / "c.jpg")) == "unresolved", 30,
+                 "c left in place as unresolved")
+        assert "circuit_open" in daemon.log()
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: not (root / "c.jpg").exists(), 30, "c quarantined after reload")
+        assert "unresolved" not in records(db).values()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_keep_first_means_arrival_order(setup, tmp_path: Path) -> None:
+    """#12-8: an original that takes long to hash (a large PNG) arrives first, then a
+    small, quickly hashed copy. The copy used to win because it finished hashing first;
+    the original must be kept, for files written while running and for files found by
+    the start-up scan (by mtime)."""
+    cfg, root, db, quarantine = setup()
+    recipe = Recipe()
+    pairs = []
+    for i, seed in enumerate((21, 22, 23)):
+        big = photo(seed, 3000, 2250)
+        small = cv2.resize(big, (300, 225), interpolation=cv2.INTER_AREA)
+        pairs.append((f"orig{i}.png", cv2.imencode(".png", big)[1].tobytes(),
+                      f"orig{i}_small.jpg", encode(small, 60)))
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    for a, da, b, db_ in pairs:
+        (staged / a).write_bytes(da)
+        (staged / b).write_bytes(db_)
+        assert hamming(hash_file(staged / a, recipe).hash, hash_file(staged / b, recipe).hash) \
+            <= 6
+    # Found by the start-up scan: originals are older (mtime) than their copies.
+    for n, (a, _, b, _) in enumerate(pairs[:2]):
+        shutil.copy(staged / a, root / a)
+        shutil.copy(staged / b, root / b)
+        os.utime(root / a, (1_600_000_000 + n, 1_600_000_000 + n))
+        os.utime(root / b, (1_700_000_000 + n, 1_700_000_000 + n))
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        a, da, b, db_ = pairs[2]  # while running: `cp a; cp b`
+        (root / a).write_bytes(da)
+        (root / b).write_bytes(db_)
+        wait_for(lambda: sorted(records(db).values()) == ["kept"] * 3 + ["quarantined"] * 3,
+                 120, "every file decided")
+        recs = records(db)
+        for a, _, b, _ in pairs:
+            assert recs.get(str(root / a)) == "kept", (a, recs)
+            assert (root / a).exists() and not (root / b).exists()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_slow_writer_is_not_judged_before_it_finishes(setup, tmp_path: Path) -> None:
+    """#12-9: a writer pausing far longer than settle_seconds after a few bytes used to
+    have its file called corrupt/unsupported and moved to rejected_dir mid-write. Only a
+    provably finished file is rejected: a broken file closed by its writer still is."""
+    cfg, root, db, _ = setup(rejected_dir=str(tmp_path / "rejected"))
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        data = encode(photo(7, 640, 480))
+        path = root / "slow.jpg"
+        with open(path, "wb") as fh:
+            fh.write(data[:100])
+            fh.flush()
+            time.sleep(3.0)  # the writer's pause (6x settle_seconds); not a sync point
+            fh.write(data[100:])
+        wait_for(lambda: records(db).get(str(path)) == "kept", 30, "slow.jpg accepted")
+        assert path.read_bytes() == data
+        assert "slow.jpg: " not in daemon.log().replace("slow.jpg: accepted", "")
+        assert not list((tmp_path / "rejected").rglob("slow.jpg"))
+        # A broken file that its writer closed is still rejected (after settling).
+        (root / "junk.jpg").write_bytes(b"not an image at all\n" * 3)
+        wait_for(lambda: list((tmp_path / "rejected").rglob("junk.jpg")), 30, "junk moved")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_rejections_are_logged_once_across_restarts(setup, tmp_path: Path) -> None:
+    """#12-19: a file left in place as rejected is logged once, not again at every start
+    or rescan, until it changes."""
+    cfg, root, db, _ = setup(reconcile_interval=1)
+    bad = root / "bad.jpg"
+    log = tmp_path / "daemon.log"
+
+    def said() -> int:
+        return log.read_text(errors="replace").count("bad.jpg: ")
+
+    daemon = DaemonProcess(cfg, log).start()
+    try:
+        bad.write_bytes(b"\xff\xd8\xff" + b"junk" * 10)  # a broken JPEG, left in place
+        wait_for(lambda: said() == 1, 30, "bad.jpg rejected")
+        started = time.monotonic()
+        # Several periodic rescans (every second) later, still said once.
+        wait_for(lambda: time.monotonic() - started > 3 and daemon.log().count(
+            "started:") == 1, 30, "a few rescans")
+    finally:
+        assert daemon.stop() == 0
+    daemon = DaemonProcess(cfg, log).start()
+    try:
+        wait_for(lambda: log.read_text().count("started:") == 2, 30, "second start")
+        (root / "marker.jpg").write_bytes(encode(photo(8, 64, 48)))
+        wait_for(lambda: records(db).get(str(root / "marker.jpg")) == "kept", 30, "marker")
+        assert said() == 1
+        with open(bad, "ab") as fh:  # changed: judged (and said) again
+            fh.write(b"more")
+        wait_for(lambda: said() == 2, 30, "changed bad.jpg rejected again")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_watched_root_deleted_or_replaced_is_watched_again(setup, tmp_path: Path) -> None:
+    """#12-10: `rm -rf root; mkdir root` and `mv root old; mkdir root` are noticed and
+    logged once, and files landing in the new directory are processed at once."""
+    cfg, root, db, _ = setup(reconcile_interval=3600)
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        shutil.rmtree(root)
+        wait_for(lambda: "watched root is gone" in daemon.log(), 30, "the loss logged")
+        root.mkdir()
+        wait_for(lambda: "watching it again" in daemon.log(), 30, "re-armed")
+        write_image(root / "one.jpg", photo(31, 320, 240))
+        wait_for(lambda: records(db).get(str(root / "one.jpg")) == "kept", 30,
+                 "a file in the re-created root")
+        os.rename(root, tmp_path / "old")
+        root.mkdir()
+        wait_for(lambda: daemon.log().count("watching it again") == 2, 30, "replaced root")
+        write_image(root / "two.jpg", photo(32, 320, 240))
+        wait_for(lambda: records(db).get(str(root / "two.jpg")) == "kept", 30,
+                 "a file in the replacing root")
+        assert daemon.log().count("watched root is gone") == 1
+        wait_for(lambda: str(root / "one.jpg") not in records(db), 30,
+                 "the record of a file moved away with the old root forgotten")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_unreadable_directories_are_reported_once_and_skipped(setup, tmp_path: Path) -> None:
+    """#12-13: as an unprivileged service sees it (no DAC override), an unreadable
+    subdirectory is one line, once, and the rest of the root is processed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop CAP_DAC_OVERRIDE with setpriv")
+    cfg, root, db, _ = setup(reconcile_interval=1)
+    locked = root / "locked"
+    write_image(locked / "inside.jpg", photo(41, 64, 48))
+    write_image(root / "open" / "fine.jpg", photo(42, 320, 240))
+    locked.chmod(0)
+    no_dac = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log", prefix=no_dac).start()
+    try:
+        wait_for(lambda: records(db).get(str(root / "open" / "fine.jpg")) == "kept", 30,
+                 "the readable part processed")
+        wait_for(lambda: "cannot read this directory" in daemon.log(), 30, "reported")
+        # A directory readable but not searchable: its files cannot even be stat'ed.
+        half = root / "half"
+        write_image(half / "x.jpg", photo(43, 64, 48))
+        half.chmod(0o644)
+        started = time.monotonic()
+        wait_for(lambda: time.monotonic() - started > 3, 10, "a few periodic rescans")
+        log = daemon.log()
+        assert log.count(f"{locked}: cannot read this directory") == 1, log
+        assert log.count(f"{half}: cannot read this directory") == 1, log
+        assert "Traceback" not in log and daemon.proc.poll() is None
+    finally:
+        locked.chmod(0o755)
+        if (root / "half").exists():
+            (root / "half").chmod(0o755)
+        assert daemon.stop() == 0
