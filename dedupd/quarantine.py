@@ -297,12 +297,11 @@ class Quarantine:
                 missing_ok=True)
         src_there, dst_there = os.path.lexists(src), os.path.lexists(dst)
         if entry.state == PENDING:
-            if src_there and dst_there:
-                if os.path.samefile(src, dst) or _same_bytes(src, dst):
-                    os.unlink(src)
-                else:
-                    os.unlink(dst)
-                    dst_there = False
+            # dst only ever appears complete (linked into place after fsync). If src now
+            # holds other bytes, someone wrote a new file there: both stay.
+            if src_there and dst_there and (os.path.samefile(src, dst)
+                                            or _same_bytes(src, dst)):
+                os.unlink(src)
             if dst_there:
                 record = None if entry.image_id is not None else record_for(entry)
                 self._complete(entry, record)
@@ -321,6 +320,11 @@ class Quarantine:
             self.store.update_quarantine(replace(entry, state=DONE))
             return "rolled_back"
         if entry.state == RESTORED:  # journalled by an older dedupd before its rename
+            if src_there and dst_there and (os.path.samefile(src, dst)
+                                            or _same_bytes(src, dst)):
+                os.unlink(dst)  # back in place; the quarantine's name was left over
+                _remove_sidecar(dst)
+                return "restored"
             if dst_there and not src_there:
                 move_no_replace(dst, src, partial_path(src, entry.id))
                 _remove_sidecar(dst)

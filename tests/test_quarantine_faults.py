@@ -299,3 +299,46 @@ def test_names_of_255_bytes_and_any_bytes_are_quarantined(tmp_path: Path) -> Non
     assert len(os.fsencode(fit_name("é" * 200, ".json"))) <= 255
 
 
+
+
+@pytest.mark.parametrize("state", ["pending", "done", "restoring", "restored", "rolled_back",
+                                   "purged", "bogus"])
+def test_start_up_repair_survives_every_journal_state(tmp_path: Path, state: str) -> None:
+    """Every journal state × the file at its origin, in quarantine, at both (same or
+    different bytes), or nowhere, with a partial copy lying about: repair never raises,
+    leaves no partial, and never leaves a file's bytes at two places or none."""
+    from dataclasses import replace as dc_replace
+
+    layouts = ["origin", "quarantine", "both-same", "both-differ", "none"]
+    for n, layout in enumerate(layouts):
+        case = tmp_path / f"{state}-{layout}"
+        root, qdir = case / "root", case / "q"
+        store = open_store(str(case / "i.sqlite"))
+        try:
+            q = Quarantine(store, qdir)
+            src = write_image(root / "x.jpg", photo(50 + n, 32, 32))
+            content = src.read_bytes()
+            entry = quarantine(q, src, root)
+            dst = Path(entry.quarantine_path)
+            if layout in ("origin", "both-same", "both-differ", "none"):
+                os.link(dst, src) if layout == "both-same" else shutil.copy2(dst, src)
+                if layout == "both-differ":
+                    src.write_bytes(b"someone else's file")
+                if layout in ("origin", "none"):
+                    dst.unlink()
+                if layout == "none":
+                    src.unlink()
+            # Partials where a crash can leave them: top of the quarantine dir, beside
+            # the target of a move in (pending) or out (restoring).
+            (qdir / f"{PARTIAL_PREFIX}{entry.id}").write_bytes(b"half")
+            beside = {"pending": dst.parent, "restoring": src.parent}.get(state)
+            if beside is not None and beside.exists():
+                (beside / f"{PARTIAL_PREFIX}{entry.id}").write_bytes(b"half")
+            store.update_quarantine(dc_replace(entry, state=state))
+            q.reconcile(lambda e: record(Path(e.quarantine_path)))  # never raises
+            assert not partials(root, qdir), (state, layout)
+            if state in ("pending", "restoring", "restored"):  # states repair acts on
+                found = copies(content, root, qdir)
+                assert len(found) == (0 if layout == "none" else 1), (state, layout, found)
+        finally:
+            store.close()
