@@ -328,8 +328,9 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
             if watch is not None and not args.dry_run:
                 if not wanted(config.policy_for(watch), str(path.relative_to(watch.path))):
                     continue
+                # Found by a scan: keep: first goes by mtime, whichever hashed first.
                 done = pipeline.ingest(path, watch, o.result, o.mtime_ns,  # type: ignore[arg-type]
-                                       known)
+                                       known, arrival=o.mtime_ns / 1e9, queued=started)
                 if done is not None and done.match is not None:
                     winner = o.path if done.loser != o.path else done.match.record.path
                     report(winner, done.loser, done.match,  # type: ignore[arg-type]

@@ -289,3 +289,19 @@ def test_unreadable_directories_are_reported_once_and_skipped(setup, tmp_path: P
         if (root / "half").exists():
             (root / "half").chmod(0o755)
         assert daemon.stop() == 0
+
+
+def test_scan_keeps_the_older_file_whichever_hashes_first(setup, tmp_path: Path) -> None:
+    """#12-8 for `dedupd scan`: files a scan finds arrive in mtime order; a small copy
+    (newer mtime) that hashes long before its large original must not win."""
+    cfg, root, db, quarantine = setup()
+    big = photo(61, 3000, 2250)
+    (root / "orig.png").write_bytes(cv2.imencode(".png", big)[1].tobytes())
+    (root / "copy.jpg").write_bytes(
+        encode(cv2.resize(big, (300, 225), interpolation=cv2.INTER_AREA), 60))
+    os.utime(root / "orig.png", (1_600_000_000, 1_600_000_000))
+    os.utime(root / "copy.jpg", (1_700_000_000, 1_700_000_000))
+    done = cli(cfg, "scan", "--json", "-j", "2", str(root))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (root / "orig.png").exists() and not (root / "copy.jpg").exists()
+    assert records(db).get(str(root / "orig.png")) == "kept"
