@@ -74,9 +74,6 @@ FILLER = ".model-filler"  # what fills the quarantine's file system up (not an i
 # Rules that hit an open defect of issue #12 (fixed by other work in progress): off in the
 # random machine, exercised by the xfail(strict=True) sequences at the end of this file.
 KNOWN_DEFECTS = {
-    "slow_write": "#12 item 9",
-    "replace_root": "#12 item 10",
-    "fs_full": "#12 item 7",
     # New, found by this test (not a #12 item): see test_model_move_into_a_new_directory.
     "move_into_new_dir": "moved into a just-created directory, a file is decided anew",
     # New, found by the soak: a file moved while a reconcile (the start-up one, here) runs
@@ -588,16 +585,12 @@ def world(tmp_path: Path):
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason="#12 item 9: a writer stalled past settle_seconds "
-                   "gets its file rejected as truncated (logged twice: rejected, then accepted)")
 def test_model_slow_writer(world) -> None:
     w = world()
     w.slow_write(image_bytes(0), 0.3)
     w.settle(10)
 
 
-@pytest.mark.xfail(strict=True, reason="#12 item 10: a replaced root is not re-armed; new "
-                   "files wait for the hourly reconcile")
 def test_model_replace_root(world) -> None:
     w = world()
     w.create(image_bytes(1), "before")
@@ -619,8 +612,6 @@ def test_model_replace_an_empty_root(world) -> None:
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a small tmpfs needs root")
-@pytest.mark.xfail(strict=True, reason="#12 item 7: a duplicate that could not be "
-                   "quarantined (quarantine fs full) is stored as kept and never re-decided")
 def test_model_quarantine_fs_full_then_freed(world) -> None:
     w = world(quarantine_fs_kib=256)
     original = w.create(image_bytes(len(PHOTOS)), "original")
