@@ -305,3 +305,23 @@ def test_scan_keeps_the_older_file_whichever_hashes_first(setup, tmp_path: Path)
     assert done.returncode == 1, done.stdout + done.stderr
     assert (root / "orig.png").exists() and not (root / "copy.jpg").exists()
     assert records(db).get(str(root / "orig.png")) == "kept"
+
+
+def test_what_the_daemon_remembers_per_file_is_dropped_once_decided(setup) -> None:
+    """#12-19's 'no unbounded in-memory set': after files (images, files of other
+    types, a broken one) are decided, nothing is kept per path in memory."""
+    from dedupd.config import load_config
+    from dedupd.daemon import Daemon
+
+    cfg, root, db, _ = setup()
+    daemon = Daemon(load_config(str(cfg)), config_path=str(cfg))
+    daemon.start()
+    try:
+        write_image(root / "a.jpg", photo(71, 64, 48))
+        (root / "notes.txt").write_text("not an image type the policy wants")
+        (root / "junk.jpg").write_bytes(b"junk")
+        wait_for(lambda: "a.jpg" in str(records(db)) and daemon.store.get_rejection(
+            str(root / "junk.jpg")) is not None and daemon.idle(), 30, "all decided")
+        assert daemon._closed == {} and len(daemon.queue) == 0
+    finally:
+        daemon.stop()
