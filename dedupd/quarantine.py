@@ -59,8 +59,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{PARTIAL_PREFIX}sidecar-{os.getpid()}-{threading.get_ident()}")
+def _write_atomic(path: Path, text: str, tmp: Path) -> None:
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -250,7 +249,8 @@ class Quarantine:
         # json escapes lone surrogates (\udcff): os.fsencode of the loaded string gives
         # back a name's exact bytes, whatever the kernel allowed.
         try:  # a convenience copy of the journal: its failure must not undo the move
-            _write_atomic(sidecar_path(target), json.dumps(sidecar, indent=2) + "\n")
+            _write_atomic(sidecar_path(target), json.dumps(sidecar, indent=2) + "\n",
+                          partial_path(target, f"sidecar-{entry.id}"))
         except OSError as exc:
             log.warning("%s: quarantined, but its sidecar cannot be written: %s", target, exc)
         self.store.update_quarantine(done)
@@ -295,6 +295,7 @@ class Quarantine:
         if entry.state in (PENDING, RESTORING):  # a copy a crash left beside its target
             partial_path(dst if entry.state == PENDING else src, entry.id).unlink(
                 missing_ok=True)
+            partial_path(dst, f"sidecar-{entry.id}").unlink(missing_ok=True)
         src_there, dst_there = os.path.lexists(src), os.path.lexists(dst)
         if entry.state == PENDING:
             # dst only ever appears complete (linked into place after fsync). If src now

@@ -334,6 +334,8 @@ def test_start_up_repair_survives_every_journal_state(tmp_path: Path, state: str
             beside = {"pending": dst.parent, "restoring": src.parent}.get(state)
             if beside is not None and beside.exists():
                 (beside / f"{PARTIAL_PREFIX}{entry.id}").write_bytes(b"half")
+            if state == "pending" and dst.parent.exists():  # a sidecar being written
+                (dst.parent / f"{PARTIAL_PREFIX}sidecar-{entry.id}").write_text("{")
             store.update_quarantine(dc_replace(entry, state=state))
             q.reconcile(lambda e: record(Path(e.quarantine_path)))  # never raises
             assert not partials(root, qdir), (state, layout)
