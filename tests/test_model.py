@@ -604,8 +604,6 @@ def test_model_replace_root(world) -> None:
     w.settle(10)
 
 
-@pytest.mark.xfail(strict=True, reason="#12 item 10: found by the model on the branch "
-                   "fixing it: a root that is empty when replaced is not re-armed")
 def test_model_replace_an_empty_root(world) -> None:
     w = world()
     w.replace_root()
