@@ -417,9 +417,6 @@ def shared_dir() -> Iterator[Path]:
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="#12 item 4: Quarantine.restore journals `restored` "
-                   "before the move, so a failed move leaves the journal saying restored "
-                   "(the restore rework of helper robust-daemon fixes it)")
 def test_a_restore_the_reviewer_may_not_do_changes_nothing(shared_dir: Path) -> None:
     """As an unprivileged user who can read the quarantine but write neither it nor the
     dataset: the restore fails in one line, and the journal and the file stay as they
