@@ -216,12 +216,12 @@ def test_rejections_are_logged_once_across_restarts(setup, tmp_path: Path) -> No
         started = time.monotonic()
         # Several periodic rescans (every second) later, still said once.
         wait_for(lambda: time.monotonic() - started > 3 and daemon.log().count(
-            "started:") == 1, 30, "a few rescans")
+            "dedupd: started:") == 1, 30, "a few rescans")
     finally:
         assert daemon.stop() == 0
     daemon = DaemonProcess(cfg, log).start()
     try:
-        wait_for(lambda: log.read_text().count("started:") == 2, 30, "second start")
+        wait_for(lambda: log.read_text().count("dedupd: started:") == 2, 30, "second start")
         (root / "marker.jpg").write_bytes(encode(photo(8, 64, 48)))
         wait_for(lambda: records(db).get(str(root / "marker.jpg")) == "kept", 30, "marker")
         assert said() == 1
