@@ -264,11 +264,12 @@ def _figures() -> Iterator[None]:
 # Sweeps that still find a defect: xfail(strict=True), so each flips to a failure once
 # fixed (then delete its line here).
 OPEN_DEFECTS: dict[tuple[str, bool], str] = {
-    ("quarantine", False): "#12 item 4: a failure after the link (dir fsync, unlink) leaves "
-                           "the file in its root and in quarantine, or in quarantine unrecorded",
-    ("quarantine", True): "#12 item 4: as on one file system",
-    ("restore", False): "#12 item 4: as when quarantining",
-    ("restore", True): "#12 item 4: restore across file systems fails (EXDEV)",
+    # Same file system: fixed (robust-daemon). Across file systems one case remains: the
+    # copy is linked into place, then removing its temporary name fails; the move is
+    # left pending (both copies) until the next start's repair finishes it.
+    ("quarantine", True): "#12 item 4: removing the partial copy fails after it is linked: "
+                          "both copies stay until the next start",
+    ("restore", True): "#12 item 4: as when quarantining",
 }
 
 
@@ -290,8 +291,6 @@ def test_quarantine_move_under_faults_loses_nothing(tmp_path, monkeypatch, cross
     sweep(tmp_path, monkeypatch, "quarantine", cross_fs, code, ignore_pending=True)
 
 
-@pytest.mark.xfail(strict=True, reason="#12 item 7: a duplicate that could not be "
-                   "quarantined is recorded as kept, never retried")
 @pytest.mark.parametrize("code", [pytest.param(c, id=errno.errorcode[c]) for c in ERRNOS])
 def test_quarantine_move_under_faults_stays_pending(tmp_path, monkeypatch, code) -> None:
     sweep(tmp_path, monkeypatch, "quarantine", False, code, ignore_pending=False)
