@@ -339,9 +339,11 @@ class Daemon:
         self._store_lock = threading.Lock()
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
         self.last_reconcile: float | None = None  # Unix time of the last finished root scan
-        from dedupd.metrics import Metrics  # prometheus_client: loaded by a daemon only
+        from dedupd.metrics import Metrics, Refreshed  # prometheus_client: a daemon's only
 
         self.metrics = Metrics(config, self.metrics_state)
+        # A count over the store: at most once a minute, whatever the scrape interval.
+        self._pending_count = Refreshed(lambda: self.store.with_status(UNRESOLVED, 0)[1], 60)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -602,7 +604,7 @@ class Daemon:
             store_available=self._store_down is None,
             indexed={s: n for s, n in indexed.items() if n is not None},
             breakers_open={str(root): b.open for root, b in self.pipeline.breakers.items()},
-            last_reconcile=self.last_reconcile)
+            last_reconcile=self.last_reconcile, pending_quarantines=self._pending_count())
 
     def _scan_status(self) -> str:
         """' (scanning); reconciling /data: 412,000 files seen, 41% of the last count', or

@@ -50,6 +50,27 @@ class DaemonState:
     last_reconcile: float | None = None  # Unix time of the last finished root scan
 
 
+class Refreshed:
+    """A costly value (a count over the store) computed at most every `seconds`; the last
+    one (or None) while it cannot be computed."""
+
+    def __init__(self, compute: Callable[[], int], seconds: float) -> None:
+        self.compute, self.seconds = compute, seconds
+        self._value: int | None = None
+        self._at = -float("inf")
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int | None:
+        with self._lock:
+            if time.monotonic() - self._at >= self.seconds:
+                self._at = time.monotonic()
+                try:
+                    self._value = self.compute()
+                except Exception as exc:  # the store away: the gauge keeps its last value
+                    log.debug("metrics: cannot count: %s", exc)
+            return self._value
+
+
 class _StateCollector(Collector):
     def __init__(self, read: Callable[[], DaemonState]) -> None:
         self.read = read

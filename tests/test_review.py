@@ -462,6 +462,48 @@ def test_a_restore_the_reviewer_may_not_do_changes_nothing(shared_dir: Path) -> 
         store.close()
 
 
+def test_unresolved_duplicates_are_listed_and_counted(tmp_path: Path) -> None:
+    """Duplicates left in place (here: the circuit breaker tripped) are on the review's
+    pending page, with thumbnails, and in the pending-quarantines gauge."""
+    from test_metrics import free_port, scrape, total
+
+    site = Site(tmp_path)
+    site.root.mkdir()
+    port = free_port()
+    write_config(site.config, {
+        "index": str(site.db), "quarantine_dir": str(tmp_path / "state" / "quarantine"),
+        "settle_seconds": 0.2, "watches": [{"path": str(site.root)}],
+        "circuit_breaker": {"window": 2, "min_decisions": 2, "threshold": 0.5},
+        "metrics": {"listen": f"127.0.0.1:{port}"}})
+    daemon = DaemonProcess(site.config, tmp_path / "daemon.log").start()
+    try:
+        shutil.copyfile(PHOTOS / "coffee.jpg", site.root / "coffee.jpg")
+        wait_for(lambda: "coffee.jpg: accepted" in daemon.log_since_start(), 30, "kept")
+        shutil.copyfile(PHOTOS / "coffee.jpg", site.root / "b.jpg")
+        wait_for(lambda: not (site.root / "b.jpg").exists(), 30, "b quarantined")
+        shutil.copyfile(PHOTOS / "coffee.jpg", site.root / "c.jpg")  # trips the breaker
+        wait_for(lambda: "circuit_open" in daemon.log_since_start(), 30, "the breaker")
+        wait_for(lambda: "unresolved" in daemon.log_since_start(), 30, "c unresolved")
+        samples = scrape(port)
+        assert total(samples, "dedupd_pending_quarantines") == 1
+        assert total(samples, "dedupd_circuit_open", root=str(site.root)) == 1
+    finally:
+        assert daemon.stop() == 0
+    server = Server(site)
+    try:
+        status, body, _ = server.get("/pending")
+        assert status == 200 and b'<span id="total">1</span>' in body
+        [record_id] = re.findall(rb'id="pending-(\d+)"', body)
+        assert b"c.jpg" in body and b"coffee.jpg" in body
+        for side in ("quarantined", "kept"):
+            status, jpeg, _ = server.get(f"/thumb/pending/{int(record_id)}/{side}")
+            assert status == 200 and jpeg[:2] == b"\xff\xd8"
+        assert server.get(f"/thumb/pending/{int(record_id) - 1}/quarantined")[0] == 404
+        assert b'href="/pending"' in server.get("/")[1]
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------- paging, both backends
 
 

@@ -121,9 +121,21 @@ def create_app(review: Review, thumbs: ThumbnailCache, *, host: str, port: int,
             link=lambda **more: "/?" + urlencode({**query, **more}),
             first_link="/?" + urlencode(query))
 
+    @app.get("/pending")
+    def pending() -> str:
+        rows, total = review.pending()
+        return render_template("pending.html", rows=rows, total=total,
+                               css="/static/review.css")
+
+    @app.get("/thumb/pending/<int:record_id>/<side>")
+    def pending_thumbnail(record_id: int, side: str) -> Response:
+        return _thumbnail(review.pending_thumbnail_path(record_id, side))
+
     @app.get("/thumb/<int:entry_id>/<side>")
     def thumbnail(entry_id: int, side: str) -> Response:
-        path = review.thumbnail_path(entry_id, side)
+        return _thumbnail(review.thumbnail_path(entry_id, side))
+
+    def _thumbnail(path: str | None) -> Response:
         if path is None:
             abort(404)
         try:

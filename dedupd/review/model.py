@@ -14,8 +14,8 @@ from pathlib import Path
 
 from dedupd.config import Config
 from dedupd.quarantine import Quarantine, QuarantineError, restore_and_report
-from dedupd.store import QuarantineEntry, Store, StoreError
-from dedupd.store.base import DONE, QuarantineFilter
+from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError
+from dedupd.store.base import DONE, UNRESOLVED, QuarantineFilter
 
 PAGE_SIZE = 50
 ACTIONS = ("restore", "confirm", "not_duplicate")
@@ -57,6 +57,26 @@ class Row:
     @property
     def when(self) -> str:
         return datetime.fromtimestamp(self.entry.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """A duplicate the policy would remove but that is still in place (its move failed,
+    or the circuit breaker held its root): retried by the daemon, shown here."""
+
+    record: ImageRecord
+    root: str
+    kept: Side
+    distance: int | None
+
+    @property
+    def when(self) -> str:
+        return datetime.fromtimestamp(self.record.first_seen, UTC).strftime(
+            "%Y-%m-%d %H:%M:%S")
+
+    def short(self, path: str) -> str:
+        prefix = self.root.rstrip("/") + "/"
+        return shown(path[len(prefix):] if self.root and path.startswith(prefix) else path)
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,34 @@ class Review:
             quarantined = Side(entry.quarantine_path, True)
         return Row(entry, str(watch.path) if watch else "", quarantined,
                    side(entry.matched_path, k_rec))
+
+    def pending(self, limit: int = 4 * PAGE_SIZE) -> tuple[list[PendingRow], int]:
+        """The newest unresolved duplicates, each with the copy it duplicates, and how many
+        there are."""
+        records, total = self.store.with_status(UNRESOLVED, limit)
+        return [self.pending_row(r) for r in records], total
+
+    def pending_row(self, record: ImageRecord) -> PendingRow:
+        watch = self.config.watch_for(record.path)
+        distance = self.config.policy_for(watch).max_distance if watch else 0
+        match = next((m for m in self.store.find_matches(
+            record.scope, record.recipe, record.hash, record.digest, distance, limit=2)
+            if m.record.id != record.id), None)
+        kept = (Side(match.record.path, True, match.record.width, match.record.height,
+                     match.record.file_size, match.record.digest) if match
+                else Side("", False))
+        return PendingRow(record, str(watch.path) if watch else "", kept,
+                          match.distance if match else None)
+
+    def pending_thumbnail_path(self, record_id: int, side: str) -> str | None:
+        """An unresolved record's own file, or the file it duplicates; None otherwise."""
+        record = self.store.get(record_id)
+        if record is None or record.status != UNRESOLVED or side not in SIDES:
+            return None
+        if side == "quarantined":  # the file that should have gone
+            return record.path
+        row = self.pending_row(record)
+        return row.kept.path or None
 
     def thumbnail_path(self, entry_id: int, side: str) -> str | None:
         """The file a thumbnail of an entry's side may be made of: the quarantined file of

@@ -356,6 +356,13 @@ class Store(ABC):
         entries.sort(key=lambda e: e.id, reverse=True)  # type: ignore[arg-type, return-value]
         return entries[-limit:] if after is not None and before is None else entries[:limit]
 
+    def with_status(self, status: str, limit: int) -> tuple[list[ImageRecord], int]:
+        """Up to `limit` records in `status`, newest first, and how many there are (the
+        review's unresolved duplicates, the pending-quarantines gauge)."""
+        found = [r for r in self.iter_records() if r.status == status]
+        found.sort(key=lambda r: r.id or 0, reverse=True)
+        return found[:limit], len(found)
+
     def count_quarantine(self, where: QuarantineFilter) -> int:
         return sum(where.matches(e) for e in self.list_quarantine(where.states))
 

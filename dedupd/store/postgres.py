@@ -935,6 +935,12 @@ class PostgresStore(Store):
         return [_entry(r) for r in self._query(*where.page_sql(_QUAR_COLS, "%s", before,
                                                                after, limit))]
 
+    def with_status(self, status: str, limit: int) -> tuple[list[ImageRecord], int]:
+        rows = self._query(f"SELECT {_SELECT_IMAGE} FROM images WHERE status = %s "
+                           "ORDER BY id DESC LIMIT %s", (status, limit))
+        (total,) = self._query("SELECT count(*) FROM images WHERE status = %s", (status,))[0]
+        return [_record(r) for r in rows], int(total)
+
     def count_quarantine(self, where: QuarantineFilter) -> int:
         sql, args = where.where("%s")
         return int(self._query(f"SELECT count(*) FROM quarantine WHERE {sql}", tuple(args))[0][0])

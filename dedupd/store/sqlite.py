@@ -553,6 +553,12 @@ class SQLiteStore(Store):
         return [_entry(r) for r in self._query(*where.page_sql(_QUAR_COLS, "?", before, after,
                                                                limit))]
 
+    def with_status(self, status: str, limit: int) -> tuple[list[ImageRecord], int]:
+        rows = self._query(f"SELECT {_IMAGE_COLS} FROM images WHERE status = ? "
+                           "ORDER BY id DESC LIMIT ?", (status, limit))
+        (total,) = self._query("SELECT count(*) FROM images WHERE status = ?", (status,))[0]
+        return [_record(r) for r in rows], int(total)
+
     def count_quarantine(self, where: QuarantineFilter) -> int:
         sql, args = where.where("?")
         return int(self._query(f"SELECT count(*) FROM quarantine WHERE {sql}", tuple(args))[0][0])
