@@ -550,6 +550,25 @@ def test_keyset_paging_and_filters(store_url: str, tmp_path: Path) -> None:
         store.close()
 
 
+def test_with_status_newest_first_and_counted(store_url: str) -> None:
+    from dedupd.store import ImageRecord
+    from dedupd.store.base import UNRESOLVED
+
+    store = open_store(store_url)
+    try:
+        ids = store.insert_many([ImageRecord(
+            scope="s", path=f"/d/{i}.jpg", recipe="dhash:8:fast:area:v1", hash=i,
+            digest=f"{i:064x}", file_size=1, mtime_ns=1, width=8, height=8,
+            status=UNRESOLVED if i % 3 == 0 else "kept") for i in range(30)])
+        records, count = store.with_status(UNRESOLVED, 4)
+        assert count == 10
+        assert [r.id for r in records] == sorted(ids[::3], reverse=True)[:4]
+        assert all(r.status == UNRESOLVED for r in records)
+        assert store.with_status("allowed", 5) == ([], 0)
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------- in a real browser
 
 
