@@ -27,6 +27,7 @@ from dedupd.hashing import (
     hash_file,
     hash_to_hex,
 )
+from dedupd.quarantine import QuarantineError
 from dedupd.store import ImageRecord, Match, StoreError, open_store
 from dedupd.store.base import UNRESOLVED
 
@@ -745,10 +746,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(as_json, "usage", str(exc), EXIT_ERROR)
     except StoreError as exc:
         return _fail(as_json, "store", str(exc), EXIT_ERROR)
-    except KeyboardInterrupt:
-        return 130
+    except QuarantineError as exc:
+        return _fail(as_json, "quarantine", str(exc), EXIT_ERROR)
     except BrokenPipeError:
         return EXIT_OK
+    except OSError as exc:  # a path the command was given or configured with, not a crash
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename is not None else ""
+        return _fail(as_json, "os", f"{where}{exc.strerror or exc}", EXIT_ERROR)
+    except KeyboardInterrupt:
+        return 130
 
 
 def _fail(as_json: bool, kind: str, message: str, status: int) -> int:

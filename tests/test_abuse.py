@@ -384,3 +384,18 @@ def test_circuit_breaker_message_says_what_it_counted(tmp_path: Path) -> None:
     assert said == [f"dedupd: <crit> circuit_open: {root}: 75% of the last 4 decisions would "
                     "remove files; this root is now log-only until the end of this scan. "
                     "Check max_distance!"]
+
+
+def test_os_and_quarantine_errors_are_one_line_and_json(tmp_path: Path, cfg: Path) -> None:
+    """Found by the newcomer trial: tracebacks for a gallery directory that is a file, and
+    `restore --json` errors printed as plain text."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for args in (["review", "--html", str(a_file)], ["restore", "99"]):
+        plain = dedupd("--config", str(cfg), *args, check=2)
+        assert "Traceback" not in plain.stderr, plain.stderr
+        assert len(plain.stderr.splitlines()) == 1 and plain.stderr.startswith("dedupd: ")
+        as_json = dedupd("--config", str(cfg), "--json", *args, check=2)
+        err = json.loads(as_json.stdout)
+        assert err["exit_status"] == 2 and err["message"], err
+        assert "Traceback" not in as_json.stderr, as_json.stderr
