@@ -223,7 +223,7 @@ def iter_image_files(roots: Iterable[Path], config: Config) -> Iterator[Path]:
 
     exts = {e for p in config.policies.values() for e in p.extensions}
     for root in roots:
-        if root.is_file():
+        if not root.is_dir():  # a file named on the command line: hashed, or said why not
             yield root
             continue
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):

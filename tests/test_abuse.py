@@ -399,3 +399,12 @@ def test_os_and_quarantine_errors_are_one_line_and_json(tmp_path: Path, cfg: Pat
         err = json.loads(as_json.stdout)
         assert err["exit_status"] == 2 and err["message"], err
         assert "Traceback" not in as_json.stderr, as_json.stderr
+
+
+def test_scan_of_a_named_fifo_says_not_regular(tmp_path: Path, cfg: Path) -> None:
+    """`scan d/f.jpg` on a FIFO said "0 files", exit 0 (the directory's scan named it)."""
+    fifo = tmp_path / "f.jpg"
+    os.mkfifo(fifo)
+    out = dedupd("--config", str(cfg), "scan", "--dry-run", str(fifo), check=2)
+    assert "not_regular" in out.stdout + out.stderr, (out.stdout, out.stderr)
+
