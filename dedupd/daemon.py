@@ -1086,19 +1086,6 @@ class Daemon:
                 "(follow_symlinks is off)"
         return "symlink pointing out of the watched roots (not followed)"
 
-    def _symlink_reason(self, path: Path) -> str:
-        """Why a symlink is not followed, in the words that fit it."""
-        try:
-            target = Path(os.path.realpath(path, strict=True))
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return "symlink loop (not followed)"
-            return "dangling symlink (its target does not exist)"
-        if any(target == w.path or w.path in target.parents for w in self.config.watches):
-            return "symlink to a file inside the watched roots, not followed " \
-                "(follow_symlinks is off)"
-        return "symlink pointing out of the watched roots (not followed)"
-
     def _symlink_allowed(self, path: Path) -> bool:
         if not self.config.follow_symlinks:
             return False

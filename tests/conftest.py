@@ -78,6 +78,29 @@ def config_file(tmp_path: Path):
     return make
 
 
+@pytest.fixture
+def setup(tmp_path: Path):
+    """A root, a quarantine dir, an index, and a config writer for a daemon's tests:
+    make(**extra) writes the config (extra keys override) and returns
+    (config, root, index, quarantine dir)."""
+    from daemonproc import write_config
+
+    root = tmp_path / "data"
+    root.mkdir()
+    state = tmp_path / "state"
+
+    def make(**extra) -> tuple[Path, Path, Path, Path]:
+        body = {"index": str(state / "index.sqlite"), "quarantine_dir": str(state / "q"),
+                "settle_seconds": 0.5, "watches": [{"path": str(root)}],
+                # Re-encoded/resized copies land within 5 bits; distinct photos >= 12 apart.
+                "policies": {"default": {"max_distance": 6}}}
+        body.update(extra)
+        cfg = write_config(tmp_path / "dedupd.yaml", body)
+        return cfg, root, state / "index.sqlite", Path(body["quarantine_dir"])
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the developer's real state or /etc config from tests."""

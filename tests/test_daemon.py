@@ -19,25 +19,6 @@ from daemonproc import DaemonProcess, files_under, records, sha, wait_for, write
 from dedupd.hashing import Recipe, hamming, hash_file
 
 
-@pytest.fixture
-def setup(tmp_path: Path):
-    """A root, a quarantine dir, an index, and a config writer."""
-    root = tmp_path / "data"
-    root.mkdir()
-    state = tmp_path / "state"
-
-    def make(**extra) -> tuple[Path, Path, Path, Path]:
-        body = {"index": str(state / "index.sqlite"), "quarantine_dir": str(state / "q"),
-                "settle_seconds": 0.5, "watches": [{"path": str(root)}],
-                # Re-encoded/resized copies land within 5 bits; distinct photos >= 12 apart.
-                "policies": {"default": {"max_distance": 6}}}
-        body.update(extra)
-        cfg = write_config(tmp_path / "dedupd.yaml", body)
-        return cfg, root, state / "index.sqlite", state / "q"
-
-    return make
-
-
 def encode(img, quality: int = 90) -> bytes:
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok

@@ -16,26 +16,9 @@ from pathlib import Path
 import cv2
 import pytest
 from conftest import photo, write_image
-from daemonproc import DaemonProcess, records, wait_for, write_config
+from daemonproc import DaemonProcess, records, wait_for
 
 from dedupd.hashing import Recipe, hamming, hash_file
-
-
-@pytest.fixture
-def setup(tmp_path: Path):
-    root = tmp_path / "data"
-    root.mkdir()
-    state = tmp_path / "state"
-
-    def make(**extra) -> tuple[Path, Path, Path, Path]:
-        body = {"index": str(state / "index.sqlite"), "quarantine_dir": str(state / "q"),
-                "settle_seconds": 0.5, "watches": [{"path": str(root)}],
-                "policies": {"default": {"max_distance": 6}}}
-        body.update(extra)
-        cfg = write_config(tmp_path / "dedupd.yaml", body)
-        return cfg, root, state / "index.sqlite", Path(body["quarantine_dir"])
-
-    return make
 
 
 def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
