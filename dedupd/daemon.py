@@ -8,7 +8,6 @@ overflow); the main thread handles signals, STATUS, summaries and reloads.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import errno
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from dedupd.access import check_writable
 from dedupd.config import Config, ConfigError, Watch, load_config
-from dedupd.events import Event, emit, emit_summary, setup_logging
+from dedupd.events import Event, emit, emit_summary
 from dedupd.hashing import ImageError, file_kind, hash_file
 from dedupd.pipeline import Pipeline
 from dedupd.policy import wanted, wanted_test
@@ -1158,29 +1157,3 @@ def _dir_id(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
-
-
-# ---------------------------------------------------------------- CLI entry points
-
-
-def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    setup_logging(args.log or config.log.mode, config.log.level)
-    if not config.watches:
-        raise ConfigError(config.source, "watches", "nothing to watch (add at least one root)")
-    check_writable(config)  # one clear line and EX_CONFIG, not a failure per file later
-    notifier = Notifier()
-    try:
-        daemon = Daemon(config, config_path=args.config, notifier=notifier)
-        daemon.handle_signals()
-        daemon.start()
-    except (WatchError, StoreError) as exc:
-        emit(Event.STOPPED, f"cannot start: {exc}", reason=str(exc))
-        notifier.status(f"failed: {exc}")
-        return 2
-    return daemon.run()
-
-
-def cmd_demo(args: argparse.Namespace, config: Config) -> int:
-    from dedupd.demo import run_demo
-
-    return run_demo(keep=args.keep, json_output=args.json, log_mode=args.log)

@@ -1,4 +1,4 @@
-"""`dedupd db`: schema migration and copying a dictionary between backends.
+"""Copying a dictionary between stores (`dedupd db export|import`).
 
 Copies go through the Store interface, so SQLite -> PostgreSQL, PostgreSQL -> SQLite
 (and same-kind copies) are one code path: records stream out in pages and go in
@@ -9,13 +9,10 @@ path, time); whatever the destination already has is left alone.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
+from collections.abc import Callable
 from dataclasses import replace
 
-from dedupd.store.base import ImageRecord, Store, StoreError, open_store
+from dedupd.store.base import ImageRecord, Store, StoreError
 
 BATCH = 5000
 
@@ -28,11 +25,13 @@ def check_url(url: str) -> str:
     return url
 
 
-def copy_store(src: Store, dst: Store, progress: object | None = None) -> dict[str, int]:
+def copy_store(src: Store, dst: Store,
+               progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Copy every image record and quarantine journal entry of src that dst lacks.
 
     Ids are the destination's own; journal entries that point at an image record are
-    re-pointed at its copy. Returns counts of copied and skipped rows.
+    re-pointed at its copy. progress, if given, is called with the number of records
+    looked at in each batch. Returns counts of copied and skipped rows.
     """
     counts = {"images": 0, "images_skipped": 0, "quarantine": 0, "quarantine_skipped": 0}
     entries = src.list_quarantine()
@@ -57,7 +56,7 @@ def copy_store(src: Store, dst: Store, progress: object | None = None) -> dict[s
         counts["images"] += len(fresh)
         counts["images_skipped"] += len(batch) - len(fresh)
         if progress is not None:
-            progress.step(len(batch))  # type: ignore[attr-defined]
+            progress(len(batch))
         batch.clear()
 
     for record in src.iter_records():
@@ -75,52 +74,3 @@ def copy_store(src: Store, dst: Store, progress: object | None = None) -> dict[s
         dst.add_quarantine(replace(entry, id=None, image_id=image_id))
         counts["quarantine"] += 1
     return counts
-
-
-def cmd_db(args: argparse.Namespace, config: object) -> int:
-    from dedupd.cli import Progress
-
-    index = config.index  # type: ignore[attr-defined]
-    started = time.monotonic()
-    if args.db_command == "migrate":
-        store = open_store(index)  # opening migrates
-        try:
-            before, after = getattr(store, "migrated", (None, None))
-            result: dict[str, object] = {"action": "migrate", "store": store.url,
-                                         "from_version": before, "to_version": after}
-        finally:
-            store.close()
-        text = (f"{result['store']}: schema version {after}"
-                + (f" (migrated from {before})" if before != after else " (up to date)"))
-    else:
-        other = check_url(args.url)
-        here = open_store(index)
-        try:
-            there = open_store(other)
-        except StoreError:
-            here.close()
-            raise
-        try:
-            src, dst = (here, there) if args.db_command == "export" else (there, here)
-            if src.url == dst.url:
-                raise StoreError(f"{src.url}: source and destination are the same store")
-            total = int(src.stats()["images"])  # type: ignore[call-overload]
-            progress = Progress(total, args.db_command, enabled=None if not args.json else False)
-            try:
-                counts = copy_store(src, dst, progress)
-            finally:
-                progress.close()
-            result = {"action": args.db_command, "from": src.url, "to": dst.url, **counts}
-        finally:
-            there.close()
-            here.close()
-        text = (f"{result['from']} -> {result['to']}: {counts['images']} images copied, "
-                f"{counts['images_skipped']} already there; {counts['quarantine']} journal "
-                f"entries copied, {counts['quarantine_skipped']} already there")
-    result["seconds"] = round(time.monotonic() - started, 3)
-    if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(text)
-    return 0

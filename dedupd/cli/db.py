@@ -1,0 +1,60 @@
+"""`dedupd db migrate|export|import`: schema upgrades and copies between stores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from dedupd.cli.output import Progress
+from dedupd.config import Config
+from dedupd.store import StoreError, open_store
+from dedupd.store.copy import check_url, copy_store
+
+
+def cmd_db(args: argparse.Namespace, config: Config) -> int:
+    index = config.index
+    started = time.monotonic()
+    if args.db_command == "migrate":
+        store = open_store(index)  # opening migrates
+        try:
+            before, after = getattr(store, "migrated", (None, None))
+            result: dict[str, object] = {"action": "migrate", "store": store.url,
+                                         "from_version": before, "to_version": after}
+        finally:
+            store.close()
+        text = (f"{result['store']}: schema version {after}"
+                + (f" (migrated from {before})" if before != after else " (up to date)"))
+    else:
+        other = check_url(args.url)
+        here = open_store(index)
+        try:
+            there = open_store(other)
+        except StoreError:
+            here.close()
+            raise
+        try:
+            src, dst = (here, there) if args.db_command == "export" else (there, here)
+            if src.url == dst.url:
+                raise StoreError(f"{src.url}: source and destination are the same store")
+            total = int(src.stats()["images"])  # type: ignore[call-overload]
+            progress = Progress(total, args.db_command, enabled=None if not args.json else False)
+            try:
+                counts = copy_store(src, dst, progress.step)
+            finally:
+                progress.close()
+            result = {"action": args.db_command, "from": src.url, "to": dst.url, **counts}
+        finally:
+            there.close()
+            here.close()
+        text = (f"{result['from']} -> {result['to']}: {counts['images']} images copied, "
+                f"{counts['images_skipped']} already there; {counts['quarantine']} journal "
+                f"entries copied, {counts['quarantine_skipped']} already there")
+    result["seconds"] = round(time.monotonic() - started, 3)
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+    return 0

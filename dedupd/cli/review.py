@@ -1,0 +1,123 @@
+"""`dedupd review`: look at what dedupd took out before trusting a threshold.
+
+A small web UI over the quarantine journal (loopback by default), or with --html DIR the
+same view written as a static gallery. Runs as the service's user, against the store and
+quarantine directory of the configuration it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from dedupd.config import Config, parse_listen
+from dedupd.events import setup_logging
+from dedupd.store import open_store
+
+DEFAULT_LISTEN = "127.0.0.1:9469"
+
+
+def _out(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    if args.json:
+        json.dump(obj, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+    sys.stdout.flush()
+
+
+def cmd_review(args: argparse.Namespace, config: Config) -> int:
+    from dedupd.review.model import Review
+    from dedupd.review.thumbs import ThumbnailCache, default_cache_dir
+
+    try:
+        host, port = parse_listen(args.listen, any_port=True)
+    except ValueError as exc:
+        print(f"dedupd: --listen: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.log or config.log.mode, config.log.level)
+    store = open_store(config.index, create=False)
+    try:
+        review = Review(config, store)
+        thumbs = ThumbnailCache(Path(args.cache) if args.cache else default_cache_dir(),
+                                config.max_pixels)
+        if args.html:
+            return _write_html(args, review, thumbs)
+        return _serve(args, review, thumbs, host, port)
+    finally:
+        store.close()
+
+
+def _write_html(args: argparse.Namespace, review: Any, thumbs: Any) -> int:
+    from dedupd.review.app import filter_from
+    from dedupd.review.gallery import write_gallery
+
+    try:
+        where = filter_from({"root": args.root, "policy": args.policy,
+                             "dmin": args.min_distance, "dmax": args.max_distance,
+                             "since": args.since, "until": args.until})
+    except ValueError as exc:
+        print(f"dedupd: bad filter: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.html)
+    counts = write_gallery(review, thumbs, out, where, args.limit)
+    _out(args, {"html": str(out / "index.html"), **counts},
+         f"wrote {out / 'index.html'}: {counts['entries']} entries on {counts['pages']} "
+         f"pages, {counts['thumbnails']} thumbnails")
+    return 0
+
+
+def _serve(args: argparse.Namespace, review: Any, thumbs: Any, host: str, port: int) -> int:
+    import secrets
+
+    import waitress
+
+    from dedupd.review.app import bind_port, create_app, is_loopback
+
+    token = None
+    if not is_loopback(host):
+        token = secrets.token_urlsafe(24)
+        print(f"dedupd: warning: review bound to {host}, beyond this machine: every request "
+              "needs the access token in the URL below (keep it secret)", file=sys.stderr)
+    app = create_app(review, thumbs, host=host, port=port, read_only=args.read_only,
+                     token=token)
+    try:
+        server = waitress.create_server(app, host=host, port=port, threads=4)
+    except OSError as exc:
+        print(f"dedupd: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    bound = server.effective_port  # type: ignore[union-attr]
+    bind_port(app, host, bound)
+    name = f"[{host}]" if ":" in host else host
+    url = f"http://{name}:{bound}/" + (f"?token={token}" if token else "")
+    _out(args, {"url": url, "read_only": args.read_only},
+         f"review: {url}{' (read-only)' if args.read_only else ''}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"address to serve on (default {DEFAULT_LISTEN}; port 0 picks one). "
+                   "Away from loopback a warning is printed and an access token required")
+    p.add_argument("--read-only", action="store_true", help="show, never act")
+    p.add_argument("--html", metavar="DIR",
+                   help="write the view as a static gallery in DIR instead of serving")
+    p.add_argument("--limit", type=int, metavar="N", help="--html: at most N entries")
+    p.add_argument("--cache", metavar="DIR", help="thumbnail cache (default "
+                   "$CACHE_DIRECTORY or ~/.cache/dedupd/thumbnails)")
+    for flag, kind in (("--root", str), ("--policy", str), ("--min-distance", int),
+                       ("--max-distance", int), ("--since", str), ("--until", str)):
+        p.add_argument(flag, type=kind, help=argparse.SUPPRESS)
+    p.epilog = ("--html takes filters: --root DIR, --policy NAME, --min-distance N,\n"
+                "--max-distance N, --since YYYY-MM-DD, --until YYYY-MM-DD (UTC days).")
