@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import functools
 import heapq
 import logging
@@ -25,27 +24,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dedupd.access import check_writable
-from dedupd.config import Config, ConfigError, Watch, load_config
+from dedupd.config import Config, ConfigError, load_config
 from dedupd.events import Event, emit, emit_summary
-from dedupd.hashing import ImageError, file_kind, hash_file
 from dedupd.pipeline import Pipeline
-from dedupd.policy import wanted, wanted_test
-from dedupd.quarantine import Quarantine, move_no_replace, partial_path
+from dedupd.selection import name_ignored, wanted_test
 from dedupd.service import Notifier, WatchdogPinger, write_reload_ack
-from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError, open_store
-from dedupd.store.base import IN_ROOT_STATUSES, UNRESOLVED, Rejection
-from dedupd.watcher import Root, Watcher, WatchError, is_ignored, name_ignored
+from dedupd.store import Store, StoreError, open_store
+from dedupd.store.base import IN_ROOT_STATUSES, UNRESOLVED
+from dedupd.watcher import Root, Watcher, WatchError
 
 if TYPE_CHECKING:
     from dedupd.metrics import DaemonState
 
 log = logging.getLogger("dedupd.daemon")
 
-# Kinds of bad input moved to rejected_dir (when set). Truncated files stay: a slow
-# writer may still be finishing them, and a later close event brings them back.
-MOVABLE_REJECTS = ("empty", "corrupt", "unsupported", "too_large")
-# What a file still being written looks like: decided only once provably finished.
-MAYBE_UNFINISHED = ("empty", "truncated", "corrupt", "unsupported")
 # How long a file must stay unchanged, without a close after its last write, before it
 # is judged as it is: a slow writer may pause far longer than settle_seconds.
 UNFINISHED_GRACE = 60.0
@@ -348,7 +340,7 @@ class Daemon:
 
     def start(self) -> None:
         """Repair half-done moves, arm watches (then READY), start workers and the scan."""
-        done = self.quarantine.reconcile(self._rehash_entry)
+        done = self.quarantine.reconcile(self.pipeline.rehash_entry)
         if any(done.values()):
             log.warning("quarantine journal repaired after an unclean stop: %s", done)
         for scope in {w.scope for w in self.config.watches}:
@@ -541,7 +533,7 @@ class Daemon:
         try:
             self.store.ping()
             for entry in self.quarantine.finish_moves():
-                self.pipeline.report_quarantined(entry)
+                self.pipeline.actor.report_quarantined(entry)
         except StoreError as exc:
             self._store_failed(exc)
             return False
@@ -907,7 +899,7 @@ class Daemon:
                 if known is not None and known[0] == est.st_size and \
                         known[1] == est.st_mtime_ns and known[3] != UNRESOLVED:
                     continue  # unresolved duplicates are decided again
-                if known is None and self._known_reject(Path(entry.path), est):
+                if known is None and self.pipeline.actor.known_reject(Path(entry.path), est):
                     continue
                 self.queue.put(Path(entry.path), 0.0 if est.st_size else settle, block=True,
                                background=not live, arrival=est.st_mtime, since=since)
@@ -1004,62 +996,32 @@ class Daemon:
                     self._closed.pop(path, None)
 
     def process(self, path: Path) -> None:
-        """Hash one file and carry out its policy's decision."""
-        config = self.config
-        watch = config.watch_for(path)
-        if watch is None or is_ignored(path, watch.path, config.ignore):
-            return
-        if not watch.recursive and path.parent != watch.path:
-            return
-        policy = config.policy_for(watch)
-        if not wanted(policy, str(path.relative_to(watch.path))):
-            return
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return
-        except OSError as exc:  # e.g. a directory without search permission
-            self._unreadable_dir(path.parent, exc)
-            return
-        if stat.S_ISLNK(st.st_mode):
-            if not self._symlink_allowed(path):
-                self._reject(path, watch, ImageError("not_regular", self._symlink_reason(path)),
-                             st)
-                return
-            st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            if not stat.S_ISDIR(st.st_mode):  # a FIFO, socket or device: said once
-                self._reject(path, watch, ImageError(
-                    "not_regular", f"{file_kind(st.st_mode)}, not a regular file"), st)
-            return
-        known = self.store.get_by_path(str(path))
-        if known is not None and known.status != UNRESOLVED and \
-                (known.file_size, known.mtime_ns) == (st.st_size, st.st_mtime_ns) \
-                and known.recipe == config.recipe.key:  # else re-hashed (e.g. v1 -> v2)
-            self.pipeline.report_interrupted(path)  # decided just before an outage
-            return
-        started = time.monotonic()
-        try:
-            h = hash_file(path, config.recipe, config.max_pixels)
-        except ImageError as exc:
-            if not self._changed_since(path, st):
-                self._reject(path, watch, exc, st)
-            return
-        if h.warnings:  # decoded all the same: accepted or matched, with the complaint logged
-            log.warning("%s: decoded with complaints (hashed anyway): %s", path,
-                        "; ".join(h.warnings))
-        self.metrics.observe_hash(time.monotonic() - started)
-        if self._changed_since(path, st):
-            return
-        if known is None and self.store.get_rejection(str(path)) is not None:
-            self.store.forget_rejection(str(path))  # it was fixed (rewritten)
-        self.queue.wait_turn(path, TURN_SECONDS)
-        arrival, since = self.queue.arrival(path)
-        self._closed.pop(path, None)
-        self.pipeline.ingest(path, watch, h, st.st_mtime_ns, known, arrival=arrival,
-                             queued=since)
+        """One file from the queue, along the pipeline's one path."""
+        self.pipeline.process(path, self)
 
-    def _changed_since(self, path: Path, before: os.stat_result) -> bool:
+    # ------------------------------------------------------------ the pipeline's intake
+
+    def unreadable(self, directory: Path, exc: OSError) -> None:
+        self._unreadable_dir(directory, exc)
+
+    def hashed(self, seconds: float) -> None:
+        self.metrics.observe_hash(seconds)
+
+    def turn(self, path: Path) -> tuple[float | None, float | None]:
+        self.queue.wait_turn(path, TURN_SECONDS)
+        self._closed.pop(path, None)
+        return self.queue.arrival(path)
+
+    def unfinished(self, path: Path, st: os.stat_result) -> bool:
+        wait = self._final(path, st)
+        if wait > 0:  # not provably finished: look again once it would be
+            if not self.queue.put(path, wait + 0.05):
+                self._queue_full(path)
+            return True
+        self._closed.pop(path, None)
+        return False
+
+    def changed(self, path: Path, before: os.stat_result) -> bool:
         """Still being written (size, mtime or ctime moved since `before`)? Then it is
         queued again to settle, and nothing is decided about it now."""
         try:
@@ -1072,31 +1034,6 @@ class Daemon:
         self.file_changing(path)
         return True
 
-    def _symlink_reason(self, path: Path) -> str:
-        """Why a symlink is not followed, in the words that fit it."""
-        try:
-            target = Path(os.path.realpath(path, strict=True))
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return "symlink loop (not followed)"
-            return "dangling symlink (its target does not exist)"
-        if any(target == w.path or w.path in target.parents for w in self.config.watches):
-            return "symlink to a file inside the watched roots, not followed " \
-                "(follow_symlinks is off)"
-        return "symlink pointing out of the watched roots (not followed)"
-
-    def _symlink_allowed(self, path: Path) -> bool:
-        if not self.config.follow_symlinks:
-            return False
-        target = Path(os.path.realpath(path))
-        return any(target == w.path or w.path in target.parents for w in self.config.watches)
-
-    def _known_reject(self, path: Path, st: os.stat_result) -> bool:
-        """Rejected before, as it is now (same size and mtime): not logged again."""
-        old = self.store.get_rejection(str(path))
-        return old is not None and (old.file_size, old.mtime_ns) == (st.st_size,
-                                                                     st.st_mtime_ns)
-
     def _final(self, path: Path, st: os.stat_result) -> float:
         """0 if a file that looks short or broken is provably finished: unchanged for
         settle_seconds since a close or rename-in that came after its last change, or
@@ -1106,48 +1043,6 @@ class Daemon:
         grace = self.config.settle_seconds if closed is not None and closed >= changed \
             else max(UNFINISHED_GRACE, self.config.settle_seconds)
         return max(0.0, changed + grace - time.time())
-
-    def _reject(self, path: Path, watch: Watch, exc: ImageError, st: os.stat_result) -> None:
-        if exc.kind == "vanished" or self._known_reject(path, st):
-            return
-        if exc.kind in MAYBE_UNFINISHED:
-            wait = self._final(path, st)
-            if wait > 0:  # not provably finished: look again once it would be
-                if not self.queue.put(path, wait + 0.05):
-                    self._queue_full(path)
-                return
-        self._closed.pop(path, None)
-        self.pipeline.count("rejected")
-        moved_to = None
-        rejected_dir = self.config.rejected_dir
-        if rejected_dir is not None and exc.kind in MOVABLE_REJECTS:
-            target = Quarantine(self.store, rejected_dir).target_for(path, watch.path)
-            try:
-                move_no_replace(path, target, partial_path(target, os.getpid()))
-                moved_to = str(target)
-            except OSError as err:
-                log.warning("%s: cannot move to %s: %s", path, rejected_dir, err)
-        if moved_to is None:  # left in place: said once, until the file changes
-            self.store.put_rejection(Rejection(str(path), st.st_size, st.st_mtime_ns,
-                                               exc.kind, exc.reason))
-        emit(Event.IMAGE_REJECTED, f"{path}: {exc.kind}: {exc.reason}"
-             + (f"; moved to {moved_to}" if moved_to else "; left in place"),
-             path=str(path), reason=exc.reason, kind=exc.kind, root=str(watch.path),
-             quarantine_path=moved_to)
-
-    def _rehash_entry(self, entry: QuarantineEntry) -> ImageRecord | None:
-        """Rebuild the record of a file a crash left in quarantine without one."""
-        dst = Path(entry.quarantine_path)
-        watch = self.config.watch_for(entry.original_path)
-        try:
-            h = hash_file(dst, self.config.recipe, self.config.max_pixels)
-        except ImageError:
-            return None
-        st = dst.stat()
-        return ImageRecord(scope=watch.scope if watch else str(dst.parent), path=str(dst),
-                           recipe=h.recipe.key, hash=h.hash, digest=h.digest,
-                           file_size=h.file_size, mtime_ns=st.st_mtime_ns, width=h.width,
-                           height=h.height)
 
 
 def _dir_id(path: Path) -> tuple[int, int] | None:

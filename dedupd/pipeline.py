@@ -1,112 +1,87 @@
-"""What happens to one hashed image: compare it with the dictionary, decide by its root's
-policy, act (keep, quarantine, delete, or only log) and say so in an event.
+"""The one path of a file: admit (selection) → hash → look up → decide → act → report.
 
-Shared by the daemon and `dedupd scan`, so a scan applies exactly the daemon's rules.
-Hashing and watching happen before; this module only sees a hash and a path.
+The daemon feeds it files from its queue (`Pipeline.process`); `dedupd scan` hashes on
+all cores first and hands each hash in (`Pipeline.admit`, then `Pipeline.ingest`), so a
+scan applies exactly the daemon's rules. Which files are ours is dedupd.selection's
+answer, what a hash duplicates dedupd.matching's, the verdict dedupd.policy's, and the
+acting and reporting (duplicates and bad input alike) dedupd.act's. What only the
+daemon knows (whether a file is still being written, arrival order in its queue) comes
+in through the Intake it passes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
+import stat
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
-from dedupd.config import Config, Watch
+from dedupd.act import Actor, Outcome
+from dedupd.config import Config, Policy, Watch
 from dedupd.events import Event, emit
-from dedupd.hashing import ImageHash, hash_to_hex
-from dedupd.policy import ACCEPT, DUPLICATE, REPLACE, Breaker, Decision, big_enough, decide
-from dedupd.quarantine import Quarantine, QuarantineError
-from dedupd.signature import Signature, confirms
+from dedupd.hashing import ImageError, ImageHash, file_kind, hash_file
+from dedupd.matching import CANDIDATES, as_flipped, find_duplicates, second_look
+from dedupd.policy import ACCEPT, DUPLICATE, Breaker, Decision, big_enough, decide
+from dedupd.selection import Selected, select, symlink_allowed, symlink_reason
 from dedupd.store import ImageRecord, Match, QuarantineEntry, Store
-from dedupd.store.base import KEPT, LIVE_STATUSES, UNRESOLVED, Lookup, nearest_first
+from dedupd.store.base import UNRESOLVED, Lookup, nearest_first
+
+__all__ = ["Admitted", "Intake", "Outcome", "Pipeline", "find_duplicates", "record_for"]
 
 log = logging.getLogger("dedupd.pipeline")
-# How many recent decisions keep: first remembers: a file still in the queue competes by
-# arrival only with copies decided while it waited (bounded by the queue and workers).
-DECIDED_MEMORY = 50_000
-
-# Candidates within the threshold given a second look, nearest first: enough that a
-# dictionary with many look-alikes (dark frames, blank pages) still finds the real copy.
-CANDIDATES = 32
+# What a file still being written looks like: decided only once provably finished.
+MAYBE_UNFINISHED = ("empty", "truncated", "corrupt", "unsupported")
 
 
-def second_look(store: Store, sig: Signature | None, matches: list[Match],
-                max_distance: int) -> list[Match]:
-    """The candidates that are duplicates: byte-identical copies at once, the others only
-    when their stored signature confirms the newcomer's. A record stored before
-    signatures existed matches on its hash alone, unless the newcomer's hash says little
-    (low_information)."""
-    near = [m.record.id for m in matches if not m.identical and m.record.id is not None]
-    stored = store.signatures(near) if near and sig is not None else {}  # type: ignore[arg-type]
-    kept = []
-    for m in matches:
-        if m.identical or sig is None:
-            kept.append(m)
-            continue
-        other = Signature.from_bytes(stored.get(m.record.id, b""))  # type: ignore[arg-type]
-        if (confirms(sig, other, max_distance) if other is not None
-                else not sig.low_information):
-            kept.append(m)
-    return kept
+def record_for(hashed: ImageHash, scope: str, path: Path | str, mtime_ns: int,
+               first_seen: float | None = None) -> ImageRecord:
+    """The dictionary's record of a hashed file (not yet stored: no id)."""
+    return ImageRecord(scope=scope, path=str(path), recipe=hashed.recipe.key,
+                       hash=hashed.hash, digest=hashed.digest, file_size=hashed.file_size,
+                       mtime_ns=mtime_ns, width=hashed.width, height=hashed.height,
+                       signature=hashed.signature.to_bytes() if hashed.signature else None,
+                       **({"first_seen": first_seen} if first_seen is not None else {}))
 
 
-def as_flipped(store: Store, scope: str, hashed: ImageHash, max_distance: int,
-               exclude: str | None = None) -> list[Match]:
-    """The records `hashed` duplicates as one of its 7 mirror images and rotations, for
-    the first that has any (Match.transform names how the newcomer differs)."""
-    for transform, value, sig in hashed.variants():
-        found = [m for m in store.find_matches(scope, hashed.recipe.key, value, None,
-                                               max_distance, limit=CANDIDATES)
-                 if m.record.path != exclude]
-        found = second_look(store, sig, found, max_distance)
-        if found:
-            return [replace(m, transform=transform) for m in found]
-    return []
+class Intake(Protocol):
+    """What the path needs from whoever feeds it files (the daemon's queue and timers)."""
 
+    def unreadable(self, directory: Path, exc: OSError) -> None:
+        """A file's directory cannot be searched: say so (once)."""
 
-def find_duplicates(store: Store, scope: str, hashed: ImageHash, max_distance: int, *,
-                    flips: bool = False, exclude: str | None = None, limit: int = 8
-                    ) -> list[Match]:
-    """The records `hashed` duplicates, nearest first: candidates within max_distance
-    given the second look; with `flips`, when the image itself matches nothing, also as
-    its mirror images and rotations."""
-    found = [m for m in store.find_matches(scope, hashed.recipe.key, hashed.hash,
-                                           hashed.digest, max_distance, limit=CANDIDATES)
-             if m.record.path != exclude]
-    found = second_look(store, hashed.signature, found, max_distance)
-    if flips and not found:
-        found = as_flipped(store, scope, hashed, max_distance, exclude)
-    return found[:limit]
+    def changed(self, path: Path, before: os.stat_result) -> bool:
+        """Changed since `before` (still being written)? Then the intake looks again."""
+
+    def unfinished(self, path: Path, st: os.stat_result) -> bool:
+        """A short or broken file not provably finished: True if the intake looks at it
+        again later; False to judge it now."""
+
+    def hashed(self, seconds: float) -> None:
+        """How long hashing one file took (metrics)."""
+
+    def turn(self, path: Path) -> tuple[float | None, float | None]:
+        """Wait until files that arrived earlier are decided; (arrival, queued since)."""
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What ingest did with one image, for callers that report (scan)."""
+class Admitted:
+    """A file that is ours and a regular file (or a symlink we follow), as stat saw it."""
 
-    accepted: bool
-    action: str | None = None  # quarantine, delete or log, for a duplicate
-    match: Match | None = None  # the copy it duplicates (or that it replaced)
-    loser: str | None = None  # the path acted on: the newcomer, or the older copy
-    moved_to: str | None = None  # where quarantine put the loser
+    selected: Selected
+    st: os.stat_result
 
 
 class Pipeline:
-    """Decide-and-act for one root's images, with per-root circuit breakers and counts."""
+    """The path of one file, with per-root circuit breakers; acting is self.actor's."""
 
     def __init__(self, config: Config, store: Store) -> None:
         self.store = store
-        self.quarantine = Quarantine(store, config.quarantine_dir)
-        self.counts = {"processed": 0, "accepted": 0, "duplicates": 0, "quarantined": 0,
-                       "rejected": 0}
-        self._counts_lock = threading.Lock()
-        # Decisions whose store write failed mid-way: reported once a retry knows.
-        self._unreported: dict[str, tuple[Event, str, dict[str, object]]] = {}
-        # When each recently kept path was decided (time.monotonic()), for keep: first.
-        self._decided: OrderedDict[str, float] = OrderedDict()
+        self.actor = Actor(config, store)
+        self.quarantine = self.actor.quarantine
+        self.counts = self.actor.counts
         # How long an open circuit breaker stays open, for its message (`scan` says its own).
         self.breaker_until = "the config is reloaded or the daemon restarts"
         self.configure(config)
@@ -115,59 +90,129 @@ class Pipeline:
         """(Re)load the rules; a reload re-arms every circuit breaker."""
         self.config = config
         self.breakers = {w.path: Breaker(config.circuit_breaker) for w in config.watches}
-        self.quarantine.directory = config.quarantine_dir
+        self.actor.configure(config)
 
-    def count(self, key: str) -> None:
-        with self._counts_lock:
-            self.counts[key] += 1
+    # ------------------------------------------------------------ admit and hash
 
-    def report_interrupted(self, path: Path) -> None:
-        """The store already holds path's record: if its write was cut off by an outage
-        before the decision was logged, log it now (exactly once)."""
-        report = self._unreported.pop(str(path), None)
-        if report is not None:
-            emit(report[0], report[1], **report[2])  # type: ignore[arg-type]
+    def admit(self, path: Path, intake: Intake | None = None) -> Admitted | None:
+        """Is this a file of ours to hash? Symlinks (unless followed) and FIFOs, sockets
+        and devices are rejected (said once); directories and vanished files are not
+        files to judge."""
+        selected = select(self.config, path)
+        if selected is None:
+            return None
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # e.g. a directory without search permission
+            if intake is not None:
+                intake.unreadable(path.parent, exc)
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            if not symlink_allowed(self.config, path):
+                self.reject(path, selected.watch, ImageError(
+                    "not_regular", symlink_reason(self.config, path)), st, intake)
+                return None
+            try:
+                st = path.stat()
+            except OSError:  # the target went away meanwhile
+                return None
+        if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISDIR(st.st_mode):  # a FIFO, socket or device: said once
+                self.reject(path, selected.watch, ImageError(
+                    "not_regular", f"{file_kind(st.st_mode)}, not a regular file"), st,
+                    intake)
+            return None
+        return Admitted(selected, st)
+
+    def unchanged(self, known: ImageRecord | None, st: os.stat_result) -> bool:
+        """Decided already, as the file is now (an unresolved one is decided again, and
+        one hashed with another recipe re-hashed, e.g. v1 -> v2)?"""
+        return known is not None and known.status != UNRESOLVED and \
+            (known.file_size, known.mtime_ns) == (st.st_size, st.st_mtime_ns) and \
+            known.recipe == self.config.recipe.key
+
+    def process(self, path: Path, intake: Intake) -> Outcome | None:
+        """The whole path of one file the daemon's queue hands out."""
+        admitted = self.admit(path, intake)
+        if admitted is None:
+            return None
+        watch, st = admitted.selected.watch, admitted.st
+        known = self.store.get_by_path(str(path))
+        if self.unchanged(known, st):
+            self.actor.report_interrupted(path)  # decided just before an outage
+            return None
+        started = time.monotonic()
+        try:
+            hashed = hash_file(path, self.config.recipe, self.config.max_pixels)
+        except ImageError as exc:
+            if not intake.changed(path, st):
+                self.reject(path, watch, exc, st, intake)
+            return None
+        if hashed.warnings:  # decoded all the same: accepted or matched, complaint logged
+            log.warning("%s: decoded with complaints (hashed anyway): %s", path,
+                        "; ".join(hashed.warnings))
+        intake.hashed(time.monotonic() - started)
+        if intake.changed(path, st):
+            return None
+        if known is None and self.store.get_rejection(str(path)) is not None:
+            self.store.forget_rejection(str(path))  # it was fixed (rewritten)
+        arrival, queued = intake.turn(path)
+        return self.ingest(path, watch, hashed, st.st_mtime_ns, known, arrival=arrival,
+                           queued=queued)
+
+    def reject(self, path: Path, watch: Watch, exc: ImageError, st: os.stat_result,
+               intake: Intake | None = None) -> None:
+        """Bad input, said once until the file changes; a file that may still be being
+        written is judged only once the intake says it is finished."""
+        if exc.kind == "vanished" or self.actor.known_reject(path, st):
+            return
+        if exc.kind in MAYBE_UNFINISHED and intake is not None and \
+                intake.unfinished(path, st):
+            return
+        self.actor.reject(path, watch, exc, st)
+
+    def rehash_entry(self, entry: QuarantineEntry) -> ImageRecord | None:
+        """Rebuild the record of a file a crash left in quarantine without one."""
+        dst = Path(entry.quarantine_path)
+        watch = self.config.watch_for(entry.original_path)
+        try:
+            hashed = hash_file(dst, self.config.recipe, self.config.max_pixels)
+            mtime_ns = dst.stat().st_mtime_ns
+        except (ImageError, OSError):
+            return None
+        return record_for(hashed, watch.scope if watch else str(dst.parent), dst, mtime_ns)
+
+    # ------------------------------------------------------------ look up, decide, act
 
     def ingest(self, path: Path, watch: Watch, hashed: ImageHash, mtime_ns: int,
                known: ImageRecord | None, *, arrival: float | None = None,
                queued: float | None = None) -> Outcome | None:
-        """Compare, decide, act. `known` is the record the path already had (the file
+        """Look up, decide, act. `known` is the record the path already had (the file
         was rewritten in place). `arrival` (wall-clock time of the file's first event, or
         its mtime when a scan found it) and `queued` (time.monotonic() from when it
         waited) make `keep: first` mean arrival order, whichever copy hashed first.
         None when nothing was decided: the file vanished, is below the policy's
         minimum size, or is an indexed file that moved."""
-        self.count("processed")
+        self.actor.count("processed")
         policy = self.config.policy_for(watch)
         if not big_enough(policy, hashed.width, hashed.height):
             log.debug("%s: %dx%d is below the policy's minimum size; ignored",
                       path, hashed.width, hashed.height)
             return None
-        record = ImageRecord(scope=watch.scope, path=str(path), recipe=hashed.recipe.key,
-                             hash=hashed.hash, digest=hashed.digest,
-                             file_size=hashed.file_size, mtime_ns=mtime_ns,
-                             width=hashed.width, height=hashed.height,
-                             signature=hashed.signature.to_bytes() if hashed.signature else None,
-                             **({"first_seen": arrival} if arrival is not None else {}))
-        flips = policy.match_flips_rotations
+        record = record_for(hashed, watch.scope, path, mtime_ns, first_seen=arrival)
         if known is None:
             # The usual case takes no lock: look (a shared store may answer from a copy
             # that lags), decide, and let store.claim() confirm a keep (see _settle).
             if not path.exists():
                 return None
-            # `seen` keeps every candidate (claim() must not report them as new); the
-            # decision sees those the second look confirms.
-            seen = self.store.lookup(watch.scope, record.recipe, record.hash, record.digest,
-                                     policy.max_distance, limit=CANDIDATES)
-            matches = second_look(self.store, hashed.signature,
-                                  [m for m in seen.matches if m.record.path != record.path],
-                                  policy.max_distance)
-            if flips and not matches:
-                matches = as_flipped(self.store, watch.scope, hashed, policy.max_distance,
-                                     record.path)
+            matches, seen = self._look(record, hashed, policy)
             if not self._gone(matches):
                 return self._decide_and_act(path, watch, record, matches[:8], seen, hashed,
                                             queued)
+        # Rewritten in place, or a match vanished (perhaps this very file, moved): under
+        # the scope's lock, so the record is updated or moved exactly once.
         with self.store.locked(watch.scope):
             if not path.exists():
                 return None
@@ -176,7 +221,7 @@ class Pipeline:
                                       status=known.status)
                 self.store.update(record)
             matches = find_duplicates(self.store, watch.scope, hashed, policy.max_distance,
-                                      flips=flips, exclude=record.path)
+                                      flips=policy.match_flips_rotations, exclude=record.path)
             gone = self._gone(matches)
             if known is None:
                 moved = next((m for m in gone if m.identical), None)
@@ -188,6 +233,21 @@ class Pipeline:
             return self._decide_and_act(path, watch, record, matches, Lookup(matches), hashed,
                                         queued)
 
+    def _look(self, record: ImageRecord, hashed: ImageHash, policy: Policy
+              ) -> tuple[list[Match], Lookup]:
+        """(duplicates, everything seen) without a lock. `seen` keeps every candidate
+        (claim() must not report them as new); the decision sees those the second look
+        confirms, and with flips on, as a mirror image or rotation."""
+        seen = self.store.lookup(record.scope, record.recipe, record.hash, record.digest,
+                                 policy.max_distance, limit=CANDIDATES)
+        matches = second_look(self.store, hashed.signature,
+                              [m for m in seen.matches if m.record.path != record.path],
+                              policy.max_distance)
+        if policy.match_flips_rotations and not matches:
+            matches = as_flipped(self.store, record.scope, hashed, policy.max_distance,
+                                 record.path)
+        return matches, seen
+
     def _arrived_first(self, record: ImageRecord, matches: list[Match],
                        queued: float | None) -> bool:
         """Did the newcomer arrive before its nearest match, which was decided only
@@ -195,8 +255,7 @@ class Pipeline:
         if not matches or queued is None:
             return False
         best = matches[0].record
-        with self._counts_lock:
-            decided = self._decided.get(best.path)
+        decided = self.actor.decided_at(best.path)
         return (decided is not None and decided >= queued
                 and (record.first_seen, record.path) < (best.first_seen, best.path))
 
@@ -211,8 +270,8 @@ class Pipeline:
                 queued: float | None = None) -> Decision:
         """The decision, with a newcomer that is to be kept already claimed in the store:
         a look-alike that arrived meanwhile (here or on another host) makes the claim
-        fail and is decided against instead. The accept report waits in _unreported from
-        before the claim (see _keep)."""
+        fail and is decided against instead. The accept report is held from before the
+        claim (see Actor.keep)."""
         policy = self.config.policy_for(watch)
         while True:
             decision = decide(policy, record, matches, breaker_open=breaker_open,
@@ -220,24 +279,17 @@ class Pipeline:
             if decision.verdict == DUPLICATE or record.id is not None:
                 return decision
             if decision.verdict == ACCEPT:
-                self._unreported[record.path] = self._accepted(path, watch, record, hashed)
+                self.actor.hold(record.path, self.actor.accepted(path, watch, record, hashed))
             newer = self.store.claim(record, policy.max_distance, seen)
             if not newer:
                 return decision
-            self._unreported.pop(record.path, None)
+            self.actor.hold(record.path, None)
             # Candidates that arrived meanwhile get the second look too; all of them are
             # "seen" for the next claim.
             matches = nearest_first([*matches, *second_look(
                 self.store, hashed.signature, newer, policy.max_distance)], 8)
             seen = Lookup(nearest_first([*seen.matches, *newer], len(seen.matches) + 8),
                           seen.horizon)
-
-    def _accepted(self, path: Path, watch: Watch, record: ImageRecord, hashed: ImageHash
-                  ) -> tuple[Event, str, dict[str, object]]:
-        return (Event.IMAGE_ACCEPTED, f"{path}: accepted", dict(
-            path=str(path), hash=hash_to_hex(record.hash, self.config.recipe.size),
-            root=str(watch.path), policy=self.config.policy_for(watch).name,
-            low_information=hashed.low_information or None))
 
     def _decide_and_act(self, path: Path, watch: Watch, record: ImageRecord,
                         matches: list[Match], seen: Lookup, hashed: ImageHash,
@@ -254,104 +306,4 @@ class Pipeline:
                  f"log-only until {self.breaker_until}. Check max_distance!",
                  root=str(watch.path), policy=policy.name)
             decision = replace(decision, action="log")
-        size = self.config.recipe.size
-        if decision.verdict == ACCEPT:
-            self._keep(record, self._accepted(path, watch, record, hashed), claimed=claimed)
-            self.count("accepted")
-            return Outcome(accepted=True)
-        match = decision.match
-        assert match is not None
-        self.count("duplicates")
-        if decision.verdict == REPLACE:  # the newcomer is larger, or came first
-            loser, winner = match.record, record
-            self._keep(winner, claimed=claimed)
-        else:
-            loser, winner = record, match.record
-        outcome = Outcome(accepted=decision.verdict == REPLACE, action=decision.action,
-                          match=match, loser=loser.path)
-        # How the two differ, for people and scripts: a flip or rotation, and whether the
-        # newcomer's hash alone said little (the signature or the digest decided).
-        extra = dict(transform=match.transform,
-                     low_information=hashed.low_information or None)
-        fields = dict(path=loser.path, match=winner.path, distance=match.distance,
-                      hash=hash_to_hex(loser.hash, size), policy=policy.name,
-                      root=str(watch.path), action=decision.action, identical=match.identical,
-                      **extra)
-        what = f"{loser.path}: duplicate of {winner.path} (distance {match.distance})"
-        if decision.action == "log" and policy.action == "log":
-            self._keep(loser, (Event.DUPLICATE_LOGGED, f"{what}; left in place (log only)",
-                               fields))
-        elif decision.action == "log":  # the breaker holds back a removal: not settled
-            self._keep(loser, (Event.DUPLICATE_LOGGED, f"{what}; left in place, unresolved "
-                               "(circuit breaker open: log-only until a reload)", fields),
-                       status=UNRESOLVED)
-        elif decision.action == "delete":
-            try:
-                os.unlink(loser.path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                return self._unresolved(loser, watch, f"cannot delete: {exc.strerror or exc}",
-                                        outcome)
-            if loser.id is not None:
-                self.store.delete(loser.id)
-            emit(Event.DUPLICATE_DELETED, f"{what}; deleted", **fields)
-        else:
-            loser_watch = self.config.watch_for(loser.path)
-            try:
-                entry = self.quarantine.move_in(
-                    Path(loser.path), loser_watch.path if loser_watch else None, record=loser,
-                    matched_path=winner.path, distance=match.distance,
-                    hash_hex=fields["hash"], policy=policy.name)  # type: ignore[arg-type]
-            except QuarantineError as exc:
-                return self._unresolved(loser, watch, str(exc), outcome)
-            self.report_quarantined(entry, root=str(watch.path), identical=match.identical,
-                                    **extra)
-            outcome = replace(outcome, moved_to=entry.quarantine_path)
-        return outcome
-
-    def _unresolved(self, loser: ImageRecord, watch: Watch, why: str,
-                    outcome: Outcome) -> Outcome:
-        """A removal the policy wants failed: the file stays, recorded as unresolved (not
-        kept), and is decided again at the next reconciliation, reload or start."""
-        self._keep(loser, (Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but {why}; left "
-                           "in place, unresolved (retried at the next rescan)", dict(
-                               path=loser.path, reason=why, kind="quarantine_failed",
-                               root=str(watch.path))), status=UNRESOLVED)
-        return replace(outcome, action="log")
-
-    def report_quarantined(self, entry: QuarantineEntry, **fields: object) -> None:
-        """Count and log a finished quarantine move: one just made, or one an outage
-        interrupted and Quarantine.finish_moves() completed later."""
-        self.count("quarantined")
-        emit(Event.DUPLICATE_QUARANTINED, f"{entry.original_path}: duplicate of "
-             f"{entry.matched_path} (distance {entry.distance}); moved to "
-             f"{entry.quarantine_path}", path=entry.original_path, match=entry.matched_path,
-             distance=entry.distance, hash=entry.hash, policy=entry.policy,
-             action="quarantine", quarantine_path=entry.quarantine_path, **fields)
-
-    def _keep(self, record: ImageRecord,
-              report: tuple[Event, str, dict[str, object]] | None = None,
-              claimed: bool = False, status: str = KEPT) -> None:
-        """Record a file as part of its dataset (unless `claimed` did), or as an
-        unresolved duplicate, then emit `report`. If the store fails mid-write the report
-        waits: the retry finds the record (the write did commit) and emits it then, or
-        decides afresh; either way it is said exactly once."""
-        if report is not None:
-            self._unreported[record.path] = report
-        if status == KEPT:
-            with self._counts_lock:
-                self._decided[record.path] = time.monotonic()
-                self._decided.move_to_end(record.path)
-                while len(self._decided) > DECIDED_MEMORY:
-                    self._decided.popitem(last=False)
-        if record.id is None:
-            if not claimed:
-                self.store.insert(record.with_(status=status))
-        elif status == UNRESOLVED and record.status != UNRESOLVED:
-            self.store.update(record.with_(status=UNRESOLVED))
-        elif status == KEPT and record.status not in LIVE_STATUSES:
-            self.store.update(record.with_(status="kept"))
-        if report is not None:
-            self._unreported.pop(record.path, None)
-            emit(report[0], report[1], **report[2])  # type: ignore[arg-type]
+        return self.actor.act(decision, path, watch, record, hashed, claimed=claimed)

@@ -6,46 +6,15 @@ rules pure makes them easy to test and to reason about when a threshold is wrong
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
-from pathlib import PurePosixPath
 
 from dedupd.config import CircuitBreaker, Policy
+from dedupd.selection import wanted  # noqa: F401  (cmd_scan's import until it uses selection)
 from dedupd.store import ImageRecord, Match
 
 ACCEPT, DUPLICATE, REPLACE = "accept", "duplicate", "replace"
-
-
-def wanted(policy: Policy, relative: str) -> bool:
-    """Does the policy cover this path (relative to its watch root)?"""
-    name = PurePosixPath(relative).name
-    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    if ext not in policy.extensions:
-        return False
-    if not any(fnmatchcase(relative, pat) or fnmatchcase(name, pat) for pat in policy.include):
-        return False
-    return not any(fnmatchcase(relative, pat) or fnmatchcase(name, pat)
-                   for pat in policy.exclude)
-
-
-@functools.lru_cache(maxsize=64)
-def wanted_test(policy: Policy) -> Callable[[str], bool]:
-    """wanted() for one policy, as a test of relative paths; the common policy (every
-    name with an image extension) becomes a set lookup: a reconcile asks for every file
-    it lists."""
-    if policy.include != ("*",) or policy.exclude:
-        return functools.partial(wanted, policy)
-    extensions = frozenset(policy.extensions)
-
-    def by_extension(relative: str) -> bool:
-        name = relative.rpartition("/")[2]
-        return (name.rpartition(".")[2].lower() if "." in name else "") in extensions
-
-    return by_extension
 
 
 def big_enough(policy: Policy, width: int, height: int) -> bool:

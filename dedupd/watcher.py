@@ -10,14 +10,11 @@ inotify reader is wrapped to report it: events were lost and the roots need a re
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from fnmatch import fnmatchcase, translate
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +31,8 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers.api import BaseObserver
+
+from dedupd.selection import is_ignored
 
 log = logging.getLogger("dedupd.watcher")
 # watchdog warns on stderr (raw text, breaking JSON logs) when it re-adds a directory it
@@ -71,23 +70,6 @@ class Sink(Protocol):
 class Root:
     path: Path
     recursive: bool = True
-
-
-def is_ignored(path: Path, root: Path, patterns: Iterable[str]) -> bool:
-    """True if any component below the root matches an ignore pattern (temp files, dotfiles)."""
-    try:
-        parts = path.relative_to(root).parts
-    except ValueError:
-        return True
-    pats = tuple(patterns)
-    return any(fnmatchcase(part, pat) for part in parts for pat in pats)
-
-
-@functools.lru_cache(maxsize=16)
-def name_ignored(patterns: tuple[str, ...]) -> Callable[[str], object]:
-    """is_ignored for one name in a directory already known not to be ignored: every
-    pattern in one compiled expression (a reconcile asks for every file it lists)."""
-    return re.compile("|".join(map(translate, patterns)) or "(?!)").match
 
 
 class _Handler(FileSystemEventHandler):

@@ -155,7 +155,7 @@ class World:
         self.store.close()
         daemon = Daemon(self.config)
         self.store, self.pipeline = daemon.store, daemon.pipeline
-        return daemon.quarantine.reconcile(daemon._rehash_entry)
+        return daemon.quarantine.reconcile(daemon.pipeline.rehash_entry)
 
     def disagreements(self, after_restart: bool) -> list[str]:
         """Where the disk, the index and the journal disagree about the duplicate."""

@@ -9,22 +9,12 @@ from conftest import photo, write_image
 from daemonproc import DaemonProcess, files_under, records, wait_for, write_config
 
 from dedupd.config import CircuitBreaker, Policy
-from dedupd.policy import ACCEPT, DUPLICATE, REPLACE, Breaker, decide, wanted
+from dedupd.policy import ACCEPT, DUPLICATE, REPLACE, Breaker, decide
 from dedupd.store import ImageRecord, Match
 
 
 def rec(w: int, h: int, path: str = "/x.jpg") -> ImageRecord:
     return ImageRecord("s", path, "dhash:8:fast:area:v1", 1, "d", 1, 1, w, h)
-
-
-def test_wanted_filters_by_extension_include_exclude() -> None:
-    p = Policy("p", include=("*.jpg", "keep/*"), exclude=("*_thumb.jpg",),
-               extensions=("jpg", "png"))
-    assert wanted(p, "a/b.JPG".lower())
-    assert not wanted(p, "a/b_thumb.jpg")
-    assert not wanted(p, "a/b.gif")
-    assert wanted(p, "keep/c.png")
-    assert not wanted(p, "other/c.png")
 
 
 def test_decide_keep_first_and_largest() -> None:

@@ -1,0 +1,188 @@
+"""The work queue on its own: two classes (live events before reconcile work), each
+bounded, deduplicated, settle delays, one worker per path at a time, arrival order."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from dedupd.daemon import WorkQueue
+
+
+def test_live_events_are_served_before_background_work() -> None:
+    q = WorkQueue(100)
+    for i in range(5):
+        assert q.put(Path(f"/bg{i}"), background=True)
+    q.put(Path("/live"))
+    assert q.get(0) == Path("/live")
+    assert [q.get(0) for _ in range(5)] == [Path(f"/bg{i}") for i in range(5)]
+    assert q.get(0) is None
+
+
+def test_a_settling_live_file_does_not_hold_back_background_work() -> None:
+    q = WorkQueue(100)
+    q.put(Path("/settling"), 60.0)
+    q.put(Path("/bg"), background=True)
+    assert q.get(0) == Path("/bg")
+    assert q.get(0) is None  # the live file is not due yet
+
+
+def test_background_work_never_takes_a_live_event_place() -> None:
+    q = WorkQueue(3)
+    for i in range(3):
+        assert q.put(Path(f"/bg{i}"), background=True)
+    assert not q.put(Path("/bg3"), background=True)  # its class is full
+    for i in range(3):
+        assert q.put(Path(f"/live{i}"))  # live events still have their own room
+    assert not q.put(Path("/live3"))
+    assert len(q) == 6
+
+
+def test_a_blocked_scanner_resumes_when_background_room_frees() -> None:
+    q = WorkQueue(1)
+    q.put(Path("/bg0"), background=True)
+    done = threading.Event()
+
+    def scanner() -> None:
+        q.put(Path("/bg1"), block=True, background=True)
+        done.set()
+
+    t = threading.Thread(target=scanner)
+    t.start()
+    assert q.put(Path("/live"))  # not blocked by the waiting scanner
+    assert not done.wait(0.2)
+    assert q.get(0) == Path("/live")
+    assert not done.is_set()  # a live path taken frees no background room
+    assert q.get(0) == Path("/bg0")
+    assert done.wait(10)
+    t.join()
+    assert q.get(0) == Path("/bg1")
+
+
+def test_a_live_event_promotes_a_waiting_background_path() -> None:
+    q = WorkQueue(10)
+    q.put(Path("/a"), background=True)
+    q.put(Path("/b"), background=True)
+    q.put(Path("/b"))  # the file was just written again
+    assert (q.pending(False), q.pending(True)) == (1, 1)
+    assert q.get(0) == Path("/b")
+    q.put(Path("/a"), background=True)  # already waiting: nothing changes
+    assert q.pending(True) == 1
+    assert q.get(0) == Path("/a")
+    assert q.pending(True) == 1  # in flight
+    q.done(Path("/a"))
+    assert q.pending(True) == 0
+
+
+def test_background_work_leaves_a_worker_for_live_events() -> None:
+    q = WorkQueue(10, background_slots=1)
+    q.put(Path("/bg0"), background=True)
+    q.put(Path("/bg1"), background=True)
+    assert q.get(0) == Path("/bg0")
+    assert q.get(0) is None  # the one background slot is taken
+    q.put(Path("/live"))
+    assert q.get(0) == Path("/live")
+    q.done(Path("/bg0"))
+    assert q.get(0) is None  # a live file is being decided: background work waits
+    q.done(Path("/live"))
+    assert q.get(0) == Path("/bg1")
+
+
+def test_wait_drained_returns_once_the_class_is_done() -> None:
+    q = WorkQueue(10)
+    stop = threading.Event()
+    q.put(Path("/bg"), background=True)
+    q.put(Path("/live"), 60.0)  # another class: not waited for
+
+    def worker() -> None:
+        path = q.get(10)
+        q.done(path)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    q.wait_drained(True, stop)
+    t.join()
+    assert q.pending(True) == 0 and q.pending(False) == 1
+
+
+def test_discard_frees_room() -> None:
+    q = WorkQueue(1)
+    q.put(Path("/a"))
+    assert not q.put(Path("/b"))
+    q.discard(Path("/a"))
+    assert q.put(Path("/b"))
+    assert q.get(0) == Path("/b")
+
+
+def test_a_path_due_again_while_in_a_worker_waits_for_its_done() -> None:
+    """Two workers never hold one path (both would decide it, and log it twice)."""
+    q = WorkQueue(10)
+    q.put(Path("/a"))
+    assert q.get(0) == Path("/a")
+    q.put(Path("/a"))  # written again while being hashed
+    assert Path("/a") in q
+    assert q.get(0) is None  # held back, not handed to a second worker
+    q.done(Path("/a"))
+    assert q.get(0) == Path("/a")
+    q.done(Path("/a"))
+    assert Path("/a") not in q and len(q) == 0
+
+
+def test_a_modification_postpones_and_a_close_makes_due_now() -> None:
+    q = WorkQueue(10)
+    q.put(Path("/a"), 60.0)
+    assert q.get(0) is None
+    q.put(Path("/a"))  # closed after writing: due at once
+    assert q.get(0) == Path("/a")
+
+
+def test_a_retry_keeps_its_place_ahead_of_later_files() -> None:
+    q = WorkQueue(10)
+    q.put(Path("/first"))
+    assert q.get(0) == Path("/first")
+    q.put(Path("/later"))
+    q.put(Path("/first"), keep_place=True)  # the store failed: back in the queue
+    q.done(Path("/first"))
+    assert q.get(0) == Path("/first")
+
+
+def test_wait_turn_follows_arrival_not_hashing_speed() -> None:
+    """keep: first: a file that arrived later waits while an earlier one is in a
+    worker's hands, and goes on once that one is done (or at its timeout)."""
+    q = WorkQueue(10)
+    q.put(Path("/early"), arrival=100.0)
+    q.put(Path("/late"), arrival=200.0)
+    assert {q.get(0), q.get(0)} == {Path("/early"), Path("/late")}
+    assert q.arrival(Path("/late"))[0] == 200.0
+    waited = threading.Event()
+
+    def late_worker() -> None:
+        q.wait_turn(Path("/late"), 10)
+        waited.set()
+
+    t = threading.Thread(target=late_worker)
+    t.start()
+    assert not waited.wait(0.2)  # /early is still being hashed
+    started = time.monotonic()
+    q.wait_turn(Path("/early"), 10)  # nothing earlier: no wait
+    assert time.monotonic() - started < 1
+    q.done(Path("/early"))
+    assert waited.wait(10)
+    t.join()
+    started = time.monotonic()
+    q.put(Path("/newer"), arrival=300.0)
+    q.get(0)
+    q.wait_turn(Path("/newer"), 0.2)  # /late is still held: the timeout bounds the wait
+    assert 0.15 < time.monotonic() - started < 5
+
+
+def test_close_refuses_puts_and_wakes_getters() -> None:
+    q = WorkQueue(10)
+    got: list[Path | None] = []
+    t = threading.Thread(target=lambda: got.append(q.get(30)))
+    t.start()
+    q.close()
+    t.join(10)
+    assert not t.is_alive() and got == [None]
+    assert not q.put(Path("/a"))
