@@ -305,6 +305,6 @@ def test_what_the_daemon_remembers_per_file_is_dropped_once_decided(setup) -> No
         (root / "junk.jpg").write_bytes(b"junk")
         wait_for(lambda: "a.jpg" in str(records(db)) and daemon.store.get_rejection(
             str(root / "junk.jpg")) is not None and daemon.idle(), 30, "all decided")
-        assert daemon._closed == {} and len(daemon.queue) == 0
+        assert daemon.intake.closed == {} and len(daemon.queue) == 0
     finally:
         daemon.stop()

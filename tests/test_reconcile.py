@@ -280,7 +280,7 @@ def test_status_shows_a_pending_reconcile_and_its_progress(tree) -> None:
     assert "(scanning)" not in daemon.status_line()
     daemon.request_scan(root, trigger="start-up")  # what READY's status must show
     assert "(scanning)" in daemon.status_line()
-    daemon._scan_requests[False].clear()
+    daemon.scanner.requests[False].clear()
     reconcile(daemon, root)  # a full run: its count is the next one's 100%
     seen_during: list[str] = []
     children = daemon.store.children

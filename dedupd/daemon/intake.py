@@ -1,0 +1,209 @@
+"""Files coming in: the watcher's events (dedupd.watcher.Sink) turned into queued paths
+and store updates for moves and deletions; the workers that take paths from the queue
+along the pipeline; and what the pipeline asks its Intake (is a file still being
+written, is it its turn: keep: first goes by arrival).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dedupd.events import Event, emit
+from dedupd.store import StoreError
+from dedupd.store.base import IN_ROOT_STATUSES
+
+if TYPE_CHECKING:
+    from dedupd.daemon.core import Daemon
+
+log = logging.getLogger("dedupd.daemon")
+
+# How long a file must stay unchanged, without a close after its last write, before it
+# is judged as it is: a slow writer may pause far longer than settle_seconds.
+UNFINISHED_GRACE = 60.0
+# How long a hashed file waits for files that arrived before it and are still being
+# hashed (keep: first); past it, the pipeline's arrival check still applies.
+TURN_SECONDS = 30.0
+
+
+class Intake:
+    """The watcher's Sink and the pipeline's Intake, for one daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        # When a path was last reported complete (closed after writing, or renamed in):
+        # a short or broken file is final only after that, or after a longer grace.
+        self.closed: dict[Path, float] = {}
+
+    # ------------------------------------------------------------ watcher sink
+
+    def file_ready(self, path: Path) -> None:
+        if self.daemon.queue.put(path):
+            self.closed[path] = time.time()
+        else:
+            self._queue_full(path)
+
+    def file_changing(self, path: Path) -> None:
+        if not self.daemon.queue.put(path, self.daemon.config.settle_seconds):
+            self._queue_full(path)
+
+    def _queue_full(self, path: Path) -> None:
+        """A live event found the queue full: list that file's directory once the queue
+        has room (not the whole root: one directory holds whatever was refused)."""
+        if self.daemon.config.watch_for(path) is not None:
+            self.daemon.scanner.request(path.parent, trigger="queue full", recursive=False)
+
+    def _store_call_failed(self, exc: StoreError, path: Path) -> None:
+        """A watcher callback could not update the store: the root's rescan will."""
+        self.daemon.health.store_failed(exc, path=str(path))
+        watch = self.daemon.config.watch_for(path)
+        if watch is not None:
+            self.daemon.scanner.request(watch.path, trigger="store error")
+
+    def file_deleted(self, path: Path) -> None:
+        self.daemon.queue.discard(path)
+        self.closed.pop(path, None)
+        watch = self.daemon.config.watch_for(path)
+        if watch is None:
+            return
+        try:
+            with self.daemon.store.locked(watch.scope):
+                rec = self.daemon.store.get_by_path(str(path))
+                if rec is not None and rec.status in IN_ROOT_STATUSES and not path.exists():
+                    self.daemon.store.delete(rec.id)  # type: ignore[arg-type]
+                if not os.path.lexists(path):
+                    self.daemon.store.forget_rejection(str(path))
+        except StoreError as exc:
+            self._store_call_failed(exc, path)
+
+    def file_moved(self, src: Path, dst: Path) -> None:
+        old, new = self.daemon.config.watch_for(src), self.daemon.config.watch_for(dst)
+        if old is None or new is None or old.scope != new.scope:
+            self.file_deleted(src)
+            self.file_ready(dst)
+            return
+        try:
+            with self.daemon.store.locked(new.scope):
+                rec = self.daemon.store.get_by_path(str(src))
+                if rec is not None and self.daemon.store.get_by_path(str(dst)) is None:
+                    self.daemon.store.update(rec.with_(path=str(dst)))
+        except StoreError as exc:
+            self._store_call_failed(exc, dst)
+        self.file_ready(dst)  # a no-op if the record now matches the file
+
+    def dir_moved(self, src: Path, dst: Path) -> None:
+        new = self.daemon.config.watch_for(dst)
+        try:
+            for rec in list(self.daemon.store.iter_records(prefix=str(src))):
+                moved = dst / Path(rec.path).relative_to(src)
+                if new is not None and rec.scope == new.scope and \
+                        rec.status in IN_ROOT_STATUSES:
+                    with self.daemon.store.locked(rec.scope):
+                        if self.daemon.store.get_by_path(str(moved)) is None:
+                            self.daemon.store.update(rec.with_(path=str(moved)))
+        except StoreError as exc:
+            self._store_call_failed(exc, dst)
+        self.daemon.scanner.request(dst, trigger="directory")
+
+    def dir_arrived(self, path: Path) -> None:
+        self.daemon.scanner.request(path, trigger="directory")
+
+    def dir_deleted(self, path: Path) -> None:
+        if path in self.daemon.roots.ids:  # IN_DELETE_SELF: a new directory may get its inode
+            self.daemon.roots.lost(path)
+        self.daemon.scanner.request(path, trigger="directory")
+
+    def overflow(self) -> None:
+        roots = [w.path for w in self.daemon.config.watches]
+        emit(Event.OVERFLOW_RESCAN, "inotify queue overflowed: events were lost; rescanning "
+             f"{len(roots)} roots (raise fs.inotify.max_queued_events if this recurs)",
+             roots=",".join(map(str, roots)))
+        self.daemon.scanner.request(*roots, trigger="overflow")
+
+    # ------------------------------------------------------------ workers
+
+    def work(self) -> None:
+        """A worker thread: paths from the queue along the pipeline, until the daemon
+        stops; while the store is down, files wait in the queue."""
+        me = threading.get_ident()
+        d = self.daemon
+        queue, health, stopping = d.queue, d.health, d.stopping
+        while not stopping.is_set():
+            if health.store_down is not None:  # files wait in the queue until it is back
+                stopping.wait(0.5)
+                continue
+            path = queue.get(0.5)
+            if path is None:
+                continue
+            health.busy[me] = time.monotonic()
+            d.metrics.arrived(queue.arrived(path))
+            try:
+                self.process(path)
+            except StoreError as exc:
+                # Nothing was decided, or the decision is in the store already (process()
+                # starts by asking the store about the path): retrying is safe.
+                health.store_failed(exc, path=str(path))
+                if not queue.put(path, block=False, keep_place=True):
+                    self._queue_full(path)
+            except Exception:
+                log.exception("processing %s failed; it stays where it is", path)
+                d.scanner.reconciler.forget_mark(path.parent)  # the safety net retries it
+            finally:
+                health.busy.pop(me, None)
+                queue.done(path)
+                if path not in queue:  # not waiting to be looked at again
+                    self.closed.pop(path, None)
+
+    def process(self, path: Path) -> None:
+        """One file from the queue, along the pipeline's one path."""
+        self.daemon.pipeline.process(path, self)
+
+    # ------------------------------------------------------------ the pipeline's intake
+
+    def unreadable(self, directory: Path, exc: OSError) -> None:
+        self.daemon.scanner.reconciler.unreadable_dir(directory, exc)
+
+    def hashed(self, seconds: float) -> None:
+        self.daemon.metrics.observe_hash(seconds)
+
+    def turn(self, path: Path) -> tuple[float | None, float | None]:
+        self.daemon.queue.wait_turn(path, TURN_SECONDS)
+        self.closed.pop(path, None)
+        return self.daemon.queue.arrival(path)
+
+    def unfinished(self, path: Path, st: os.stat_result) -> bool:
+        wait = self._final(path, st)
+        if wait > 0:  # not provably finished: look again once it would be
+            if not self.daemon.queue.put(path, wait + 0.05):
+                self._queue_full(path)
+            return True
+        self.closed.pop(path, None)
+        return False
+
+    def changed(self, path: Path, before: os.stat_result) -> bool:
+        """Still being written (size, mtime or ctime moved since `before`)? Then it is
+        queued again to settle, and nothing is decided about it now."""
+        try:
+            now = path.stat()
+        except OSError:
+            return True  # gone or replaced: its own events bring it back
+        if (now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino) == (
+                before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino):
+            return False
+        self.file_changing(path)
+        return True
+
+    def _final(self, path: Path, st: os.stat_result) -> float:
+        """0 if a file that looks short or broken is provably finished: unchanged for
+        settle_seconds since a close or rename-in that came after its last change, or
+        for UNFINISHED_GRACE without one (a writer may pause). Else seconds to wait."""
+        changed = max(st.st_mtime, st.st_ctime)
+        closed = self.closed.get(path)
+        grace = self.daemon.config.settle_seconds if closed is not None and closed >= changed \
+            else max(UNFINISHED_GRACE, self.daemon.config.settle_seconds)
+        return max(0.0, changed + grace - time.time())
+
