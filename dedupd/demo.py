@@ -1,4 +1,5 @@
-"""`dedupd demo`: the daemon on a throwaway folder, fed with generated photos.
+"""The demo: the daemon on a throwaway folder, fed with generated photos (and the photo
+generator the tests use too).
 
 Shows the whole path a user cares about — files landing, near-duplicates caught and
 quarantined, a corrupt file rejected — with the embedded SQLite store, in seconds.
@@ -6,11 +7,8 @@ quarantined, a corrupt file rejected — with the embedded SQLite store, in seco
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -50,8 +48,14 @@ def _drop(path: Path, data: bytes, *, via_tmp: bool = False) -> None:
         os.rename(target, path)
 
 
-def run_demo(keep: bool = False, json_output: bool = False, log_mode: str | None = None) -> int:
-    base = Path(tempfile.mkdtemp(prefix="dedupd-demo-"))
+@dataclass(frozen=True)
+class DemoResult:
+    kept: int  # images kept in the dataset
+    quarantined: list[QuarantineEntry]  # the duplicates caught
+
+
+def run_demo(base: Path, log_mode: str = "stderr") -> DemoResult:
+    """Run the daemon on a dataset under base (an empty folder) while files land in it."""
     train, test = base / "dataset" / "train", base / "dataset" / "test"
     train.mkdir(parents=True)
     test.mkdir(parents=True)
@@ -62,8 +66,7 @@ def run_demo(keep: bool = False, json_output: bool = False, log_mode: str | None
         "watches": [{"path": str(train), "group": "demo"},
                     {"path": str(test), "group": "demo"}],
     }, "<demo>")
-    setup_logging(log_mode or ("json" if json_output else "stderr"), "info")
-    print(f"demo folder: {base}", file=sys.stderr)
+    setup_logging(log_mode, "info")
     daemon = Daemon(config)
     daemon.start()
     try:
@@ -80,22 +83,8 @@ def run_demo(keep: bool = False, json_output: bool = False, log_mode: str | None
         _drop(test / "new_scene.jpg", _jpeg(synthetic_photo(100)))
         _drop(train / "broken.jpg", _jpeg(synthetic_photo(200))[:5000])
         daemon.wait_idle(30)
-        entries: list[QuarantineEntry] = daemon.store.list_quarantine(("done",))
+        entries = daemon.store.list_quarantine(("done",))
         stats = daemon.store.stats()
     finally:
         daemon.stop()
-    if json_output:
-        json.dump({"folder": str(base), "kept": stats["by_status"].get("kept", 0),
-                   "quarantined": [e.__dict__ for e in entries]}, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(f"\n{stats['by_status'].get('kept', 0)} images kept, {len(entries)} duplicates "
-              "quarantined:")
-        for e in entries:
-            print(f"  {Path(e.original_path).relative_to(base)}  (distance {e.distance} from "
-                  f"{Path(e.matched_path).relative_to(base)})")
-    if keep:
-        print(f"kept the demo folder: {base}", file=sys.stderr)
-    else:
-        shutil.rmtree(base, ignore_errors=True)
-    return 0
+    return DemoResult(kept=stats["by_status"].get("kept", 0), quarantined=entries)

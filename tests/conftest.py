@@ -14,22 +14,15 @@ import cv2
 import numpy as np
 import pytest
 
+from dedupd.demo import synthetic_photo
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
 def photo(seed: int, width: int = 640, height: int = 480) -> np.ndarray:
-    """A photo-like BGR image: smooth random structure plus edges and mild noise."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).astype(np.int16)
-    for _ in range(6):
-        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
-        r = int(rng.integers(min(width, height) // 12, min(width, height) // 3))
-        color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        cv2.circle(img, (x, y), r, color, -1)
-    img += rng.normal(0, 6, img.shape).astype(np.int16)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    """A photo-like BGR image: the demo's generator, smaller by default."""
+    return synthetic_photo(seed, width, height)
 
 
 def seed_recipe(path: Path, size: int = 8) -> int:

@@ -252,6 +252,33 @@ def test_stats_as_nobody_without_config_is_one_line(tmp_path: Path) -> None:
     assert not Path("/nonexistent").exists()
 
 
+def test_read_only_commands_on_a_fresh_install_create_nothing(tmp_path: Path,
+                                                               cfg: Path) -> None:
+    """`quarantine list` and `check` created an empty store (root-owned, under sudo) before
+    anything was indexed: they report nothing, exit 0, and leave the state alone."""
+    state = tmp_path / "state"
+    image = write_image(tmp_path / "data" / "a.jpg", photo(4, 160, 120))
+    for args in (["quarantine", "list", "--json"], ["quarantine", "list", "--pending",
+                                                     "--json"]):
+        assert json.loads(dedupd("--config", str(cfg), *args, check=0).stdout) == []
+    assert dedupd("--config", str(cfg), "quarantine", "list", check=0).stderr == \
+        "0 quarantined\n"
+    purge = dedupd("--config", str(cfg), "quarantine", "purge", "--older-than", "0",
+                   "--json", check=0)
+    assert json.loads(purge.stdout) == {"purged": [], "dry_run": False}
+    js = json.loads(dedupd("--config", str(cfg), "check", "--json", str(image),
+                           check=0).stdout)
+    assert (js["path"], js["duplicate"], js["matches"]) == (str(image), False, [])
+    assert dedupd("--config", str(cfg), "check", str(image), check=0).stdout == \
+        f"unique  {image}\n"
+    assert not state.exists()
+    dedupd("--config", str(cfg), "scan", str(tmp_path / "data"), check=0)
+    copy = tmp_path / "copy.jpg"  # (check never matches a file with itself)
+    copy.write_bytes(image.read_bytes())
+    assert json.loads(dedupd("--config", str(cfg), "check", "--json", str(copy),
+                             check=1).stdout)["duplicate"] is True
+
+
 def test_purge_refuses_negative_days(cfg: Path) -> None:
     for days in ("-1", "nan", "inf", "soon"):
         err = dedupd("--config", str(cfg), "quarantine", "purge", "--older-than", days,

@@ -158,3 +158,44 @@ def test_scan_shows_a_progress_bar_only_on_a_terminal(make_photo, tmp_path: Path
     assert b"scan [" in screen and b"12/12" in screen
     piped = dedupd("--config", cfg, "scan", str(data), check=0)
     assert "scan [" not in piped.stderr and "12 files" in piped.stderr
+
+
+def test_quarantine_list_pages_through_a_big_journal(tmp_path: Path, config_file) -> None:
+    """`quarantine list` reads the journal a page at a time (#17): every quarantined entry
+    once, oldest first, across page boundaries; names escaped in the text form."""
+    from dedupd.cli.quarantine import PAGE
+    from dedupd.store import QuarantineEntry, open_store
+
+    cfg = str(config_file())
+    store = open_store(str(tmp_path / "state" / "index.sqlite"))
+    try:
+        done = []
+        for i in range(2 * PAGE + 100):
+            name = "two\nlines.jpg" if i == 5 else f"{i}.jpg"
+            entry = store.add_quarantine(QuarantineEntry(
+                f"/data/{name}", f"/q/{name}", "/data/m.jpg", i % 5, "00", "default",
+                state="restored" if i % 7 == 0 else "done"))
+            if i % 7:
+                done.append(entry.id)
+    finally:
+        store.close()
+    listed = json.loads(dedupd("--config", cfg, "quarantine", "list", "--json", check=0).stdout)
+    assert [e["id"] for e in listed] == done
+    assert listed[4]["original_path"] == "/data/two\nlines.jpg"  # (JSON escapes it itself)
+    text = dedupd("--config", cfg, "quarantine", "list", check=0)
+    assert text.stderr == f"{len(done)} quarantined\n"
+    lines = text.stdout.splitlines()
+    assert len(lines) == 2 * len(done) and lines[8].endswith("/data/two\\nlines.jpg")
+
+
+def test_demo_catches_the_planted_duplicates() -> None:
+    """`dedupd demo`: a real daemon on a throwaway folder; the three planted copies are
+    quarantined, the new scene and the originals kept, the folder removed."""
+    proc = dedupd("demo", "--json", check=0)
+    js = json.loads(proc.stdout)
+    caught = sorted(Path(e["original_path"]).name for e in js["quarantined"])
+    assert caught == ["photo_03_small.jpg", "photo_05_copy.jpg", "photo_07_q50.jpg"]
+    assert js["kept"] == 13 and not Path(js["folder"]).exists()
+    plain = dedupd("demo", check=0)
+    assert "13 images kept, 3 duplicates quarantined:" in plain.stdout
+    assert "dataset/test/photo_07_q50.jpg  (distance" in plain.stdout

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
-from dedupd.cli.output import Progress
+from dedupd.cli.output import EXIT_OK, Progress, print_result
 from dedupd.config import Config
 from dedupd.store import StoreError, open_store
 from dedupd.store.copy import check_url, copy_store
@@ -52,9 +50,5 @@ def cmd_db(args: argparse.Namespace, config: Config) -> int:
                 f"{counts['images_skipped']} already there; {counts['quarantine']} journal "
                 f"entries copied, {counts['quarantine_skipped']} already there")
     result["seconds"] = round(time.monotonic() - started, 3)
-    if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(text)
-    return 0
+    print_result(args.json, result, text)
+    return EXIT_OK

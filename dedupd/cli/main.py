@@ -11,7 +11,14 @@ from typing import Any
 
 from dedupd import __version__
 from dedupd.cli.db import cmd_db
-from dedupd.cli.output import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, UsageError, fail
+from dedupd.cli.output import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_OK,
+    CommandError,
+    UsageError,
+    fail,
+)
 from dedupd.cli.quarantine import cmd_quarantine, cmd_restore
 from dedupd.cli.reload import cmd_reload
 from dedupd.cli.review import add_arguments as add_review_arguments
@@ -261,8 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args, config)
     except ConfigError as exc:
         return fail(as_json, "config", str(exc), EXIT_CONFIG)
-    except UsageError as exc:
-        return fail(as_json, "usage", str(exc), EXIT_ERROR)
+    except CommandError as exc:  # UsageError included
+        return fail(as_json, exc.kind, str(exc), exc.status)
     except StoreError as exc:
         return fail(as_json, "store", str(exc), EXIT_ERROR)
     except QuarantineError as exc:

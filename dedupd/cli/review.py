@@ -8,26 +8,21 @@ quarantine directory of the configuration it is given.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from dedupd.cli.output import CommandError, UsageError, print_error, print_result
 from dedupd.config import Config, parse_listen
 from dedupd.events import setup_logging
 from dedupd.store import open_store
 
+if TYPE_CHECKING:  # the web stack is imported only when the command runs
+    from dedupd.review.model import Review
+    from dedupd.review.thumbs import ThumbnailCache
+
 DEFAULT_LISTEN = "127.0.0.1:9469"
-
-
-def _out(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
-    if args.json:
-        json.dump(obj, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(text)
-    sys.stdout.flush()
 
 
 def cmd_review(args: argparse.Namespace, config: Config) -> int:
@@ -37,8 +32,7 @@ def cmd_review(args: argparse.Namespace, config: Config) -> int:
     try:
         host, port = parse_listen(args.listen, any_port=True)
     except ValueError as exc:
-        print(f"dedupd: --listen: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--listen: {exc}") from None
     setup_logging(args.log or config.log.mode, config.log.level)
     store = open_store(config.index, create=False)
     try:
@@ -52,7 +46,7 @@ def cmd_review(args: argparse.Namespace, config: Config) -> int:
         store.close()
 
 
-def _write_html(args: argparse.Namespace, review: Any, thumbs: Any) -> int:
+def _write_html(args: argparse.Namespace, review: Review, thumbs: ThumbnailCache) -> int:
     from dedupd.review.app import filter_from
     from dedupd.review.gallery import write_gallery
 
@@ -61,17 +55,17 @@ def _write_html(args: argparse.Namespace, review: Any, thumbs: Any) -> int:
                              "dmin": args.min_distance, "dmax": args.max_distance,
                              "since": args.since, "until": args.until})
     except ValueError as exc:
-        print(f"dedupd: bad filter: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"bad filter: {exc}") from None
     out = Path(args.html)
     counts = write_gallery(review, thumbs, out, where, args.limit)
-    _out(args, {"html": str(out / "index.html"), **counts},
-         f"wrote {out / 'index.html'}: {counts['entries']} entries on {counts['pages']} "
-         f"pages, {counts['thumbnails']} thumbnails")
+    print_result(args.json, {"html": str(out / "index.html"), **counts},
+                 f"wrote {out / 'index.html'}: {counts['entries']} entries on {counts['pages']} "
+                 f"pages, {counts['thumbnails']} thumbnails")
     return 0
 
 
-def _serve(args: argparse.Namespace, review: Any, thumbs: Any, host: str, port: int) -> int:
+def _serve(args: argparse.Namespace, review: Review, thumbs: ThumbnailCache, host: str,
+           port: int) -> int:
     import secrets
 
     import waitress
@@ -81,21 +75,21 @@ def _serve(args: argparse.Namespace, review: Any, thumbs: Any, host: str, port: 
     token = None
     if not is_loopback(host):
         token = secrets.token_urlsafe(24)
-        print(f"dedupd: warning: review bound to {host}, beyond this machine: every request "
-              "needs the access token in the URL below (keep it secret)", file=sys.stderr)
+        print_error(f"warning: review bound to {host}, beyond this machine: every request "
+                    "needs the access token in the URL below (keep it secret)")
     app = create_app(review, thumbs, host=host, port=port, read_only=args.read_only,
                      token=token)
     try:
         server = waitress.create_server(app, host=host, port=port, threads=4)
     except OSError as exc:
-        print(f"dedupd: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+        raise CommandError("os", f"cannot listen on {args.listen}: {exc.strerror or exc}") \
+            from None
     bound = server.effective_port  # type: ignore[union-attr]
     bind_port(app, host, bound)
     name = f"[{host}]" if ":" in host else host
     url = f"http://{name}:{bound}/" + (f"?token={token}" if token else "")
-    _out(args, {"url": url, "read_only": args.read_only},
-         f"review: {url}{' (read-only)' if args.read_only else ''}")
+    print_result(args.json, {"url": url, "read_only": args.read_only},
+                 f"review: {url}{' (read-only)' if args.read_only else ''}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.run()

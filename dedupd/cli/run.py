@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
+from pathlib import Path
 
 from dedupd.access import check_writable
+from dedupd.cli.output import EXIT_ERROR, EXIT_OK, fields_of, print_json, print_line, print_note
 from dedupd.config import Config, ConfigError
 from dedupd.events import Event, emit, setup_logging
 from dedupd.service import Notifier
@@ -28,11 +32,30 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     except (WatchError, StoreError) as exc:
         emit(Event.STOPPED, f"cannot start: {exc}", reason=str(exc))
         notifier.status(f"failed: {exc}")
-        return 2
+        return EXIT_ERROR
     return daemon.run()
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    """The daemon on a throwaway folder (removed afterwards unless --keep)."""
     from dedupd.demo import run_demo
 
-    return run_demo(keep=args.keep, json_output=args.json, log_mode=args.log)
+    base = Path(tempfile.mkdtemp(prefix="dedupd-demo-"))
+    print_note(f"demo folder: {base}")
+    try:
+        result = run_demo(base, args.log or ("json" if args.json else "stderr"))
+    finally:
+        if args.keep:
+            print_note(f"kept the demo folder: {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        print_json({"folder": str(base), "kept": result.kept,
+                    "quarantined": [fields_of(e) for e in result.quarantined]})
+        return EXIT_OK
+    print_line("")
+    print_line(f"{result.kept} images kept, {len(result.quarantined)} duplicates quarantined:")
+    for e in result.quarantined:
+        print_line(f"  {Path(e.original_path).relative_to(base)}  (distance {e.distance} from "
+                   f"{Path(e.matched_path).relative_to(base)})")
+    return EXIT_OK

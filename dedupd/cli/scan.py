@@ -4,10 +4,11 @@ cores), checking them against the dictionary, indexing them under their roots' p
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from dedupd.cli.output import (
 )
 from dedupd.config import Config
 from dedupd.hashing import ImageError, ImageHash, Recipe, hash_file, hash_to_hex
-from dedupd.store import ImageRecord, Match, open_store
-from dedupd.store.base import UNRESOLVED
+from dedupd.store import ImageRecord, Match, Store, open_store
+from dedupd.store.base import UNRESOLVED, StoreMissing
 
 # ---------------------------------------------------------------- hashing in parallel
 
@@ -321,59 +322,65 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
     """Each FILE (directories walked, as scan does) against the dictionary, indexing
     nothing: one result per file, JSON Lines with --json. Exit 1 if any is a duplicate,
     else 2 if any could not be checked, else 0."""
-    from dedupd.pipeline import find_duplicates
-
-    store = open_store(config.index)
-    all_scopes: list[str] | None = None
-    duplicates = errors = 0
-
-    def error(path: Path, kind: str, reason: str) -> None:
-        nonlocal errors
-        errors += 1
-        if args.json:
-            print_json({"path": str(path), "error": kind, "reason": reason})
-        else:
-            print_error(f"{path}: {kind}: {reason}")
-
     try:
+        store = open_store(config.index, create=False)
+    except StoreMissing:  # nothing indexed yet: every file is unique; no store is created
+        store = None
+    duplicates = errors = 0
+    try:
+        all_scopes = functools.cache(lambda: [] if store is None else
+                                     list(store.stats()["scopes"]))  # type: ignore[call-overload]
         for root in (Path(f).resolve() for f in args.files):
             # A named file is checked whatever it is (a missing one, a FIFO: the same
             # one-line error as `hash`); a directory is walked.
             for path in iter_image_files([root], config) if root.is_dir() else [root]:
                 outcome = hash_one((str(path), config.recipe, config.max_pixels, True))
-                if outcome.error is not None:
-                    error(path, outcome.error.kind, outcome.error.reason)
+                if outcome.result is None:
+                    assert outcome.error is not None
+                    errors += 1
+                    _check_error(args.json, path, outcome.error)
                     continue
-                result = outcome.result
-                assert result is not None
                 if not args.json:
-                    _warn_decoded(str(path), result.warnings)
-                watch = config.watch_for(path)
-                policy = config.policy_for(watch) if watch else config.policies["default"]
-                if args.scope:
-                    scopes = [args.scope]
-                elif watch is not None:
-                    scopes = [watch.scope]
-                else:
-                    if all_scopes is None:
-                        all_scopes = list(store.stats()["scopes"])  # type: ignore[call-overload]
-                    scopes = all_scopes
-                max_distance = policy.max_distance if args.max_distance is None \
-                    else args.max_distance
-                matches: list[Match] = []
-                for scope in scopes:
-                    matches += find_duplicates(store, scope, result, max_distance,
-                                               flips=policy.match_flips_rotations,
-                                               exclude=str(path), limit=args.limit)
-                matches.sort(key=lambda m: (m.distance, not m.identical))
-                matches = matches[: args.limit]
+                    _warn_decoded(str(path), outcome.result.warnings)
+                max_distance, matches = _nearest(store, config, args, path, outcome.result,
+                                                 all_scopes)
                 duplicates += bool(matches)
-                _check_report(args, path, result, max_distance, matches, config.recipe.size)
+                _check_report(args, path, outcome.result, max_distance, matches,
+                              config.recipe.size)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     if duplicates:
         return EXIT_DUPLICATE
     return EXIT_ERROR if errors else EXIT_OK
+
+
+def _check_error(as_json: bool, path: Path, error: ImageError) -> None:
+    if as_json:
+        print_json({"path": str(path), "error": error.kind, "reason": error.reason})
+    else:
+        print_error(f"{path}: {error.kind}: {error.reason}")
+
+
+def _nearest(store: Store | None, config: Config, args: argparse.Namespace, path: Path,
+             result: ImageHash, all_scopes: Callable[[], list[str]]) -> tuple[int, list[Match]]:
+    """The threshold for path and the nearest confirmed matches within it: in --scope, else
+    in its watch's group, else in every group."""
+    from dedupd.pipeline import find_duplicates
+
+    watch = config.watch_for(path)
+    policy = config.policy_for(watch) if watch else config.policies["default"]
+    max_distance = policy.max_distance if args.max_distance is None else args.max_distance
+    if store is None:
+        return max_distance, []
+    scopes = [args.scope] if args.scope else [watch.scope] if watch else all_scopes()
+    matches: list[Match] = []
+    for scope in scopes:
+        matches += find_duplicates(store, scope, result, max_distance,
+                                   flips=policy.match_flips_rotations,
+                                   exclude=str(path), limit=args.limit)
+    matches.sort(key=lambda m: (m.distance, not m.identical))
+    return max_distance, matches[: args.limit]
 
 
 def _check_report(args: argparse.Namespace, path: Path, result: ImageHash, max_distance: int,

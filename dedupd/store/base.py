@@ -63,6 +63,11 @@ class StoreError(Exception):
     """The store cannot be used (unreachable, corrupt, wrong schema)."""
 
 
+class StoreMissing(StoreError):
+    """open_store(create=False) of a store that does not exist yet: read-only commands
+    report an empty dictionary instead of creating one."""
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     scope: str  # watch group: only records of one scope are compared

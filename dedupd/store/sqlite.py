@@ -29,6 +29,7 @@ from dedupd.store.base import (
     Rejection,
     Store,
     StoreError,
+    StoreMissing,
     nearest_first,
     path_from_db,
     path_to_db,
@@ -164,7 +165,7 @@ class SQLiteStore(Store):
         self.path = os.path.abspath(path)
         self.url = f"sqlite://{self.path}"
         if not create and not os.path.exists(self.path):
-            raise StoreError(f"{self.path}: no such index (run a scan or the daemon first)")
+            raise StoreMissing(f"{self.path}: no such index (run a scan or the daemon first)")
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False,
