@@ -146,15 +146,24 @@ def move_no_replace(src: Path, dst: Path, partial: Path) -> None:
 
 
 def _copy_across(src: Path, dst: Path, partial: Path) -> None:
-    """src to dst on another file system, through `partial`; never leaves `partial`."""
+    """src to dst on another file system, through `partial`. Until dst is linked, a
+    failure removes `partial` and is raised; after, dst is complete and the move goes on
+    even if `partial` cannot be removed (a second name of dst's inode, removed at the
+    next start by `Quarantine.reconcile`): raising then would leave two copies."""
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, "exists", str(dst))
     try:
         _copy_preserving(src, partial)
         os.link(partial, dst)  # no-replace, unlike rename
-    finally:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
+        raise
+    try:
+        os.unlink(partial)
+    except OSError as exc:
+        log.warning("%s: moved, but its temporary name %s stays until the next start: %s",
+                    dst, partial.name, exc.strerror or exc)
 
 
 class Quarantine:
@@ -289,9 +298,10 @@ class Quarantine:
                 record_for: Callable[[QuarantineEntry], ImageRecord | None]) -> str | None:
         """Bring one journal entry to a final state; returns what was done, if anything."""
         src, dst = Path(entry.original_path), Path(entry.quarantine_path)
-        if entry.state in (PENDING, RESTORING):  # a copy a crash left beside its target
-            partial_path(dst if entry.state == PENDING else src, entry.id).unlink(
-                missing_ok=True)
+        # A copy a crash left beside its target, or the temporary name of a finished
+        # cross-file-system move that could not be removed then (a second name of it).
+        _drop_partials(entry)
+        if entry.state in (PENDING, RESTORING):
             partial_path(dst, f"sidecar-{entry.id}").unlink(missing_ok=True)
         src_there, dst_there = os.path.lexists(src), os.path.lexists(dst)
         if entry.state == PENDING:
@@ -378,6 +388,8 @@ class Quarantine:
             raise QuarantineError(f"{dst}: cannot restore from {src}: "
                                   f"{exc.strerror or exc}") from None
         self._restored(restoring)
+        with contextlib.suppress(OSError):  # a second name left by the move in, if any
+            partial_path(src, entry.id).unlink(missing_ok=True)
         return dst
 
     def _move_record(self, entry: QuarantineEntry, *, frm: Path, to: Path,
@@ -414,6 +426,7 @@ class Quarantine:
         path = Path(entry.quarantine_path)
         path.unlink(missing_ok=True)
         _remove_sidecar(path)
+        _drop_partials(entry)  # else a second name would keep the purged bytes
         self._forget(entry)
 
 
@@ -438,6 +451,13 @@ def restore_and_report(q: Quarantine, entry: QuarantineEntry, *,
 def _leftovers(dst: Path, entry_id: int | None) -> bool:
     """After a failed move: did cleaning up fail too (a name at dst or its partial)?"""
     return os.path.lexists(dst) or os.path.lexists(partial_path(dst, entry_id))
+
+
+def _drop_partials(entry: QuarantineEntry) -> None:
+    """Remove the temporary names of an entry's moves, in and out (they are ours: the
+    entry's id names them)."""
+    for beside in (entry.quarantine_path, entry.original_path):
+        partial_path(Path(beside), entry.id).unlink(missing_ok=True)
 
 
 def _remove_sidecar(path: Path) -> None:

@@ -264,14 +264,10 @@ def _figures() -> Iterator[None]:
 # Sweeps that still find a defect: xfail(strict=True), so each flips to a failure once
 # fixed (then delete its line here).
 OPEN_DEFECTS: dict[tuple[str, bool], str] = {
-    # Same file system: fixed (robust-daemon). Across file systems one case remains: the
-    # copy is linked into place, then removing its temporary name fails; the move is
-    # left pending (both copies) until the next start's repair finishes it.
-    ("quarantine", True): "#12 item 4: removing the partial copy fails after it is linked: "
-                          "both copies stay until the next start",
-    ("restore", True): "#12 item 4: as when quarantining",
+    # Empty: across file systems, the copy linked into place and its temporary name not
+    # removable left both copies until the next start (#12 item 4); fixed, the move goes
+    # on and the next start removes that second name.
 }
-
 
 def sweep_params(operation: str) -> list:
     """(cross_fs, errno) for each sweep of `operation`, xfail where OPEN_DEFECTS says."""
