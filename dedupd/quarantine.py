@@ -221,8 +221,12 @@ class Quarantine:
                 self.store.update_quarantine(replace(entry, state=ROLLED_BACK))
                 continue
             except OSError as exc:
-                if not _leftovers(target, entry.id):  # else pending: repaired at start
+                leftovers = _leftovers(target, entry.id)
+                if not leftovers:  # else pending: repaired at start
                     self.store.update_quarantine(replace(entry, state=ROLLED_BACK))
+                if isinstance(exc, FileNotFoundError) and not leftovers and \
+                        os.path.lexists(original) and not os.path.lexists(target.parent):
+                    continue  # a purge or restore pruned the directory target_for made
                 raise QuarantineError(f"{original}: cannot move to quarantine: "
                                       f"{exc.strerror or exc}") from None
             try:
@@ -340,6 +344,7 @@ class Quarantine:
             return None
         if not dst_there:  # DONE, but the file is gone: someone purged it by hand
             self._forget(entry)
+            self._prune(dst.parent)
             return "purged"
         return None
 
@@ -390,6 +395,7 @@ class Quarantine:
         self._restored(restoring)
         with contextlib.suppress(OSError):  # a second name left by the move in, if any
             partial_path(src, entry.id).unlink(missing_ok=True)
+        self._prune(src.parent)
         return dst
 
     def _move_record(self, entry: QuarantineEntry, *, frm: Path, to: Path,
@@ -428,6 +434,20 @@ class Quarantine:
         _remove_sidecar(path)
         _drop_partials(entry)  # else a second name would keep the purged bytes
         self._forget(entry)
+        self._prune(path.parent)
+
+    def _prune(self, directory: Path) -> None:
+        """Remove `directory` and its parents while empty, up to (not including) the
+        quarantine directory: purged and restored files leave no empty tree behind.
+        A move in racing with this makes its directory again (see move_in)."""
+        base = Path(os.path.realpath(self.directory))
+        directory = Path(os.path.realpath(directory))
+        while base in directory.parents:
+            try:
+                os.rmdir(directory)
+            except OSError:  # not empty (or not ours to remove): stop there
+                return
+            directory = directory.parent
 
 
 def restore_and_report(q: Quarantine, entry: QuarantineEntry, *,

@@ -171,6 +171,52 @@ def test_purge_and_files_removed_by_hand(env) -> None:
     assert store.list_quarantine((DONE, PENDING)) == []
 
 
+def test_purge_and_restore_leave_no_empty_directories(env) -> None:
+    """#12: purge (and restore, and a file removed by hand) pruned nothing: the
+    quarantine kept an empty copy of every root's tree. Only emptied directories go,
+    never the quarantine directory itself nor one still holding a file."""
+    root, store, q = env
+    moved = []
+    for name in ("a/b/c/x.jpg", "a/b/y.jpg", "d/e/z.jpg", "f/g/w.jpg"):
+        src = write_image(root / name, photo(len(moved) + 1, 32, 32))
+        moved.append(q.move_in(src, root, record=record(src), matched_path="/m", distance=1,
+                               hash_hex="0", policy="p"))
+    x, y, z, w = moved
+    keep = Path(y.quarantine_path).parent  # .../a/b still holds y
+    q.purge_entry(x)
+    assert not Path(x.quarantine_path).parent.exists() and keep.is_dir()
+    q.restore(z)
+    assert not Path(z.quarantine_path).parent.parent.exists()  # .../d gone with .../d/e
+    assert (root / "d" / "e" / "z.jpg").exists()
+    Path(w.quarantine_path).unlink()
+    Path(w.quarantine_path).with_name("w.jpg.json").unlink()
+    assert q.reconcile(no_rehash)["purged"] == 1
+    assert not Path(w.quarantine_path).parent.parent.exists()
+    q.purge(-1)
+    assert q.directory.is_dir() and list(q.directory.iterdir()) == []
+
+
+def test_move_in_racing_a_prune_makes_the_directory_again(env) -> None:
+    """A purge in another process may remove the directory target_for just made: the
+    move retries with the directory made again instead of failing the quarantine."""
+    root, store, q = env
+    src = write_image(root / "a" / "x.jpg", photo(1, 32, 32))
+    real_target_for, raced = q.target_for, []
+
+    def target_for(original: Path, root_: Path | None) -> Path:
+        target = real_target_for(original, root_)
+        if not raced:
+            raced.append(target)
+            q._prune(target.parent)  # what a concurrent purge of a sibling does
+        return target
+
+    q.target_for = target_for  # type: ignore[method-assign]
+    entry = q.move_in(src, root, record=record(src), matched_path="/m", distance=1,
+                      hash_hex="0", policy="p")
+    assert raced and not src.exists() and Path(entry.quarantine_path).exists()
+    assert [e.state for e in store.list_quarantine()] == [ROLLED_BACK, DONE]
+
+
 def dedupd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dedupd", *args], capture_output=True,
                           text=True, timeout=60)
