@@ -11,7 +11,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from dedupd.config import CircuitBreaker, Policy
-from dedupd.selection import wanted  # noqa: F401  (cmd_scan's import until it uses selection)
 from dedupd.store import ImageRecord, Match
 
 ACCEPT, DUPLICATE, REPLACE = "accept", "duplicate", "replace"

@@ -175,3 +175,38 @@ def test_one_record_builder_for_ingest_scan_and_repair(tmp_path: Path) -> None:
     assert pipeline.rehash_entry(QuarantineEntry(
         original_path=str(path), quarantine_path=str(tmp_path / "nothing.jpg"),
         matched_path="/m", distance=0, hash="0", policy="default")) is None
+
+
+def test_scan_takes_the_daemons_path_and_its_answer_to_what_is_ours(tmp_path: Path) -> None:
+    """`dedupd scan` of a directory the daemon ignores (below an ignored name, or below
+    a non-recursive root) acts on nothing there; under a root it quarantines a copy
+    as the daemon would."""
+    import subprocess
+    import sys
+
+    root, flat = tmp_path / "data", tmp_path / "flat"
+    cfg = write_config(tmp_path / "dedupd.yaml", {
+        "index": str(tmp_path / "index.sqlite"), "quarantine_dir": str(tmp_path / "q"),
+        "watches": [{"path": str(root)}, {"path": str(flat), "recursive": False}]})
+    write_image(root / "a.jpg", photo(7, 320, 240))
+    hidden = write_image(root / ".cache" / "copy.jpg", photo(7, 320, 240), quality=70)
+    write_image(flat / "b.jpg", photo(8, 320, 240))
+    below = write_image(flat / "sub" / "copy.jpg", photo(8, 320, 240), quality=70)
+
+    def scan(*paths: Path) -> dict[str, Any]:
+        import json
+
+        done = subprocess.run([sys.executable, "-m", "dedupd", "--config", str(cfg),
+                               "scan", "--json", *map(str, paths)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode in (0, 1), done.stderr
+        return json.loads(done.stdout)
+
+    first = scan(root, flat)
+    assert (first["files"], first["indexed"], first["duplicates"]) == (2, 2, 0)
+    ignored = scan(root / ".cache", flat / "sub")
+    assert (ignored["files"], ignored["duplicates"]) == (0, 0)
+    assert hidden.exists() and below.exists()
+    copy = write_image(root / "sub" / "copy.jpg", photo(7, 320, 240), quality=70)
+    third = scan(root / "sub")
+    assert third["quarantined"] == 1 and not copy.exists()

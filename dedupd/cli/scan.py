@@ -8,7 +8,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,13 @@ from dedupd.cli.output import (
 )
 from dedupd.config import Config
 from dedupd.hashing import ImageError, ImageHash, Recipe, hash_file, hash_to_hex
+from dedupd.matching import find_duplicates
+from dedupd.pipeline import Pipeline, record_for
+from dedupd.selection import Selected, select, walk
+from dedupd.signature import Signature, confirms
 from dedupd.store import ImageRecord, Match, Store, open_store
 from dedupd.store.base import UNRESOLVED, StoreMissing
+from dedupd.store.hamming import HammingIndex
 
 # ---------------------------------------------------------------- hashing in parallel
 
@@ -117,46 +122,6 @@ def _warn_decoded(path: str, warnings: Sequence[str]) -> None:
                     f"{'; '.join(warnings)}")
 
 
-def iter_image_files(roots: Iterable[Path], config: Config) -> Iterator[Path]:
-    """Regular image files under roots; never follows symlinks, skips ignored names."""
-    from fnmatch import fnmatch
-
-    exts = {e for p in config.policies.values() for e in p.extensions}
-    for root in roots:
-        if not root.is_dir():  # a file named on the command line: hashed, or said why not
-            yield root
-            continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames
-                                 if not any(fnmatch(d, pat) for pat in config.ignore))
-            for name in sorted(filenames):
-                if any(fnmatch(name, pat) for pat in config.ignore):
-                    continue
-                if name.rsplit(".", 1)[-1].lower() not in exts:
-                    continue
-                path = Path(dirpath, name)
-                if path.is_symlink():
-                    continue
-                yield path
-
-
-def _scope_and_distance(config: Config, path: Path, fallback_scope: str) -> tuple[str, int, str]:
-    watch = config.watch_for(path)
-    if watch is None:
-        return fallback_scope, config.policies["default"].max_distance, "default"
-    policy = config.policy_for(watch)
-    return watch.scope, policy.max_distance, policy.name
-
-
-def _record_from(o: HashOutcome, scope: str) -> ImageRecord:
-    r = o.result
-    assert r is not None
-    return ImageRecord(scope=scope, path=o.path, recipe=r.recipe.key, hash=r.hash,
-                       digest=r.digest, file_size=r.file_size, mtime_ns=o.mtime_ns,
-                       width=r.width, height=r.height,
-                       signature=r.signature.to_bytes() if r.signature else None)
-
-
 def _match_json(m: Match, size: int) -> dict[str, Any]:
     out = {"path": m.record.path, "distance": m.distance, "identical": m.identical,
            "hash": hash_to_hex(m.record.hash, size), "id": m.record.id,
@@ -166,6 +131,131 @@ def _match_json(m: Match, size: int) -> dict[str, Any]:
     return out
 
 
+class _Scan:
+    """One `dedupd scan`: a file under a watch root goes the daemon's way (the
+    pipeline: its root's policy, acted on); anything else, and everything in a dry run,
+    is matched and reported only (indexed too, outside the roots, unless a dry run)."""
+
+    def __init__(self, config: Config, store: Store, roots: list[Path], *,
+                 dry_run: bool, files: int) -> None:
+        self.config, self.store, self.roots, self.dry_run = config, store, roots, dry_run
+        self.pipeline = Pipeline(config, store)
+        self.pipeline.breaker_until = "the end of this scan"
+        self.started = time.monotonic()
+        self.counts = {"files": files, "indexed": 0, "known": 0, "duplicates": 0,
+                       "quarantined": 0, "deleted": 0, "errors": 0}
+        self.groups: dict[str, list[dict[str, Any]]] = {}
+        self.errors: list[dict[str, str]] = []
+        self.warned: list[dict[str, Any]] = []  # decoded, with the decoder's complaints
+        # Outside the watch roots, inserts go to the store in batches of 500, so images
+        # this run has indexed (or, in a dry run, would have) are also matched against an
+        # index of their own.
+        self.pending: list[ImageRecord] = []
+        self.seen_index: dict[str, HammingIndex] = {}
+        self.seen: dict[int, ImageRecord] = {}
+
+    def take(self, o: HashOutcome) -> None:
+        """One hashed (or failed) file."""
+        if o.error is not None or o.result is None:
+            assert o.error is not None
+            self.counts["errors"] += 1
+            self.errors.append({"path": o.path, "error": o.error.kind,
+                                "reason": o.error.reason})
+            return
+        if o.result.warnings:
+            self.warned.append({"path": o.path, "warnings": list(o.result.warnings)})
+        known = self.store.get_by_path(o.path)
+        if known is not None and known.digest == o.result.digest \
+                and known.recipe == self.config.recipe.key and known.status != UNRESOLVED:
+            self.counts["known"] += 1
+            return
+        path = Path(o.path)
+        selected = select(self.config, path)
+        if self.config.watch_for(path) is not None and selected is None:
+            return  # under a root, but not the root's: the daemon leaves it too
+        if selected is not None and not self.dry_run:
+            self._ingest(path, o.result, o.mtime_ns, known)
+        else:
+            self._report_only(path, o.result, o.mtime_ns, known, selected)
+
+    def _ingest(self, path: Path, hashed: ImageHash, mtime_ns: int,
+                known: ImageRecord | None) -> None:
+        """The daemon's path. Found by a scan: keep: first goes by mtime, whichever
+        copy hashed first."""
+        admitted = self.pipeline.admit(path)
+        if admitted is None:
+            return
+        done = self.pipeline.ingest(path, admitted.selected.watch, hashed, mtime_ns, known,
+                                    arrival=mtime_ns / 1e9, queued=self.started)
+        if done is not None and done.match is not None and done.loser is not None:
+            winner = str(path) if done.loser != str(path) else done.match.record.path
+            self._report(winner, done.loser, done.match, action=done.action,
+                         moved_to=done.moved_to)
+            self.counts["quarantined"] += done.moved_to is not None
+            self.counts["deleted"] += done.action == "delete"
+        self.counts["indexed"] += done is not None and done.accepted
+
+    def _report_only(self, path: Path, hashed: ImageHash, mtime_ns: int,
+                     known: ImageRecord | None, selected: Selected | None) -> None:
+        if selected is not None:
+            scope, policy = selected.scope, selected.policy
+        else:
+            scope = str(next(r for r in self.roots if r == path or r in path.parents))
+            policy = self.config.policies["default"]
+        record = record_for(hashed, scope, path, mtime_ns)
+        matches = find_duplicates(self.store, scope, hashed, policy.max_distance,
+                                  exclude=str(path), limit=1) \
+            or self._seen_before(record, hashed, policy.max_distance)
+        if matches:
+            self._report(matches[0].record.path, str(path), matches[0])
+            return
+        if self.dry_run or known is None:  # matched by the files after it
+            rid = len(self.seen) + 1
+            self.seen[rid] = record.with_(id=rid)
+            self.seen_index[scope].add(rid, record.hash)
+        if self.dry_run:
+            return
+        self.counts["indexed"] += 1
+        if known is None:
+            self.pending.append(record)
+            if len(self.pending) >= 500:
+                self.flush()
+        else:  # changed, or hashed with another recipe: re-hashed
+            self.store.update(record.with_(id=known.id, first_seen=known.first_seen,
+                                           status=known.status))
+
+    def _seen_before(self, record: ImageRecord, hashed: ImageHash, max_distance: int
+                     ) -> list[Match]:
+        """A copy among the files this run indexed (or would have) and not yet stored."""
+        idx = self.seen_index.get(record.scope)
+        if idx is None:
+            idx = self.seen_index[record.scope] = HammingIndex(self.config.recipe.bits)
+        mine = hashed.signature
+        for rid, distance in idx.query(record.hash, max_distance, 32):
+            prior = self.seen[rid]
+            same = prior.digest == record.digest
+            theirs = Signature.from_bytes(prior.signature or b"")
+            if same or mine is None or theirs is None or confirms(mine, theirs, max_distance):
+                return [Match(prior, distance, same)]
+        return []
+
+    def _report(self, original: str, path: str, match: Match, **more: Any) -> None:
+        self.counts["duplicates"] += 1
+        self.groups.setdefault(original, []).append(
+            {"path": path, "distance": match.distance, "identical": match.identical, **more})
+
+    def flush(self) -> None:
+        if self.pending:
+            self.store.insert_many(self.pending)
+            self.pending.clear()
+
+    def summary(self, workers: int) -> dict[str, Any]:
+        return {**self.counts, "dry_run": self.dry_run,
+                "seconds": round(time.monotonic() - self.started, 3), "workers": workers,
+                "groups": [{"original": k, "duplicates": v} for k, v in self.groups.items()],
+                "errors_detail": self.errors, "warnings_detail": self.warned}
+
+
 def cmd_scan(args: argparse.Namespace, config: Config) -> int:
     """Hash on all cores; apply the root's policy to files under a configured watch root
     (exactly as the daemon would), index and report everything else."""
@@ -173,137 +263,48 @@ def cmd_scan(args: argparse.Namespace, config: Config) -> int:
     for r in roots:
         if not r.exists():
             raise UsageError(f"{r}: no such file or directory")
-    files = [str(p) for p in iter_image_files(roots, config)]
+    files = [str(p) for p in walk(roots, config)]
     _scan_logging(args, config)
     store = open_store(config.index)
-    recipe = config.recipe
     workers = args.workers or default_workers(config)
     progress = Progress(len(files), "scan", enabled=None if not args.json else False)
-    counts = {"files": len(files), "indexed": 0, "known": 0, "duplicates": 0,
-              "quarantined": 0, "deleted": 0, "errors": 0}
-    groups: dict[str, list[dict[str, Any]]] = {}
-    errors: list[dict[str, str]] = []
-    warned: list[dict[str, Any]] = []  # decoded, with the decoder's complaints
-    pending: list[ImageRecord] = []
-    started = time.monotonic()
-    from dedupd.pipeline import Pipeline, find_duplicates
-    from dedupd.policy import wanted
-    from dedupd.signature import Signature, confirms
-    from dedupd.store.hamming import HammingIndex
-
-    pipeline = Pipeline(config, store)
-    pipeline.breaker_until = "the end of this scan"
-    # Outside the watch roots, inserts go to the store in batches of 500, so images this
-    # run has indexed (or, in a dry run, would have) are also matched against an index
-    # of their own.
-    seen_index: dict[str, HammingIndex] = {}
-    seen: dict[int, ImageRecord] = {}
-
-    def flush() -> None:
-        if pending:
-            store.insert_many(pending)
-            pending.clear()
-
-    def report(original: str, path: str, match: Match, **more: Any) -> None:
-        counts["duplicates"] += 1
-        groups.setdefault(original, []).append(
-            {"path": path, "distance": match.distance, "identical": match.identical, **more})
-
+    scan = _Scan(config, store, roots, dry_run=args.dry_run, files=len(files))
     try:
-        for o in hash_many(files, recipe, config.max_pixels, workers):
+        for o in hash_many(files, config.recipe, config.max_pixels, workers):
             progress.step()
-            if o.error is not None:
-                counts["errors"] += 1
-                errors.append({"path": o.path, "error": o.error.kind, "reason": o.error.reason})
-                continue
-            if o.result.warnings:  # type: ignore[union-attr]
-                warned.append({"path": o.path, "warnings": list(o.result.warnings)})  # type: ignore[union-attr]
-            path = Path(o.path)
-            known = store.get_by_path(o.path)
-            if known is not None and known.digest == o.result.digest \
-                    and known.recipe == recipe.key \
-                    and known.status != UNRESOLVED:  # type: ignore[union-attr]
-                counts["known"] += 1
-                continue
-            watch = config.watch_for(path)
-            if watch is not None and not args.dry_run:
-                if not wanted(config.policy_for(watch), str(path.relative_to(watch.path))):
-                    continue
-                # Found by a scan: keep: first goes by mtime, whichever hashed first.
-                done = pipeline.ingest(path, watch, o.result, o.mtime_ns,  # type: ignore[arg-type]
-                                       known, arrival=o.mtime_ns / 1e9, queued=started)
-                if done is not None and done.match is not None:
-                    winner = o.path if done.loser != o.path else done.match.record.path
-                    report(winner, done.loser, done.match,  # type: ignore[arg-type]
-                           action=done.action, moved_to=done.moved_to)
-                    counts["quarantined"] += done.moved_to is not None
-                    counts["deleted"] += done.action == "delete"
-                counts["indexed"] += done is not None and done.accepted
-                continue
-            fallback = str(next(r for r in roots if r == path or r in path.parents))
-            scope, max_distance, _policy = _scope_and_distance(config, path, fallback)
-            record = _record_from(o, scope)
-            matches = find_duplicates(store, scope, o.result, max_distance,  # type: ignore[arg-type]
-                                      exclude=o.path, limit=1)
-            idx = seen_index.get(scope)
-            if idx is None:
-                idx = seen_index[scope] = HammingIndex(recipe.bits)
-            if not matches:
-                for rid, distance in idx.query(record.hash, max_distance, 32):
-                    prior = seen[rid]
-                    same = prior.digest == record.digest
-                    theirs = Signature.from_bytes(prior.signature or b"")
-                    mine = o.result.signature  # type: ignore[union-attr]
-                    if same or mine is None or theirs is None \
-                            or confirms(mine, theirs, max_distance):
-                        matches = [Match(prior, distance, same)]
-                        break
-            if matches:
-                report(matches[0].record.path, o.path, matches[0])
-                continue
-            if args.dry_run or known is None:
-                local = record.with_(id=len(seen) + 1)
-                seen[local.id] = local  # type: ignore[index]
-                idx.add(local.id, local.hash)  # type: ignore[arg-type]
-            if not args.dry_run and known is None:
-                pending.append(record)
-                counts["indexed"] += 1
-                if len(pending) >= 500:
-                    flush()
-            elif not args.dry_run:  # changed, or hashed with another recipe: re-hashed
-                store.update(record.with_(id=known.id, first_seen=known.first_seen,
-                                          status=known.status))
-                counts["indexed"] += 1
-        flush()
+            scan.take(o)
+        scan.flush()
     finally:
         progress.close()
         store.close()
-    elapsed = time.monotonic() - started
-    summary = {**counts, "dry_run": args.dry_run, "seconds": round(elapsed, 3),
-               "workers": workers,
-               "groups": [{"original": k, "duplicates": v} for k, v in groups.items()],
-               "errors_detail": errors, "warnings_detail": warned}
+    summary = scan.summary(workers)
     if args.json:
         print_json(summary)
     else:
-        for original, dups in groups.items():
-            print_line(original)
-            for d in dups:
-                done = f"  -> {d['moved_to']}" if d.get("moved_to") else \
-                    "  (deleted)" if d.get("action") == "delete" else ""
-                print_line(f"  {d['distance']:>3}  {d['path']}{done}")
-        for w in warned:
-            _warn_decoded(w["path"], w["warnings"])
-        for e in errors:
-            print_error(f"{e['path']}: {e['error']}: {e['reason']}")
-        rate = len(files) / elapsed if elapsed > 0 else 0.0
-        print(f"{counts['files']} files, {counts['indexed']} indexed, {counts['known']} already "
-              f"known, {counts['duplicates']} duplicates ({counts['quarantined']} quarantined, "
-              f"{counts['deleted']} deleted), {counts['errors']} errors in {elapsed:.1f} s "
-              f"({rate:,.0f}/s){' [dry run]' if args.dry_run else ''}", file=sys.stderr)
-    if counts["errors"]:  # some files were not looked at: not a clean result either way
+        _print_scan(summary)
+    if summary["errors"]:  # some files were not looked at: not a clean result either way
         return EXIT_ERROR
-    return EXIT_DUPLICATE if counts["duplicates"] else EXIT_OK
+    return EXIT_DUPLICATE if summary["duplicates"] else EXIT_OK
+
+
+def _print_scan(summary: dict[str, Any]) -> None:
+    for group in summary["groups"]:
+        print_line(group["original"])
+        for d in group["duplicates"]:
+            done = f"  -> {d['moved_to']}" if d.get("moved_to") else \
+                "  (deleted)" if d.get("action") == "delete" else ""
+            print_line(f"  {d['distance']:>3}  {d['path']}{done}")
+    for w in summary["warnings_detail"]:
+        _warn_decoded(w["path"], w["warnings"])
+    for e in summary["errors_detail"]:
+        print_error(f"{e['path']}: {e['error']}: {e['reason']}")
+    elapsed = summary["seconds"]
+    rate = summary["files"] / elapsed if elapsed > 0 else 0.0
+    print(f"{summary['files']} files, {summary['indexed']} indexed, {summary['known']} "
+          f"already known, {summary['duplicates']} duplicates ({summary['quarantined']} "
+          f"quarantined, {summary['deleted']} deleted), {summary['errors']} errors in "
+          f"{elapsed:.1f} s ({rate:,.0f}/s){' [dry run]' if summary['dry_run'] else ''}",
+          file=sys.stderr)
 
 
 def _scan_logging(args: argparse.Namespace, config: Config) -> None:
@@ -333,7 +334,7 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
         for root in (Path(f).resolve() for f in args.files):
             # A named file is checked whatever it is (a missing one, a FIFO: the same
             # one-line error as `hash`); a directory is walked.
-            for path in iter_image_files([root], config) if root.is_dir() else [root]:
+            for path in walk([root], config):
                 outcome = hash_one((str(path), config.recipe, config.max_pixels, True))
                 if outcome.result is None:
                     assert outcome.error is not None
@@ -366,8 +367,6 @@ def _nearest(store: Store | None, config: Config, args: argparse.Namespace, path
              result: ImageHash, all_scopes: Callable[[], list[str]]) -> tuple[int, list[Match]]:
     """The threshold for path and the nearest confirmed matches within it: in --scope, else
     in its watch's group, else in every group."""
-    from dedupd.pipeline import find_duplicates
-
     watch = config.watch_for(path)
     policy = config.policy_for(watch) if watch else config.policies["default"]
     max_distance = policy.max_distance if args.max_distance is None else args.max_distance
