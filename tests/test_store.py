@@ -320,3 +320,99 @@ def test_migration_keeps_paths_with_backslashes(tmp_path: Path) -> None:
         assert (e.original_path, e.quarantine_path) == ("/d/x\\y", "/q/x\\y")
     finally:
         store.close()
+
+
+def _lock_is_held(store, scope: str, takers: list) -> bool:
+    """Whether another thread finds `scope` locked right now (it waits briefly; the
+    thread, added to `takers` to be joined, takes the lock once the holder lets go)."""
+    import threading
+
+    got = threading.Event()
+
+    def take() -> None:
+        with store.locked(scope):
+            got.set()
+
+    takers.append(threading.Thread(target=take, daemon=True))
+    takers[-1].start()
+    return not got.wait(0.3)
+
+
+def _joined(takers: list) -> bool:
+    for t in takers:
+        t.join(10)
+    return not any(t.is_alive() for t in takers)
+
+
+def test_forget_deletes_only_a_gone_file_under_the_lock(store_url: str) -> None:
+    store = open_store(store_url)
+    try:
+        kept = store.insert(rec("/d/a.jpg", 1))
+        store.insert(rec("/d/q.jpg", 2, status=QUARANTINED))
+        held, takers = [], []
+        assert store.forget("s", "/d/a.jpg", lambda: False) is None  # the file is back
+        assert store.get(kept.id) == kept
+        assert store.forget("s", "/d/q.jpg", lambda: True) is None  # not in a root
+        assert store.get_by_path("/d/q.jpg") is not None
+        assert store.forget("s", "/d/none.jpg", lambda: True) is None
+        gone = store.forget("s", "/d/a.jpg", lambda: held.append(_lock_is_held(store, "s", takers))
+                            or True)
+        assert gone == kept and store.get_by_path("/d/a.jpg") is None
+        assert held == [True]  # gone() was asked under the scope's lock
+        assert _joined(takers)  # ... and the lock was let go
+    finally:
+        store.close()
+
+
+def test_repath_moves_a_record_unless_the_target_has_one(store_url: str) -> None:
+    store = open_store(store_url)
+    try:
+        a = store.insert(rec("/d/a.jpg", 1))
+        b = store.insert(rec("/d/b.jpg", 2))
+        assert store.repath("s", "/d/a.jpg", "/d/b.jpg") is None  # b keeps its record
+        assert store.get(a.id) == a and store.get(b.id) == b
+        moved = store.repath("s", "/d/a.jpg", "/e/a.jpg")
+        assert moved == a.with_(path="/e/a.jpg") == store.get_by_path("/e/a.jpg")
+        assert store.get_by_path("/d/a.jpg") is None
+        assert store.repath("s", "/d/a.jpg", "/f/a.jpg") is None  # nothing there any more
+        # The in-memory index follows the move.
+        assert [m.record.path for m in store.find_matches("s", RECIPE, 1, None, 0)] == [
+            "/e/a.jpg"]
+    finally:
+        store.close()
+
+
+def test_repath_tree_moves_a_directory_of_one_scope(store_url: str) -> None:
+    store = open_store(store_url)
+    try:
+        store.insert_many([rec("/d/a.jpg", 1), rec("/d/sub/b.jpg", 2),
+                           rec("/d/q.jpg", 3, status=QUARANTINED),
+                           rec("/d/o.jpg", 4, scope="other"), rec("/d_x/c.jpg", 5),
+                           rec("/d/taken.jpg", 6), rec("/e/taken.jpg", 7)])
+        assert store.repath_tree("s", "/d", "/e") == 2
+        paths = {r.path: (r.scope, r.status) for r in store.iter_records()}
+        assert paths == {"/e/a.jpg": ("s", "kept"), "/e/sub/b.jpg": ("s", "kept"),
+                         "/d/q.jpg": ("s", QUARANTINED), "/d/o.jpg": ("other", "kept"),
+                         "/d_x/c.jpg": ("s", "kept"), "/d/taken.jpg": ("s", "kept"),
+                         "/e/taken.jpg": ("s", "kept")}
+    finally:
+        store.close()
+
+
+def test_prune_missing_forgets_gone_files_and_counts_moves(store_url: str) -> None:
+    store = open_store(store_url)
+    try:
+        a, b, c = (store.insert(rec(f"/d/{n}.jpg", i)) for i, n in enumerate("abc"))
+        store.update(b.with_(path="/d/b2.jpg"))  # found under a new name meanwhile
+        held, takers = [], []
+
+        def gone(path: str) -> bool:
+            held.append(_lock_is_held(store, "s", takers))
+            return path != "/d/c.jpg"  # c is back
+
+        vanished = [(a.id, a.path), (b.id, b.path), (c.id, c.path), (9999, "/d/none.jpg")]
+        assert store.prune_missing(vanished, gone) == (1, 1)
+        assert store.get(a.id) is None and store.get(b.id) and store.get(c.id)
+        assert held == [True, True] and _joined(takers)
+    finally:
+        store.close()

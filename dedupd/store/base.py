@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 
@@ -311,6 +311,73 @@ class Store(ABC):
     def checkpoint(self) -> None:
         """Persist whatever makes the next start fast (called now and then, and on close)."""
         return None
+
+    # -- intents: each takes the scope's lock itself, so that a caller never holds it
+    # across its own logic (the only callers of locked() left decide under it).
+    def forget(self, scope: str, path: str, gone: Callable[[], bool],
+               statuses: tuple[str, ...] = IN_ROOT_STATUSES) -> ImageRecord | None:
+        """Delete the record of `path` if it is in one of `statuses` and gone() still
+        holds under the lock (a file re-created meanwhile keeps its record). Returns the
+        deleted record, or None."""
+        with self.locked(scope):
+            rec = self.get_by_path(path)
+            if rec is None or rec.status not in statuses or not gone():
+                return None
+            self.delete(rec.id)  # type: ignore[arg-type]
+            return rec
+
+    def repath(self, scope: str, src: str, dst: str) -> ImageRecord | None:
+        """Move the record of `src` to `dst` (a rename seen by the watcher), unless `dst`
+        already has one. Returns the moved record, or None."""
+        with self.locked(scope):
+            rec = self.get_by_path(src)
+            if rec is None or self.get_by_path(dst) is not None:
+                return None
+            moved = rec.with_(path=dst)
+            self.update(moved)
+            return moved
+
+    def repath_tree(self, scope: str, src: str, dst: str,
+                    statuses: tuple[str, ...] = IN_ROOT_STATUSES) -> int:
+        """Move the records of `scope` under directory `src` to the same names under
+        `dst` (a directory renamed), one record per lock hold; records of other scopes
+        or statuses, records that moved meanwhile and names `dst` already has stay.
+        Returns how many moved."""
+        base, target = src.rstrip("/") + "/", dst.rstrip("/") + "/"
+        moved = 0
+        for rec in list(self.iter_records(prefix=src)):
+            if rec.scope != scope or rec.status not in statuses:
+                continue
+            new_path = target + rec.path[len(base):]
+            with self.locked(scope):
+                now = self.get(rec.id)  # type: ignore[arg-type]
+                if now is None or now.path != rec.path or now.status not in statuses or \
+                        self.get_by_path(new_path) is not None:
+                    continue
+                self.update(now.with_(path=new_path))
+                moved += 1
+        return moved
+
+    def prune_missing(self, vanished: Iterable[tuple[int, str]],
+                      gone: Callable[[str], bool]) -> tuple[int, int]:
+        """Delete the records (id, path as last seen) whose file is gone(path), checked
+        under the record's scope lock. A record found at another path was moved (the
+        pipeline matched the file under its new name) and stays. Returns (forgotten,
+        moved)."""
+        forgotten = moved = 0
+        for rid, path in vanished:
+            rec = self.get(rid)
+            if rec is None:
+                continue
+            if rec.path != path:
+                moved += 1
+                continue
+            with self.locked(rec.scope):
+                again = self.get(rid)
+                if again is not None and again.path == path and gone(path):
+                    self.delete(rid)
+                    forgotten += 1
+        return forgotten, moved
 
     @abstractmethod
     def locked(self, scope: str) -> AbstractContextManager[None]:
