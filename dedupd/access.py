@@ -19,6 +19,7 @@ import shlex
 from pathlib import Path
 
 from dedupd.config import Config, ConfigError
+from dedupd.store import sqlite_file
 
 
 def _why_unwritable(path: Path) -> str | None:
@@ -66,8 +67,9 @@ def state_owner(config: Config) -> tuple[int, int] | None:
     """(uid, gid) owning the service's state: the SQLite index (or its directory), else
     the quarantine directory. None when it does not exist yet."""
     candidates = [config.quarantine_dir]
-    if "://" not in config.index or config.index.startswith("sqlite://"):
-        index = Path(config.index.removeprefix("sqlite://"))
+    file = sqlite_file(config.index)
+    if file is not None:
+        index = Path(file)
         candidates[:0] = [index, index.parent]
     for path in candidates:
         try:

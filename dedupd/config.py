@@ -21,6 +21,7 @@ from dedupd.hashing import (
     VERSIONS,
     Recipe,
 )
+from dedupd.store import StoreError, backend_of
 
 ACTIONS = ("quarantine", "log", "delete")
 KEEPS = ("first", "largest")
@@ -228,9 +229,11 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
         raise top.fail("index", "must not contain a NUL byte")
     if "://" not in index:
         index = str((base / os.path.expanduser(index)).resolve())
-    elif not index.startswith(("sqlite://", "postgresql://", "postgres://")):
-        raise top.fail("index", f"unsupported store {index.split('://')[0]!r} "
-                       "(use a path, sqlite:///PATH or postgresql://...)")
+    else:
+        try:
+            backend_of(index)
+        except StoreError as exc:
+            raise top.fail("index", str(exc)) from None
     quarantine_dir = top.path("quarantine_dir", state / "quarantine", base)
     rejected_dir = top.path("rejected_dir", None, base)
 

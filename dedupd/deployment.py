@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from dedupd.config import Config, ConfigError, load_config
+from dedupd.store import sqlite_file
 
 # Too broad to hand to the service as its writable tree.
 SYSTEM_DIRS = frozenset((
@@ -76,7 +77,7 @@ def facts(config: Config) -> dict[str, str]:
     for p in writable_paths(config):
         with contextlib.suppress(OSError):  # a missing path: `check` reports it
             devices.add(p.stat().st_dev)
-    network = config.index.startswith(("postgresql://", "postgres://"))
+    network = sqlite_file(config.index) is None
     extra = [str(p) for p in (config.quarantine_dir, config.rejected_dir) if p is not None]
     metrics = getattr(config, "metrics", None)
     listen = metrics.listen if metrics is not None else None

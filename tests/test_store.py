@@ -203,9 +203,9 @@ def _index_contents(store, *, from_snapshot: bool | None = None) -> list[tuple[i
 
 
 def test_index_snapshot_catches_up_after_an_unclean_stop(tmp_path: Path, monkeypatch) -> None:
-    import dedupd.store.sqlite as backend
+    import dedupd.store.sqlite_index as indexes
 
-    monkeypatch.setattr(backend, "SNAPSHOT_MIN", 0)
+    monkeypatch.setattr(indexes, "SNAPSHOT_MIN", 0)
     db = tmp_path / "i.sqlite"
     rnd = random.Random(5)
     store = open_store(str(db))
@@ -416,3 +416,16 @@ def test_prune_missing_forgets_gone_files_and_counts_moves(store_url: str) -> No
         assert held == [True, True] and _joined(takers)
     finally:
         store.close()
+
+
+def test_url_schemes_are_known_in_one_place(tmp_path: Path, monkeypatch) -> None:
+    from dedupd.store import backend_of, sqlite_file
+
+    monkeypatch.chdir(tmp_path)  # where a relative "mysql:/..." file would appear
+    assert backend_of("/x/i.sqlite") == backend_of("sqlite:///x/i.sqlite") == "sqlite"
+    assert backend_of("postgres://h/db") == backend_of("postgresql://u@h/db") == "postgresql"
+    assert sqlite_file("sqlite:///x/i.sqlite") == "/x/i.sqlite"
+    assert sqlite_file("postgresql://u@h/db") is None
+    with pytest.raises(StoreError, match="unsupported store 'mysql'"):
+        open_store("mysql://h/db")
+    assert not list(tmp_path.iterdir())  # nothing was created for it

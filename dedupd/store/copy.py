@@ -12,16 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from dedupd.store.base import ImageRecord, Store, StoreError
+from dedupd.store import backend_of
+from dedupd.store.base import ImageRecord, Store
 
 BATCH = 5000
 
 
 def check_url(url: str) -> str:
-    """A store URL dedupd can open: a path, sqlite:///PATH or postgresql://..."""
-    if "://" in url and not url.startswith(("sqlite://", "postgresql://", "postgres://")):
-        raise StoreError(f"{url}: unsupported store (use a path, sqlite:///PATH or "
-                         "postgresql://USER@HOST/DB)")
+    """A store URL dedupd can open (StoreError naming the forms it knows otherwise)."""
+    backend_of(url)
     return url
 
 
