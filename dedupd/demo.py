@@ -87,4 +87,4 @@ def run_demo(base: Path, log_mode: str = "stderr") -> DemoResult:
         stats = daemon.store.stats()
     finally:
         daemon.stop()
-    return DemoResult(kept=stats["by_status"].get("kept", 0), quarantined=entries)
+    return DemoResult(kept=stats.by_status.get("kept", 0), quarantined=entries)

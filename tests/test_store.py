@@ -82,7 +82,7 @@ def test_find_matches_scope_recipe_status_and_order(store_url: str) -> None:
     store.delete(a.id)
     assert [m.record.path for m in store.find_matches("s", RECIPE, base, None, 4)] == [
         "/q", "/same", "/b2"]
-    assert same.id and store.stats()["images"] == 5
+    assert same.id and store.stats().images == 5
     store.close()
 
 
@@ -176,7 +176,7 @@ def test_sigkill_mid_batch_keeps_committed_rows(tmp_path: Path) -> None:
     finally:
         proc.wait()
     store = open_store(str(db))
-    n = store.stats()["images"]
+    n = store.stats().images
     assert n >= 2100 and n % 100 == 0  # whole transactions only
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store.close()
@@ -429,3 +429,14 @@ def test_url_schemes_are_known_in_one_place(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(StoreError, match="unsupported store 'mysql'"):
         open_store("mysql://h/db")
     assert not list(tmp_path.iterdir())  # nothing was created for it
+
+
+def test_a_missing_store_is_not_created_when_told_not_to(tmp_path: Path) -> None:
+    from dedupd.store import StoreMissing
+
+    with pytest.raises(StoreMissing, match="no such index"):
+        open_store(str(tmp_path / "i.sqlite"), create=False)
+    assert not list(tmp_path.iterdir())
+    open_store(str(tmp_path / "i.sqlite")).close()
+    stats = open_store(str(tmp_path / "i.sqlite"), create=False).stats()
+    assert (stats.backend, stats.images, stats.by_status) == ("sqlite", 0, {})

@@ -36,7 +36,7 @@ def cmd_db(args: argparse.Namespace, config: Config) -> int:
             src, dst = (here, there) if args.db_command == "export" else (there, here)
             if src.url == dst.url:
                 raise StoreError(f"{src.url}: source and destination are the same store")
-            total = int(src.stats()["images"])  # type: ignore[call-overload]
+            total = src.stats().images
             progress = Progress(total, args.db_command, enabled=None if not args.json else False)
             try:
                 counts = copy_store(src, dst, progress.step)

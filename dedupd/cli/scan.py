@@ -330,7 +330,7 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
     duplicates = errors = 0
     try:
         all_scopes = functools.cache(lambda: [] if store is None else
-                                     list(store.stats()["scopes"]))  # type: ignore[call-overload]
+                                     list(store.stats().scopes))
         for root in (Path(f).resolve() for f in args.files):
             # A named file is checked whatever it is (a missing one, a FIFO: the same
             # one-line error as `hash`); a directory is walked.

@@ -13,7 +13,7 @@ def cmd_stats(args: argparse.Namespace, config: Config) -> int:
     """Read-only: a dictionary that does not exist yet is an error, never created here."""
     store = open_store(config.index, create=False)
     try:
-        stats = store.stats()
+        stats = store.stats().as_dict()
     finally:
         store.close()
     if args.json:

@@ -9,6 +9,8 @@ from dedupd.store.base import (
     QuarantineEntry,
     Store,
     StoreError,
+    StoreMissing,
+    StoreStats,
 )
 
 SQLITE, POSTGRESQL = "sqlite", "postgresql"
@@ -50,5 +52,6 @@ def open_store(url: str, *, create: bool = True) -> Store:
 
 
 __all__ = ["POSTGRESQL", "SCHEMES", "SQLITE", "URL_FORMS", "ImageRecord", "Match",
-           "QuarantineEntry", "Store", "StoreError", "backend_of", "open_store",
+           "QuarantineEntry", "Store", "StoreError", "StoreMissing", "StoreStats",
+           "backend_of", "open_store",
            "sqlite_file"]

@@ -34,6 +34,7 @@ from dedupd.store.records import (  # re-exported: the interface's vocabulary
     Rejection,
     StoreError,
     StoreMissing,
+    StoreStats,
     nearest_first,
     path_from_db,
     path_to_db,
@@ -42,8 +43,8 @@ from dedupd.store.records import (  # re-exported: the interface's vocabulary
 __all__ = ["ALLOWED", "DELETED", "DONE", "IN_ROOT_STATUSES", "ImageRecord", "KEPT", "Known",
            "LIVE_STATUSES", "Lookup", "Match", "PENDING", "PURGED", "QUARANTINED",
            "QuarantineEntry", "QuarantineFilter", "RESTORED", "RESTORING", "ROLLED_BACK",
-           "Rejection", "STATUSES", "Store", "StoreError", "StoreMissing", "UNRESOLVED",
-           "nearest_first",
+           "Rejection", "STATUSES", "Store", "StoreError", "StoreMissing", "StoreStats",
+           "UNRESOLVED", "nearest_first",
            "path_from_db", "path_to_db"]
 
 
@@ -244,7 +245,7 @@ class Store(ABC):
         """Serialise check-then-insert within a scope (across threads, and hosts if shared)."""
 
     @abstractmethod
-    def stats(self) -> dict[str, object]: ...
+    def stats(self) -> StoreStats: ...
 
     def ping(self) -> None:
         """Raise StoreError unless the store answers right now (one try, no retries)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 KEPT, QUARANTINED, ALLOWED, DELETED = "kept", "quarantined", "allowed", "deleted"
 # A duplicate the policy would remove but that could not be (quarantine failed, circuit
@@ -187,3 +187,22 @@ class QuarantineFilter:
             return f"SELECT * FROM ({inner}) AS newer ORDER BY id DESC", (*args, after, limit)
         return (f"SELECT {columns} FROM quarantine WHERE {sql} ORDER BY id DESC LIMIT {mark}",
                 (*args, limit))
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """What a store holds, for `dedupd stats` and the copy's progress: records by
+    status and by scope (watch group), journal entries by state, size on disk."""
+
+    backend: str
+    url: str
+    schema_version: int
+    images: int
+    by_status: dict[str, int]
+    scopes: dict[str, int]
+    quarantine: dict[str, int]
+    bytes: int
+
+    def as_dict(self) -> dict[str, object]:
+        """The fields in order, as `dedupd stats --json` prints them."""
+        return asdict(self)

@@ -13,6 +13,7 @@ from dedupd.store.base import (
     QuarantineFilter,
     Rejection,
     Store,
+    StoreStats,
     path_from_db,
     path_to_db,
 )
@@ -99,14 +100,13 @@ class SQLStore(Store):
         (total,) = self._query(f"SELECT count(*) FROM images WHERE status = {m}", (status,))[0]
         return [self._image(r) for r in rows], int(total)
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> StoreStats:
         by_status = dict(self._query("SELECT status, count(*) FROM images GROUP BY status"))
         scopes = dict(self._query(
             "SELECT scope, count(*) FROM images GROUP BY scope ORDER BY scope"))
         quarantine = dict(self._query("SELECT state, count(*) FROM quarantine GROUP BY state"))
-        return {"backend": self.BACKEND, "url": self.url, "schema_version": self.SCHEMA_VERSION,
-                "images": sum(by_status.values()), "by_status": by_status, "scopes": scopes,
-                "quarantine": quarantine, "bytes": self._bytes()}
+        return StoreStats(self.BACKEND, self.url, self.SCHEMA_VERSION, sum(by_status.values()),
+                          by_status, scopes, quarantine, self._bytes())
 
     # -- quarantine journal
     def update_quarantine(self, e: QuarantineEntry) -> None:

@@ -137,7 +137,8 @@ class SQLiteStore(IndexedRows, SQLStore):
         self.path = os.path.abspath(path)
         self.url = f"sqlite://{self.path}"
         if not create and not os.path.exists(self.path):
-            raise StoreMissing(f"{self.path}: no such index (run a scan or the daemon first)")
+            raise StoreMissing(f"{self.path}: no such index (run a scan or the daemon "
+                               "first)")
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False,
