@@ -440,3 +440,75 @@ def test_a_missing_store_is_not_created_when_told_not_to(tmp_path: Path) -> None
     open_store(str(tmp_path / "i.sqlite")).close()
     stats = open_store(str(tmp_path / "i.sqlite"), create=False).stats()
     assert (stats.backend, stats.images, stats.by_status) == ("sqlite", 0, {})
+
+
+def test_journal_keeps_how_a_file_matched(store_url: str) -> None:
+    """#17: the transform that made a file match and its low-information flag are kept
+    with its journal entry (the review shows them); entries without them read back
+    as none and false."""
+    store = open_store(store_url)
+    try:
+        turned = store.add_quarantine(QuarantineEntry("/a", "/q/a", "/b", 3, "00", "p",
+                                                      transform="rot90",
+                                                      low_information=True))
+        plain = store.add_quarantine(QuarantineEntry("/c", "/q/c", "/b", 0, "00", "p"))
+        assert store.get_quarantine(turned.id) == turned
+        assert (turned.transform, turned.low_information) == ("rot90", True)
+        got = store.get_quarantine(plain.id)
+        assert (got.transform, got.low_information) == (None, False)
+        store.update_quarantine(QuarantineEntry(**{**turned.__dict__, "state": DONE}))
+        assert store.list_quarantine((DONE,))[0].transform == "rot90"
+    finally:
+        store.close()
+
+
+def test_unresolved_records_are_counted_from_their_own_index(store_url: str) -> None:
+    """#17: the pending gauge (with_status of unresolved records) reads an index of
+    those records only, not every row."""
+    from dedupd.store.base import UNRESOLVED
+
+    store = open_store(store_url)
+    try:
+        store.insert_many([rec(f"/k{i}", i) for i in range(50)]
+                          + [rec(f"/u{i}", i, status=UNRESOLVED) for i in range(3)])
+        records, total = store.with_status(UNRESOLVED, 2)
+        assert total == 3 and [r.path for r in records] == ["/u2", "/u1"]
+        with pytest.raises(ValueError):
+            store.with_status("kept' OR 1=1 --", 1)
+    finally:
+        store.close()
+    if store_url.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            conn.execute("SET enable_seqscan = off")  # a 53-row table: a scan is cheaper
+            plan = [r[0] for r in conn.execute(
+                "EXPLAIN SELECT count(*) FROM images WHERE status = 'unresolved'")]
+    else:
+        conn = sqlite3.connect(store_url)
+        plan = [r[-1] for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT count(*) FROM images WHERE status = 'unresolved'")]
+        conn.close()
+    assert any("images_unresolved" in line for line in plan), plan
+
+
+def test_migration_to_6_keeps_journal_entries(tmp_path: Path) -> None:
+    import dedupd.store.sqlite as backend
+
+    db = tmp_path / "i.sqlite"
+    conn = sqlite3.connect(db)
+    for script in backend.MIGRATIONS[:5]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version = 5")
+    conn.execute("INSERT INTO quarantine VALUES (1, 1, '/d/x', '/q/x', '/m', 2, '00', "
+                 "'p', 'duplicate', 0, 'done')")
+    conn.commit()
+    conn.close()
+    store = open_store(str(db))
+    try:
+        assert store.migrated == (5, SCHEMA_VERSION)
+        e = store.get_quarantine(1)
+        assert (e.original_path, e.distance, e.transform, e.low_information) == (
+            "/d/x", 2, None, False)
+    finally:
+        store.close()

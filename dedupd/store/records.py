@@ -134,6 +134,10 @@ class QuarantineEntry:
     created: float = field(default_factory=time.time)
     state: str = PENDING
     id: int | None = None
+    # How the file matched, for the review: the turn (e.g. "hflip", "rot90") that made it
+    # match (Match.transform), and whether its hash alone says little (a flat image).
+    transform: str | None = None
+    low_information: bool = False
 
 
 @dataclass(frozen=True)

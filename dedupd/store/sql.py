@@ -8,6 +8,7 @@ from __future__ import annotations
 from abc import abstractmethod
 
 from dedupd.store.base import (
+    STATUSES,
     ImageRecord,
     QuarantineEntry,
     QuarantineFilter,
@@ -19,23 +20,25 @@ from dedupd.store.base import (
 )
 
 QUAR_COLS = ("id, image_id, original_path, quarantine_path, matched_path, distance, hash, "
-             "policy, reason, created, state")
+             "policy, reason, created, state, transform, low_information")
 _QUAR_SET = ", ".join(f"{c}=%(m)s" for c in QUAR_COLS.split(", ")[1:])
 _REJ_COLS = "path, file_size, mtime_ns, kind, reason, seen"
 
 
 def entry_from_row(row: tuple) -> QuarantineEntry:
     """A journal entry from a row of QUAR_COLS."""
-    (qid, image_id, orig, qpath, matched, dist, hexhash, policy, reason, created, state) = row
+    (qid, image_id, orig, qpath, matched, dist, hexhash, policy, reason, created, state,
+     transform, low_information) = row
     return QuarantineEntry(path_from_db(orig), path_from_db(qpath), path_from_db(matched), dist,
-                           hexhash, policy, image_id, reason, created, state, qid)
+                           hexhash, policy, image_id, reason, created, state, qid, transform,
+                           bool(low_information))
 
 
 def entry_row(e: QuarantineEntry) -> tuple:
     """The journal columns after id, in QUAR_COLS order, as stored."""
     return (e.image_id, path_to_db(e.original_path), path_to_db(e.quarantine_path),
             path_to_db(e.matched_path), e.distance, e.hash, e.policy, e.reason, e.created,
-            e.state)
+            e.state, e.transform, e.low_information)
 
 
 def insert_quarantine_sql(mark: str) -> str:
@@ -94,10 +97,13 @@ class SQLStore(Store):
             (lo, hi, limit))
 
     def with_status(self, status: str, limit: int) -> tuple[list[ImageRecord], int]:
-        m = self.MARK
-        rows = self._query(f"SELECT {self.IMAGE_SELECT} FROM images WHERE status = {m} "
-                           f"ORDER BY id DESC LIMIT {m}", (status, limit))
-        (total,) = self._query(f"SELECT count(*) FROM images WHERE status = {m}", (status,))[0]
+        """The status is written into the SQL (it is one of STATUSES): a partial index
+        over unresolved records answers the pending gauge without a scan of millions."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        rows = self._query(f"SELECT {self.IMAGE_SELECT} FROM images WHERE status = "
+                           f"'{status}' ORDER BY id DESC LIMIT {self.MARK}", (limit,))
+        (total,) = self._query(f"SELECT count(*) FROM images WHERE status = '{status}'")[0]
         return [self._image(r) for r in rows], int(total)
 
     def stats(self) -> StoreStats:
