@@ -117,6 +117,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 ITER_PAGE = 5000
+READER_CACHE_KIB = 8192
 
 
 @functools.lru_cache(maxsize=64)
@@ -157,7 +158,9 @@ class SQLiteStore(IndexedRows, SQLStore):
             self._migrate()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the writer connection (and the loaded indexes)
+        self._local = threading.local()  # per thread: its reader, whether it is writing
+        self._readers: list[sqlite3.Connection] = []
         self._checkpoint_lock = threading.Lock()
         self._scope_locks: dict[str, threading.RLock] = {}
         self._indexes: dict[tuple[str, str], HammingIndex] = {}
@@ -185,17 +188,38 @@ class SQLiteStore(IndexedRows, SQLStore):
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._local.writing = getattr(self._local, "writing", 0) + 1
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                self._local.writing -= 1
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
+        """Reads run on the calling thread's own connection: in WAL mode readers do not
+        wait for the writer or for each other, so a reconcile's bulk listing does not
+        hold up a live file's lookup and insert. A thread inside a write transaction
+        reads on the writer (its own uncommitted rows)."""
+        if getattr(self._local, "writing", 0):
             return self._db.execute(sql, args).fetchall()
+        return self._reader().execute(sql, args).fetchall()
+
+    def _reader(self) -> sqlite3.Connection:
+        reader: sqlite3.Connection | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = sqlite3.connect(self.path, check_same_thread=False,
+                                     isolation_level=None, timeout=30)
+            # A small cache each: the OS's page cache is shared; this one is per thread.
+            reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
+            with self._lock:
+                self._readers.append(reader)
+            self._local.reader = reader
+        return reader
 
     def _write(self, sql: str, args: tuple, *, journal: bool = False) -> None:
         with self._tx() as db:  # every commit is durable against a killed process
@@ -210,6 +234,8 @@ class SQLiteStore(IndexedRows, SQLStore):
             try:
                 self.checkpoint()
             finally:
+                for reader in self._readers:
+                    reader.close()
                 self._db.close()
 
     # -- images
