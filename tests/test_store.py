@@ -512,3 +512,45 @@ def test_migration_to_6_keeps_journal_entries(tmp_path: Path) -> None:
             "/d/x", 2, None, False)
     finally:
         store.close()
+
+
+def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    """#15: while one thread is inside a write transaction (a background worker's
+    insert, a reconcile's delete), another thread's lookups and listings are served
+    (WAL readers), seeing what was committed; the writer's own reads see its rows."""
+    import threading
+
+    store = open_store(str(tmp_path / "i.sqlite"))
+    try:
+        a = store.insert(rec("/d/a.jpg", 1))
+        inside, release, seen = threading.Event(), threading.Event(), []
+
+        def writer() -> None:
+            with store._tx() as db:
+                db.execute("DELETE FROM images WHERE id = ?", (a.id,))
+                seen.append(store.get(a.id))  # its own uncommitted delete
+                inside.set()
+                release.wait(30)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            assert inside.wait(10)
+            done = threading.Event()
+            got = []
+
+            def reader() -> None:
+                got.append((store.get(a.id), [r.path for r in store.iter_records()],
+                            store.children("/d")[0].keys()))
+                done.set()
+
+            threading.Thread(target=reader, daemon=True).start()
+            assert done.wait(5), "a read waited for the writer"
+            assert got[0][0] == a and got[0][1] == ["/d/a.jpg"] and list(got[0][2]) == [
+                "a.jpg"]
+        finally:
+            release.set()
+            t.join(10)
+        assert seen == [None] and store.get(a.id) is None  # committed: gone for all
+    finally:
+        store.close()

@@ -161,6 +161,7 @@ class SQLiteStore(IndexedRows, SQLStore):
         self._lock = threading.RLock()  # the writer connection (and the loaded indexes)
         self._local = threading.local()  # per thread: its reader, whether it is writing
         self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
         self._checkpoint_lock = threading.Lock()
         self._scope_locks: dict[str, threading.RLock] = {}
         self._indexes: dict[tuple[str, str], HammingIndex] = {}
@@ -216,7 +217,7 @@ class SQLiteStore(IndexedRows, SQLStore):
                                      isolation_level=None, timeout=30)
             # A small cache each: the OS's page cache is shared; this one is per thread.
             reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
-            with self._lock:
+            with self._readers_lock:  # not the writer's lock: a reader never waits for it
                 self._readers.append(reader)
             self._local.reader = reader
         return reader
@@ -234,8 +235,9 @@ class SQLiteStore(IndexedRows, SQLStore):
             try:
                 self.checkpoint()
             finally:
-                for reader in self._readers:
-                    reader.close()
+                with self._readers_lock:
+                    for reader in self._readers:
+                        reader.close()
                 self._db.close()
 
     # -- images

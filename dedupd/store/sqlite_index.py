@@ -164,6 +164,9 @@ class IndexedRows:
     def _index(self, scope: str, recipe: str) -> HammingIndex:
         """The in-memory index of (scope, recipe), loaded on first use."""
         key = (scope, recipe)
+        loaded = self._indexes.get(key)  # without the writer's lock: a lookup never waits
+        if loaded is not None:
+            return loaded
         with self._lock:
             index = self._indexes.get(key)
             if index is None:
