@@ -523,6 +523,7 @@ def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
     store = open_store(str(tmp_path / "i.sqlite"))
     try:
         a = store.insert(rec("/d/a.jpg", 1))
+        store.warm("s", RECIPE)
         inside, release, seen = threading.Event(), threading.Event(), []
 
         def writer() -> None:
@@ -541,13 +542,14 @@ def test_sqlite_reads_do_not_wait_for_a_writer(tmp_path: Path) -> None:
 
             def reader() -> None:
                 got.append((store.get(a.id), [r.path for r in store.iter_records()],
-                            store.children("/d")[0].keys()))
+                            store.children("/d")[0].keys(),
+                            [m.record for m in store.find_matches("s", RECIPE, 1, None, 0)]))
                 done.set()
 
             threading.Thread(target=reader, daemon=True).start()
             assert done.wait(5), "a read waited for the writer"
             assert got[0][0] == a and got[0][1] == ["/d/a.jpg"] and list(got[0][2]) == [
-                "a.jpg"]
+                "a.jpg"] and got[0][3] == [a]
         finally:
             release.set()
             t.join(10)
