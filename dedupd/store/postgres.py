@@ -27,14 +27,12 @@ before it is retried, so nothing is recorded twice.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter, deque
 from collections.abc import Iterator
 
 import psycopg
 from psycopg import pq
 
-from dedupd.hashing import Recipe
 from dedupd.store import pg_schema
 from dedupd.store.base import (
     LIVE_STATUSES,
@@ -47,7 +45,15 @@ from dedupd.store.base import (
     path_from_db,
     path_to_db,
 )
-from dedupd.store.hamming import SUBSTRINGS, substring_probes
+from dedupd.store.pg_query import (
+    LIVE,
+    SELECT_IMAGE,
+    hash_words,
+    near_query,
+    record_from_row,
+    signed,
+    split_hash,
+)
 from dedupd.store.pg_schema import CLAIM, FLUSH, SCHEMA_VERSION
 from dedupd.store.pg_session import PgSession, lock_key, one_line, redact
 from dedupd.store.replica import Replicas
@@ -61,79 +67,17 @@ from dedupd.store.sql import (
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "near_query", "redact"]
 
-_IMAGE_COLS = ("id", "scope", "path", "recipe", "hash", "hash_hi", "digest", "file_size",
-               "mtime_ns", "width", "height", "first_seen", "status")
-_SELECT_IMAGE = ", ".join(_IMAGE_COLS)
-_LIVE = ", ".join(f"'{s}'" for s in LIVE_STATUSES)
-_WORD = (1 << 64) - 1
-
-
-@functools.lru_cache(maxsize=64)
-def _words(recipe: str) -> int:
-    return Recipe.from_key(recipe).bits // 64
-
-
-def _signed(word: int) -> int:
-    return word - (1 << 64) if word >= 1 << 63 else word
-
-
-def _split(record_hash: int, words: int) -> tuple[int, list[int] | None]:
-    """(low word as a signed BIGINT, higher words as BIGINT[] or None)."""
-    parts = [_signed((record_hash >> (64 * w)) & _WORD) for w in range(words)]
-    return parts[0], parts[1:] or None
-
-
-def _joined(low: int, high: list[int] | None) -> int:
-    value = low & _WORD
-    for w, word in enumerate(high or (), 1):
-        value |= (word & _WORD) << (64 * w)
-    return value
-
-
-def _record(row: tuple) -> ImageRecord:
-    (rid, scope, path, recipe, low, high, digest, size, mtime, w, h, seen, status) = row[:13]
-    return ImageRecord(scope, path_from_db(path), recipe, _joined(low, high), digest, size,
-                       mtime, w, h, seen, status, rid)
-
-
-def near_query(recipe: str, hash: int, max_distance: int, limit: int
-               ) -> tuple[str, dict[str, object]]:
-    """SQL and arguments (all but %(c)s, the collection) of the records within
-    max_distance, nearest first, ties by id; the last column is the distance."""
-    words = _words(recipe)
-    args: dict[str, object] = {f"q{w}": _signed((hash >> (64 * w)) & _WORD)
-                               for w in range(words)}
-    args.update(d=max_distance, limit=limit)
-    probes = substring_probes(hash, max_distance) if words == 1 else None
-    distance = _distance_sql(words)
-    cols = ", ".join(f"i.{c}" for c in _IMAGE_COLS)
-    if probes is None:  # 256-bit or a radius past 3: scan the (scope, recipe), see above
-        return (f"SELECT {cols}, c.dist FROM (SELECT id, {distance} AS dist FROM images "
-                f"WHERE coll = %(c)s AND status IN ({_LIVE})) c JOIN images i ON i.id = c.id "
-                "WHERE c.dist <= %(d)s ORDER BY c.dist, c.id LIMIT %(limit)s"), args
-    branches = []
-    for j in range(SUBSTRINGS):
-        args[f"p{j}"] = probes[j]
-        branches.append(
-            f"SELECT id, {distance} AS dist FROM images WHERE coll = %(c)s "
-            f"AND status IN ({_LIVE}) AND s{j} = ANY(%(p{j})s::integer[]) "
-            f"AND {distance} <= %(d)s")
-    return (f"SELECT {cols}, c.dist FROM ({' UNION '.join(branches)}) c "
-            "JOIN images i ON i.id = c.id ORDER BY c.dist, c.id LIMIT %(limit)s"), args
-
-
-def _distance_sql(words: int) -> str:
-    terms = ["bit_count((hash # %(q0)s::bigint)::bit(64))"]
-    terms += [f"bit_count((hash_hi[{w}] # %(q{w})s::bigint)::bit(64))" for w in range(1, words)]
-    return " + ".join(terms)
-
-
 class PostgresStore(PgSession, SQLStore):
-    """Store in a PostgreSQL database; safe to share between threads, processes and hosts."""
+    """Store in a PostgreSQL database; safe to share between threads, processes and hosts.
 
-    MARK, IMAGE_SELECT, BACKEND = "%s", _SELECT_IMAGE, "postgresql"
+    Larger than ~200 lines on purpose: the writes, the replica lookup and claim() share
+    the collection numbers and the replicas, and claim's retry paths fall back on the
+    plain lookup; the connection plumbing (pg_session), the schema (pg_schema) and the
+    row layout and near query (pg_query) are apart already."""
+
+    MARK, IMAGE_SELECT, BACKEND = "%s", SELECT_IMAGE, "postgresql"
     SCHEMA_VERSION = SCHEMA_VERSION
-    _image = staticmethod(_record)
+    _image = staticmethod(record_from_row)
 
     def __init__(self, url: str, *, pool_size: int = 16, attempts: int = 5,
                  timeout: float = 3.0, migrate: bool = True, replicate: bool = True) -> None:
@@ -223,7 +167,7 @@ class PostgresStore(PgSession, SQLStore):
                         "file_size, mtime_ns, width, height, first_seen, status, seq, "
                         "signature) FROM STDIN") as copy:
                     for rid, r in zip(ids, records, strict=True):
-                        low, high = _split(r.hash, _words(r.recipe))
+                        low, high = split_hash(r.hash, hash_words(r.recipe))
                         coll = colls[(r.scope, r.recipe)]
                         seqs[coll] += 1
                         copy.write_row((rid, coll, r.scope, path_to_db(r.path), r.recipe, low, high,
@@ -232,9 +176,9 @@ class PostgresStore(PgSession, SQLStore):
             return ids
 
         def committed(conn: psycopg.Connection) -> list[int] | None:
-            rows = conn.execute(f"SELECT {_SELECT_IMAGE} FROM images WHERE path = ANY(%s)",
+            rows = conn.execute(f"SELECT {SELECT_IMAGE} FROM images WHERE path = ANY(%s)",
                                 ([path_to_db(r.path) for r in records],)).fetchall()
-            by_path = {rec.path: rec for rec in map(_record, rows)}
+            by_path = {rec.path: rec for rec in map(record_from_row, rows)}
             if len(by_path) == len(records) and all(
                     by_path[r.path].digest == r.digest for r in records):
                 return [by_path[r.path].id for r in records]  # type: ignore[misc]
@@ -253,7 +197,7 @@ class PostgresStore(PgSession, SQLStore):
         return {path_from_db(row[0]) for row in rows}
 
     def update(self, record: ImageRecord) -> None:
-        low, high = _split(record.hash, _words(record.recipe))
+        low, high = split_hash(record.hash, hash_words(record.recipe))
 
         def write(conn: psycopg.Connection) -> int:
             coll = self._coll(conn, record.scope, record.recipe, True)
@@ -297,11 +241,11 @@ class PostgresStore(PgSession, SQLStore):
         while True:
             page_where = where + ([f"{key} > %s"] if last is not None else [])
             page_args = args + ([last] if last is not None else [])
-            rows = self._query(f"SELECT {_SELECT_IMAGE} FROM images WHERE "
+            rows = self._query(f"SELECT {SELECT_IMAGE} FROM images WHERE "
                                f"{' AND '.join(page_where)} ORDER BY {key} LIMIT 5000",
                                page_args)
             for row in rows:
-                yield _record(row)
+                yield record_from_row(row)
             if len(rows) < 5000:
                 return
             last = rows[-1][2] if key == "path" else rows[-1][0]
@@ -312,8 +256,8 @@ class PostgresStore(PgSession, SQLStore):
 
         def query(conn: psycopg.Connection) -> tuple[list[tuple], list[tuple]]:
             same = conn.execute(
-                f"SELECT {_SELECT_IMAGE} FROM images WHERE scope = %s AND digest = %s "
-                f"AND status IN ({_LIVE}) ORDER BY id LIMIT %s",
+                f"SELECT {SELECT_IMAGE} FROM images WHERE scope = %s AND digest = %s "
+                f"AND status IN ({LIVE}) ORDER BY id LIMIT %s",
                 (scope, digest, limit)).fetchall() if digest else []
             coll = self._coll(conn, scope, recipe, False)
             if coll is None:
@@ -323,10 +267,10 @@ class PostgresStore(PgSession, SQLStore):
         same, hits = self._run(query)
         found: dict[int, Match] = {}
         for row in same:
-            rec = _record(row)
+            rec = record_from_row(row)
             found[rec.id] = Match(rec, 0, True)  # type: ignore[index]
         for row in hits:
-            rec = _record(row)
+            rec = record_from_row(row)
             if rec.id not in found:
                 found[rec.id] = Match(rec, int(row[13]),  # type: ignore[index]
                                       bool(digest) and rec.digest == digest)
@@ -334,8 +278,8 @@ class PostgresStore(PgSession, SQLStore):
 
     def warm(self, scope: str, recipe: str) -> None:
         """Load this host's replica of (scope, recipe) (64-bit hashes; see replica.py)."""
-        coll = self._run(lambda conn: self._coll(conn, scope, recipe, _words(recipe) == 1))
-        if coll is None or _words(recipe) != 1 or not self.replicate:
+        coll = self._run(lambda conn: self._coll(conn, scope, recipe, hash_words(recipe) == 1))
+        if coll is None or hash_words(recipe) != 1 or not self.replicate:
             return
         try:
             self._replicas.want(coll)
@@ -362,8 +306,8 @@ class PostgresStore(PgSession, SQLStore):
         if not hits:  # the claim checks the digest (and everything newer) anyway
             return Lookup([], horizon)
         rows = self._query(
-            f"SELECT {_SELECT_IMAGE}, coll FROM images WHERE id = ANY(%s) OR (scope = %s "
-            f"AND digest = %s AND status IN ({_LIVE}))", (list(hits), scope, digest or ""))
+            f"SELECT {SELECT_IMAGE}, coll FROM images WHERE id = ANY(%s) OR (scope = %s "
+            f"AND digest = %s AND status IN ({LIVE}))", (list(hits), scope, digest or ""))
         found = self._matches(rows, coll, hash, digest, max_distance)
         for gone in set(hits) - {r[0] for r in rows}:  # deleted: the tail cannot see that
             replica.forget(gone)
@@ -375,7 +319,7 @@ class PostgresStore(PgSession, SQLStore):
         """Matches among rows (image columns + coll) as the database has them now."""
         found = []
         for row in rows:
-            rec = _record(row)
+            rec = record_from_row(row)
             if rec.status not in LIVE_STATUSES:
                 continue
             if digest and rec.digest == digest:
@@ -396,7 +340,7 @@ class PostgresStore(PgSession, SQLStore):
         args = (lock_key(record.scope), replica.epoch, replica.coll, watermark,
                 [m.record.id for m in seen.matches], max_distance, record.scope,
                 path_to_db(record.path),
-                record.recipe, _signed(record.hash), record.digest, record.file_size,
+                record.recipe, signed(record.hash), record.digest, record.file_size,
                 record.mtime_ns, record.width, record.height, record.first_seen,
                 record.status, record.signature)
 
@@ -438,7 +382,7 @@ class PostgresStore(PgSession, SQLStore):
         if held is not None:
             self.claim_held_us.append(held)
         if new_id is None:
-            rows = self._query(f"SELECT {_SELECT_IMAGE}, coll FROM images WHERE id = ANY(%s)",
+            rows = self._query(f"SELECT {SELECT_IMAGE}, coll FROM images WHERE id = ANY(%s)",
                                (conflicts,))
             return nearest_first(self._matches(rows, replica.coll, record.hash,
                                                record.digest, max_distance), 8)
