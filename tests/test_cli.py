@@ -199,3 +199,18 @@ def test_demo_catches_the_planted_duplicates() -> None:
     plain = dedupd("demo", check=0)
     assert "13 images kept, 3 duplicates quarantined:" in plain.stdout
     assert "dataset/test/photo_07_q50.jpg  (distance" in plain.stdout
+
+
+def test_review_and_reload_errors_are_one_line_and_json(config_file) -> None:
+    """Every command's errors go through one place: one line on stderr, or under --json a
+    JSON object on stdout (review printed a bad --listen as text even under --json)."""
+    cfg = str(config_file())
+    for args, kind, said in ((["review", "--listen", "nowhere"], "usage", "--listen: "),
+                             (["reload"], "reload", "reload: no daemon pid")):
+        plain = dedupd("--config", cfg, *args, check=2)
+        assert plain.stderr.startswith(f"dedupd: {said}") and plain.stdout == ""
+        assert len(plain.stderr.splitlines()) == 1, plain.stderr
+        as_json = dedupd("--config", cfg, "--json", *args, check=2)
+        js = json.loads(as_json.stdout)
+        assert (js["error"], js["exit_status"]) == (kind, 2) and said in js["message"]
+        assert as_json.stderr == ""

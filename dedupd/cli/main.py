@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dedupd import __version__
+from dedupd.access import act_as_state_owner
 from dedupd.cli.db import cmd_db
 from dedupd.cli.output import (
     EXIT_CONFIG,
@@ -256,24 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         as_json = args.json
-        if args.command == "run" and args.json:
-            if args.log not in (None, "json"):
-                raise UsageError(f"run --json means --log json; it contradicts --log {args.log}")
-            args.log = "json"
-        config = load_config(args.config)
-        if args.command in STATEFUL_COMMANDS:
-            from dedupd.access import act_as_state_owner
-
-            act_as_state_owner(config)  # root must not leave files the service can't write
-        return args.handler(args, config)
-    except ConfigError as exc:
-        return fail(as_json, "config", str(exc), EXIT_CONFIG)
-    except CommandError as exc:  # UsageError included
-        return fail(as_json, exc.kind, str(exc), exc.status)
-    except StoreError as exc:
-        return fail(as_json, "store", str(exc), EXIT_ERROR)
-    except QuarantineError as exc:
-        return fail(as_json, "quarantine", str(exc), EXIT_ERROR)
+        return _run(args)
+    except (CommandError, ConfigError, StoreError, QuarantineError) as exc:
+        kind, status = _failure(exc)
+        return fail(as_json, kind, str(exc), status)
     except BrokenPipeError:
         return EXIT_OK
     except OSError as exc:  # a path the command was given or configured with, not a crash
@@ -283,3 +270,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _run(args: argparse.Namespace) -> int:
+    """The command, with its configuration, as the state's owner where it touches state."""
+    if args.command == "run" and args.json:
+        if args.log not in (None, "json"):
+            raise UsageError(f"run --json means --log json; it contradicts --log {args.log}")
+        args.log = "json"
+    config = load_config(args.config)
+    if args.command in STATEFUL_COMMANDS:
+        act_as_state_owner(config)  # root must not leave files the service can't write
+    return int(args.handler(args, config))
+
+
+def _failure(exc: Exception) -> tuple[str, int]:
+    """What a failure is called in its one-line error, and the exit status it gives."""
+    if isinstance(exc, CommandError):  # UsageError included
+        return exc.kind, exc.status
+    if isinstance(exc, ConfigError):
+        return "config", EXIT_CONFIG
+    return ("store" if isinstance(exc, StoreError) else "quarantine"), EXIT_ERROR

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import time
+from pathlib import Path
 
 from dedupd.cli.output import (
     EXIT_CONFIG,
@@ -33,18 +34,25 @@ def cmd_reload(args: argparse.Namespace, config: Config) -> int:
         os.kill(pid, signal.SIGHUP)
     except OSError as exc:
         raise _reload_error(f"cannot signal pid {pid}: {exc.strerror}") from None
-    deadline = time.monotonic() + args.timeout
+    answer = _wait_for_answer(pid, ack, sent, args.timeout)
+    ok, message = bool(answer["ok"]), str(answer["message"])
+    if args.json:
+        print_json({"reloaded": ok, "message": message})
+    elif ok:
+        print_line(f"dedupd: {message}")
+    else:
+        print_error(message)
+    return EXIT_OK if ok else EXIT_CONFIG
+
+
+def _wait_for_answer(pid: int, ack: Path, sent: int, timeout: float) -> dict[str, object]:
+    """The daemon's acknowledgement written after `sent` (monotonic µs), polled until
+    timeout; an error if the daemon exits or stays silent."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         answer = read_ack(ack)
         if answer and answer.get("pid") == pid and int(answer.get("at_usec", 0)) > sent:
-            message = str(answer["message"])
-            if args.json:
-                print_json({"reloaded": bool(answer["ok"]), "message": message})
-            elif answer["ok"]:
-                print_line(f"dedupd: {message}")
-            else:
-                print_error(message)
-            return EXIT_OK if answer["ok"] else EXIT_CONFIG
+            return answer
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -52,8 +60,7 @@ def cmd_reload(args: argparse.Namespace, config: Config) -> int:
         except PermissionError:
             pass
         time.sleep(0.05)  # polling a file the daemon replaces; the deadline bounds it
-    raise _reload_error(f"no answer from pid {pid} in {args.timeout:g} s "
-                         f"(expected in {ack})")
+    raise _reload_error(f"no answer from pid {pid} in {timeout:g} s (expected in {ack})")
 
 
 def is_dedupd_daemon(pid: int) -> bool:
