@@ -187,9 +187,11 @@ class Replicas:
             delay = min(2 * delay, 2.0)
 
     def _follow(self, conn: psycopg.Connection) -> None:
+        # A server start ends every connection, so one reading per connection is exact.
+        (epoch,) = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
         while not self._stop.is_set():
             started = time.monotonic()
-            self.catch_up(conn)
+            self.catch_up(conn, epoch)
             # Wake on a notification (or the poll timer); rate-limited, so that a busy
             # group costs each host a few dozen reads a second, not one per row.
             for _ in conn.notifies(timeout=POLL_SECONDS, stop_after=1):
@@ -198,9 +200,9 @@ class Replicas:
             if rest > 0:
                 self._stop.wait(rest)
 
-    def catch_up(self, conn: psycopg.Connection) -> None:
-        """Bring every wanted replica up to date on conn (reloading where needed)."""
-        (epoch,) = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+    def catch_up(self, conn: psycopg.Connection, epoch: datetime) -> None:
+        """Bring every wanted replica up to date on conn, whose server started at
+        `epoch` (reloading those of another start, or missing)."""
         with self._lock:
             wanted = sorted(self._wanted)
         for coll in wanted:
