@@ -77,10 +77,13 @@ class PgSession:
         self._scope_locks: dict[str, threading.RLock] = {}
 
     def _open_pool(self, pool_size: int) -> None:
+        # No check of each connection as it is handed out: that is a round trip per
+        # call (with a replica, half of a file's). A connection that died is found by
+        # the call that uses it, which _run retries once pool.check() has replaced every
+        # dead one (a server restart kills them all at once).
         self._pool = ConnectionPool(
             self._dsn, min_size=1, max_size=pool_size, kwargs={"autocommit": True},
-            configure=self._configure, check=ConnectionPool.check_connection, open=False,
-            name="dedupd", reconnect_timeout=60)
+            configure=self._configure, open=False, name="dedupd", reconnect_timeout=60)
         try:
             self._pool.open(wait=True, timeout=10)
         except psycopg.Error as exc:
@@ -121,6 +124,7 @@ class PgSession:
                     return fn(conn)
             except psycopg.OperationalError as exc:
                 last = exc
+                self._pool.check()  # the others may be dead too (a server restart)
             except psycopg.Error as exc:
                 raise StoreError(f"{self.url}: {one_line(exc)}") from None
             if attempt + 1 < self.attempts:
@@ -132,12 +136,21 @@ class PgSession:
         return self._run(lambda conn: conn.execute(sql, args).fetchall())  # type: ignore[arg-type]
 
     def ping(self) -> None:
-        """One quick round trip, no retries: is the database reachable right now?"""
-        try:
-            with self._pool.connection(timeout=self.timeout) as conn:
-                conn.execute("SELECT 1")
-        except psycopg.Error as exc:
-            raise StoreError(f"{self.url}: database unavailable: {one_line(exc)}") from None
+        """One quick round trip: is the database reachable right now? Asked again once
+        if the pooled connection had died (a server that restarted is reachable)."""
+        for attempt in range(2):
+            try:
+                with self._pool.connection(timeout=self.timeout) as conn:
+                    conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError as exc:
+                if attempt:
+                    raise StoreError(f"{self.url}: database unavailable: {one_line(exc)}") \
+                        from None
+                self._pool.check()
+            except psycopg.Error as exc:
+                raise StoreError(f"{self.url}: database unavailable: {one_line(exc)}") \
+                    from None
 
     @staticmethod
     def _flush(conn: psycopg.Connection, image_id: int | None = None) -> object:
@@ -201,6 +214,7 @@ class PgSession:
                 if conn is not None:
                     conn.close()
                     self._pool.putconn(conn)
+                self._pool.check()
             if attempt + 1 < self.attempts:
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)

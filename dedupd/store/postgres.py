@@ -31,7 +31,6 @@ from collections import Counter, deque
 from collections.abc import Iterator
 
 import psycopg
-from psycopg import pq
 
 from dedupd.store import pg_schema
 from dedupd.store.base import (
@@ -346,22 +345,15 @@ class PostgresStore(PgSession, SQLStore):
 
         def write(conn: psycopg.Connection) -> tuple:
             if not self.durable:
-                return (*conn.execute(CLAIM, args).fetchone(), False)
-            # One round trip: the claim's transaction commits (releasing the lock, not
-            # waiting for the disk), then the flush runs as a transaction of its own.
-            cur = psycopg.ClientCursor(conn)
-            try:
-                cur.execute(f"BEGIN; {CLAIM}; COMMIT; {FLUSH} FROM images WHERE path = %s "
-                            "AND digest = %s", (*args, path_to_db(record.path), record.digest))
-            except psycopg.Error:
-                if conn.info.transaction_status == pq.TransactionStatus.INERROR:
-                    conn.execute("ROLLBACK")
-                raise
-            cur.nextset()  # BEGIN's result, then the claim's
-            claimed = cur.fetchone()
-            cur.nextset()
-            cur.nextset()  # COMMIT's, then the flush's
-            return (*claimed, cur.fetchone() is not None)
+                return (*conn.execute(CLAIM, args, prepare=True).fetchone(), False)
+            # One round trip (pipeline mode; prepared, so neither statement is parsed
+            # and planned per file): the claim commits (releasing the lock, not waiting
+            # for the disk), then the flush runs as a transaction of its own.
+            with conn.pipeline():
+                claim = conn.execute(CLAIM, args, prepare=True)
+                flush = conn.execute(FLUSH + " FROM images WHERE path = %s AND digest = %s",
+                                     (path_to_db(record.path), record.digest), prepare=True)
+            return (*claim.fetchone(), flush.fetchone() is not None)
 
         def committed(conn: psycopg.Connection) -> tuple | None:
             row = conn.execute("SELECT id, digest FROM images WHERE path = %s",
