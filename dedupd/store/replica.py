@@ -28,6 +28,7 @@ from datetime import datetime
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
 from dedupd.store.base import LIVE_STATUSES
 from dedupd.store.hamming import HammingIndex
@@ -38,6 +39,7 @@ CHANNEL = "dedupd_images"
 TAIL_INTERVAL = 0.02  # the most often a replica re-reads; bounds its lag when busy
 POLL_SECONDS = 1.0  # re-read even without a notification (one may be lost on reconnect)
 _LOAD_SLICES = 16  # the load reads the live-row index in 16 ranges of the low substring
+_LOAD_CONNECTIONS = 4  # on that many connections at once
 _TAIL_PAGE = 20_000
 _LIVE = ", ".join(f"'{s}'" for s in LIVE_STATUSES)
 
@@ -84,30 +86,64 @@ class Replica:
             self.watermark = rows[-1][1]
 
 
-def load(conn: psycopg.Connection, coll: int) -> Replica:
+def load(conn: psycopg.Connection, coll: int,
+         connect: Callable[[], psycopg.Connection] | None = None) -> Replica:
     """Every live hash of `coll` and the watermark, from one REPEATABLE READ snapshot.
 
     The live-row substring index (coll, s0) INCLUDE (hash, id) is read by index-only
     scans in slices of the substring's range; each slice comes back as one bytea of
     big-endian (id, hash) pairs, so 10M rows cost 16 round trips and no Python objects
-    per row."""
-    parts: list[np.ndarray] = []
-    step = 65536 // _LOAD_SLICES
+    per row. With `connect`, _LOAD_CONNECTIONS more connections read the slices at once,
+    all in the snapshot conn exported (pg_export_snapshot: what pg_dump -j does), so the
+    server's scans and the client's copying overlap."""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        watermark, epoch = conn.execute(
-            "SELECT seq, pg_postmaster_start_time() FROM collections WHERE id = %s",
-            (coll,)).fetchone()
-        cur = conn.cursor(binary=True)
-        for lo in range(0, 65536, step):
-            (blob,) = cur.execute(
-                "SELECT string_agg(int8send(id) || int8send(hash), ''::bytea) FROM images "
-                f"WHERE coll = %s AND s0 >= %s AND s0 < %s AND status IN ({_LIVE})",
-                (coll, lo, lo + step)).fetchone()
-            if blob:
-                parts.append(np.frombuffer(blob, ">i8").reshape(-1, 2))
+        watermark, epoch, snapshot = conn.execute(
+            "SELECT seq, pg_postmaster_start_time(), pg_export_snapshot() FROM collections "
+            "WHERE id = %s", (coll,)).fetchone()
+        slices = list(range(0, 65536, 65536 // _LOAD_SLICES))
+        parts: list[np.ndarray] = []
+        failed: list[BaseException] = []
+        lock = threading.Lock()
+
+        def read(c: psycopg.Connection) -> None:
+            cur = c.cursor(binary=True)
+            while not failed:
+                with lock:
+                    if not slices:
+                        return
+                    lo = slices.pop()
+                (blob,) = cur.execute(
+                    "SELECT string_agg(int8send(id) || int8send(hash), ''::bytea) FROM "
+                    f"images WHERE coll = %s AND s0 >= %s AND s0 < %s AND status IN ({_LIVE})",
+                    (coll, lo, lo + 65536 // _LOAD_SLICES)).fetchone()
+                if blob:
+                    part = np.frombuffer(blob, ">i8").reshape(-1, 2)
+                    with lock:
+                        parts.append(part)
+
+        def helper() -> None:
+            try:
+                with connect() as c, c.transaction():  # type: ignore[misc]
+                    c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    c.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+                    read(c)
+            except BaseException as exc:  # noqa: BLE001  (re-raised below)
+                failed.append(exc)
+
+        if connect is None:
+            read(conn)
+        else:  # conn holds the snapshot open while the others read in it
+            helpers = [threading.Thread(target=helper, name="dedupd-replica-load",
+                                        daemon=True) for _ in range(_LOAD_CONNECTIONS)]
+            for t in helpers:
+                t.start()
+            for t in helpers:
+                t.join()
+        if failed:
+            raise failed[0]
     pairs = np.concatenate(parts) if parts else np.empty((0, 2), ">i8")
-    del parts
+    parts.clear()
     ids = pairs[:, 0].astype(np.int64)
     hashes = pairs[:, 1].astype(np.int64).view(np.uint64)
     del pairs
@@ -149,7 +185,7 @@ class Replicas:
             replica = self._by_coll.get(coll)
             if replica is None:
                 with self._connect() as conn:
-                    replica = self._by_coll[coll] = load(conn, coll)
+                    replica = self._by_coll[coll] = load(conn, coll, self._connect)
                 self._wanted.add(coll)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
@@ -210,7 +246,7 @@ class Replicas:
             if replica is None or replica.epoch != epoch:
                 if replica is not None:
                     self.drop(replica)
-                fresh = load(conn, coll)
+                fresh = load(conn, coll, self._connect)
                 with self._lock:
                     self._by_coll[coll] = fresh
                 continue
