@@ -237,6 +237,6 @@ class Daemon:
 
     def _checkpoint(self) -> None:
         try:
-            self.store.checkpoint()
+            self.store.maintain()
         except StoreError as exc:
             log.warning("index checkpoint failed (the next start will be slower): %s", exc)

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from dedupd.events import Event, emit
 from dedupd.store import StoreError
-from dedupd.store.base import IN_ROOT_STATUSES
 
 if TYPE_CHECKING:
     from dedupd.daemon.core import Daemon
@@ -71,12 +70,9 @@ class Intake:
         if watch is None:
             return
         try:
-            with self.daemon.store.locked(watch.scope):
-                rec = self.daemon.store.get_by_path(str(path))
-                if rec is not None and rec.status in IN_ROOT_STATUSES and not path.exists():
-                    self.daemon.store.delete(rec.id)  # type: ignore[arg-type]
-                if not os.path.lexists(path):
-                    self.daemon.store.forget_rejection(str(path))
+            self.daemon.store.forget(watch.scope, str(path), lambda: not path.exists())
+            if not os.path.lexists(path):
+                self.daemon.store.forget_rejection(str(path))
         except StoreError as exc:
             self._store_call_failed(exc, path)
 
@@ -87,10 +83,7 @@ class Intake:
             self.file_ready(dst)
             return
         try:
-            with self.daemon.store.locked(new.scope):
-                rec = self.daemon.store.get_by_path(str(src))
-                if rec is not None and self.daemon.store.get_by_path(str(dst)) is None:
-                    self.daemon.store.update(rec.with_(path=str(dst)))
+            self.daemon.store.repath(new.scope, str(src), str(dst))
         except StoreError as exc:
             self._store_call_failed(exc, dst)
         self.file_ready(dst)  # a no-op if the record now matches the file
@@ -98,13 +91,8 @@ class Intake:
     def dir_moved(self, src: Path, dst: Path) -> None:
         new = self.daemon.config.watch_for(dst)
         try:
-            for rec in list(self.daemon.store.iter_records(prefix=str(src))):
-                moved = dst / Path(rec.path).relative_to(src)
-                if new is not None and rec.scope == new.scope and \
-                        rec.status in IN_ROOT_STATUSES:
-                    with self.daemon.store.locked(rec.scope):
-                        if self.daemon.store.get_by_path(str(moved)) is None:
-                            self.daemon.store.update(rec.with_(path=str(moved)))
+            if new is not None:
+                self.daemon.store.repath_tree(new.scope, str(src), str(dst))
         except StoreError as exc:
             self._store_call_failed(exc, dst)
         self.daemon.scanner.request(dst, trigger="directory")

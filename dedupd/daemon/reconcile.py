@@ -276,17 +276,9 @@ class Reconciler:
             self.daemon.queue.wait_drained(True, self.daemon.stopping)
         if self.daemon.stopping.is_set():
             return
-        for rid, path in vanished:
-            rec = self.daemon.store.get(rid)
-            if rec is None:
-                continue
-            if rec.path != path:
-                counts["moved"] += 1
-                continue
-            with self.daemon.store.locked(rec.scope):
-                again = self.daemon.store.get(rid)
-                if again is not None and again.path == path and not os.path.lexists(path):
-                    self.daemon.store.delete(rid)
-                    counts["forgotten"] += 1
+        forgotten, moved = self.daemon.store.prune_missing(
+            vanished, lambda path: not os.path.lexists(path))
+        counts["forgotten"] += forgotten
+        counts["moved"] += moved
         vanished.clear()
 
