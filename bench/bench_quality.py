@@ -34,7 +34,8 @@ apart copies and distinct candidates fall, so a threshold can be chosen. `--shee
 writes contact sheets of the closest distinct pairs (to check by eye that they really
 are distinct) into ``$BENCH_QUALITY/sheets``.
 
-Features are cached (``features-*.npz``); delete them to measure again.
+The encoded copies' decodes and imagehash's hashes are cached (``decoded-*.pkl``);
+dedupd's own hashes and signatures are computed from those decodes on every run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -59,10 +61,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import SIZES_SMALL, machine, photo  # noqa: E402
 
 from dedupd import signature  # noqa: E402
-from dedupd.hashing import Recipe, hash_bytes  # noqa: E402
+from dedupd.hashing import (  # noqa: E402
+    ImageHash,
+    Recipe,
+    decode_flag,
+    hash_gray,
+    image_size,
+    sniff_format,
+)
 
 CACHE = Path(os.environ.get("BENCH_QUALITY", Path.home() / ".cache" / "dedupd-bench"))
-FEATURES_VERSION = 4
+DECODED_VERSION = 1
 MAX_SIDE = 1024
 DEFAULT_D = 4
 
@@ -384,58 +393,106 @@ SIG = signature.SIGNATURE_BYTES
 RECIPE_V1 = Recipe(version=1)
 
 
-def describe_file(data: bytes, variants: bool) -> dict[str, object]:
-    """dedupd's hashes and signatures (v1, and the default recipe with its flips and
-    rotations when asked) and imagehash's, of one encoded file."""
+def decoded(data: bytes) -> np.ndarray:
+    """The file decoded exactly as dedupd's default recipe decodes it (before anything
+    dedupd.hashing.hash_gray does), PNG-packed: kept, so a change of the hash or the
+    signature is measured again in seconds, without encoding and decoding 30k files."""
+    fmt = sniff_format(data[:16])
+    width, height = image_size(data, fmt)  # type: ignore[arg-type, misc]
+    flag = decode_flag(fmt, width, height, Recipe())  # type: ignore[arg-type]
+    gray = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    return np.frombuffer(cv2.imencode(".png", gray, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1],
+                         np.uint8)
+
+
+def decode_file(data: bytes) -> dict[str, object]:
+    """What does not change with dedupd's hash: imagehash's hashes (PIL full decode), and
+    the decode that dedupd's hashes are computed from."""
     import imagehash
     from PIL import Image
 
-    v1 = hash_bytes(data, RECIPE_V1, digest=False)
-    v2 = hash_bytes(data, Recipe(), digest=False)
     pil = Image.open(io.BytesIO(data))
     pil.load()
-    entries = [(v2.hash, v2.signature)]
-    if variants:
-        entries += [(h, sig) for _, h, sig in v2.variants()]
-    return {"v1": v1.hash, "v1sig": np.frombuffer(v1.signature.to_bytes(), np.uint8),
-            "h8": np.array([h for h, _ in entries], np.uint64),
-            "sig": np.stack([np.frombuffer(sig.to_bytes(), np.uint8) for _, sig in entries]),
-            "phash": int(str(imagehash.phash(pil)), 16),
-            "idhash": int(str(imagehash.dhash(pil)), 16)}
+    return {"phash": int(str(imagehash.phash(pil)), 16),
+            "idhash": int(str(imagehash.dhash(pil)), 16), "gray": decoded(data)}
 
 
-def describe_original(job: tuple[str, Path | int]) -> dict[str, object] | None:
+def decode_original(job: tuple[str, Path | int]) -> dict[str, object] | None:
     name, source = job
     try:
         img = original_pixels(source)
     except ValueError as exc:
         print(f"skipped {name}: {exc}", file=sys.stderr)
         return None
-    out = {"name": name, "orig": describe_file(encode(img, ".jpg", 95), True), "copies": {}}
+    out = {"name": name, "orig": decode_file(encode(img, ".jpg", 95)), "copies": {}}
     for t, fn in TRANSFORMS.items():
-        out["copies"][t] = describe_file(fn(img), t in GEOMETRIC)
+        out["copies"][t] = decode_file(fn(img))
     return out
+
+
+def decodes(set_name: str, items: list[tuple[str, Path | int]], jobs: int) -> dict[str, object]:
+    """The set's originals and copies, encoded, imagehashed and decoded once (cached)."""
+    path = CACHE / f"decoded-v{DECODED_VERSION}-{set_name}-{len(items)}.pkl"
+    if path.exists():
+        with path.open("rb") as f:
+            return pickle.load(f)
+    t0 = time.time()
+    with Pool(jobs) as pool:
+        done = [r for r in pool.imap(decode_original, items, chunksize=2) if r]
+    out: dict[str, object] = {"names": np.array([d["name"] for d in done])}
+    for key in ("phash", "idhash"):
+        out[key] = np.array([d["orig"][key] for d in done], np.uint64)
+        out["c_" + key] = np.array([[d["copies"][t][key] for t in NAMES] for d in done],
+                                   np.uint64)
+    out["grays"] = [[d["orig"]["gray"]] + [d["copies"][t]["gray"] for t in NAMES]
+                    for d in done]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.rename(path)
+    print(f"{set_name}: {len(done)} originals x {len(NAMES)} copies encoded and decoded in "
+          f"{time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+def describe_gray(packed: np.ndarray, variants: bool) -> dict[str, object]:
+    """dedupd's hashes and signatures of one decoded file: the v1 recipe, and the default
+    one with its flips and rotations when asked (dedupd.hashing's own code)."""
+    gray = cv2.imdecode(packed, cv2.IMREAD_UNCHANGED)
+    v1, v1sig, _ = hash_gray(gray, RECIPE_V1)
+    recipe = Recipe()
+    v2, sig, small = hash_gray(gray, recipe)
+    entries = [(v2, sig)]
+    if variants:
+        hashed = ImageHash(v2, recipe, 0, 0, None, 0, "jpeg", (), sig, small)
+        entries += [(h, s) for _, h, s in hashed.variants()]
+    return {"v1": v1, "v1sig": np.frombuffer(v1sig.to_bytes(), np.uint8),  # type: ignore[union-attr]
+            "h8": np.array([h for h, _ in entries], np.uint64),
+            "sig": np.stack([np.frombuffer(s.to_bytes(), np.uint8) for _, s in entries])}
+
+
+def describe_original(grays: list[np.ndarray]) -> dict[str, object]:
+    return {"orig": describe_gray(grays[0], True),
+            "copies": {t: describe_gray(g, t in GEOMETRIC) for t, g in zip(NAMES, grays[1:],
+                                                                             strict=True)}}
 
 
 def features(sets: dict[str, list[tuple[str, Path | int]]], jobs: int
              ) -> dict[str, dict[str, np.ndarray]]:
     """Per set, arrays for the N originals (v1, phash, idhash, v1sig; h8 and sig for the
-    8 flips/rotations, identity first) and for their copies (c_*, one more axis: T)."""
+    8 flips/rotations, identity first) and for their copies (c_*, one more axis: T).
+    dedupd's own hashes are computed afresh on every run, from the cached decodes."""
     out = {}
     for set_name, items in sets.items():
-        path = CACHE / f"features-v{FEATURES_VERSION}-{set_name}-{len(items)}.npz"
-        if path.exists():
-            out[set_name] = dict(np.load(path))
-            continue
+        dec = decodes(set_name, items, jobs)
         t0 = time.time()
         with Pool(jobs) as pool:
-            done = [r for r in pool.imap(describe_original, items, chunksize=2) if r]
+            done = pool.map(describe_original, dec["grays"], chunksize=8)
         n, nt = len(done), len(NAMES)
-        arr: dict[str, np.ndarray] = {"names": np.array([d["name"] for d in done])}
-        for key in ("v1", "phash", "idhash"):
-            arr[key] = np.array([d["orig"][key] for d in done], np.uint64)
-            arr["c_" + key] = np.array([[d["copies"][t][key] for t in NAMES] for d in done],
-                                       np.uint64)
+        arr: dict[str, np.ndarray] = {k: v for k, v in dec.items() if k != "grays"}
+        arr["v1"] = np.array([d["orig"]["v1"] for d in done], np.uint64)
+        arr["c_v1"] = np.array([[d["copies"][t]["v1"] for t in NAMES] for d in done],
+                               np.uint64)
         arr["v1sig"] = np.stack([d["orig"]["v1sig"] for d in done])
         arr["c_v1sig"] = np.stack([[d["copies"][t]["v1sig"] for t in NAMES] for d in done])
         arr["h8"] = np.stack([d["orig"]["h8"] for d in done])
@@ -446,9 +503,8 @@ def features(sets: dict[str, list[tuple[str, Path | int]]], jobs: int
             for j, t in enumerate(NAMES):
                 c = d["copies"][t]  # identity only for non-geometric: broadcast to all 8
                 arr["c_h8"][i, j], arr["c_sig"][i, j] = c["h8"], c["sig"]
-        np.savez(path, **arr)
-        print(f"{set_name}: {n} originals x {nt} copies hashed in {time.time() - t0:.0f} s",
-              flush=True)
+        print(f"{set_name}: dedupd hashes of {n} x {nt + 1} decodes in "
+              f"{time.time() - t0:.1f} s", flush=True)
         out[set_name] = arr
     return out
 

@@ -371,22 +371,30 @@ def hash_bytes(
         if colour is None:
             raise ImageError("corrupt", _undecodable(fmt, said))
         gray = cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
-        grid = cv2.resize(gray, (recipe.size + 1, recipe.size), interpolation=cv2.INTER_LINEAR)
     else:
         flag = decode_flag(fmt, width, height, recipe)
         gray, said = DECODER_MESSAGES.decode(lambda: cv2.imdecode(buf, flag))
         if gray is None:
             raise ImageError("corrupt", _undecodable(fmt, said))
-        if recipe.trims:
-            gray = trim_borders(gray)
-        grid = cv2.resize(gray, (recipe.size + 1, recipe.size), interpolation=cv2.INTER_AREA)
-    value = grid_bits(grid)
+    value, sig, small = hash_gray(gray, recipe, second_look=second_look)
     sha = hashlib.sha256(data).hexdigest() if digest else None
+    return ImageHash(value, recipe, width, height, sha, len(data), fmt, said, sig, small)
+
+
+def hash_gray(gray: np.ndarray, recipe: Recipe = Recipe(), *, second_look: bool = True
+              ) -> tuple[int, Signature | None, np.ndarray | None]:
+    """(hash, signature, reduced image) of an image already decoded as `recipe` decodes
+    it (decode_flag): everything after the decoder, so bench_quality can measure this
+    exact code on decodes it keeps."""
+    if recipe.trims:
+        gray = trim_borders(gray)
+    interpolation = cv2.INTER_LINEAR if recipe.resize == "linear" else cv2.INTER_AREA
+    grid = cv2.resize(gray, (recipe.size + 1, recipe.size), interpolation=interpolation)
+    value = grid_bits(grid)
     if not second_look:
-        return ImageHash(value, recipe, width, height, sha, len(data), fmt, said)
+        return value, None, None
     small = reduce(gray)
-    return ImageHash(value, recipe, width, height, sha, len(data), fmt, said,
-                     signature(small, grid), small)
+    return value, signature(small, grid), small
 
 
 def _undecodable(fmt: str, said: tuple[str, ...]) -> str:
