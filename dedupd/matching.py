@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dedupd.hashing import ImageHash
-from dedupd.signature import Signature, confirms
+from dedupd.signature import Signature, confirms, search_radius
 from dedupd.store import Match, Store
 
 # Candidates within the threshold given a second look, nearest first: enough that a
@@ -16,22 +16,29 @@ from dedupd.store import Match, Store
 CANDIDATES = 32
 
 
+def lookup_radius(sig: Signature | None, max_distance: int) -> int:
+    """How far to look up candidates: a little beyond the policy's threshold when the
+    second look can confirm them (signature.search_radius), the threshold otherwise."""
+    return search_radius(max_distance) if sig is not None else max_distance
+
+
 def second_look(store: Store, sig: Signature | None, matches: list[Match],
                 max_distance: int) -> list[Match]:
     """The candidates that are duplicates: byte-identical copies at once, the others only
     when their stored signature confirms the newcomer's. A record stored before
-    signatures existed matches on its hash alone, unless the newcomer's hash says little
-    (low_information)."""
+    signatures existed matches on its hash alone within max_distance, unless the
+    newcomer's hash says little (low_information)."""
     near = [m.record.id for m in matches if not m.identical and m.record.id is not None]
     stored = store.signatures(near) if near and sig is not None else {}  # type: ignore[arg-type]
     kept = []
     for m in matches:
         if m.identical or sig is None:
-            kept.append(m)
+            if m.identical or m.distance <= max_distance:
+                kept.append(m)
             continue
         other = Signature.from_bytes(stored.get(m.record.id, b""))  # type: ignore[arg-type]
-        if (confirms(sig, other, max_distance) if other is not None
-                else not sig.low_information):
+        if (confirms(sig, other, max_distance, m.distance) if other is not None
+                else m.distance <= max_distance and not sig.low_information):
             kept.append(m)
     return kept
 
@@ -42,7 +49,8 @@ def as_flipped(store: Store, scope: str, hashed: ImageHash, max_distance: int,
     the first that has any (Match.transform names how the newcomer differs)."""
     for transform, value, sig in hashed.variants():
         found = [m for m in store.find_matches(scope, hashed.recipe.key, value, None,
-                                               max_distance, limit=CANDIDATES)
+                                               lookup_radius(sig, max_distance),
+                                               limit=CANDIDATES)
                  if m.record.path != exclude]
         found = second_look(store, sig, found, max_distance)
         if found:
@@ -56,8 +64,9 @@ def find_duplicates(store: Store, scope: str, hashed: ImageHash, max_distance: i
     """The records `hashed` duplicates, nearest first: candidates within max_distance
     given the second look; with `flips`, when the image itself matches nothing, also as
     its mirror images and rotations."""
-    found = [m for m in store.find_matches(scope, hashed.recipe.key, hashed.hash,
-                                           hashed.digest, max_distance, limit=CANDIDATES)
+    found = [m for m in store.find_matches(scope, hashed.recipe.key, hashed.hash, hashed.digest,
+                                           lookup_radius(hashed.signature, max_distance),
+                                           limit=CANDIDATES)
              if m.record.path != exclude]
     found = second_look(store, hashed.signature, found, max_distance)
     if flips and not found:

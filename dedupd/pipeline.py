@@ -23,7 +23,13 @@ from dedupd.act import Actor, Outcome
 from dedupd.config import Config, Policy, Watch
 from dedupd.events import Event, emit
 from dedupd.hashing import ImageError, ImageHash, file_kind, hash_file
-from dedupd.matching import CANDIDATES, as_flipped, find_duplicates, second_look
+from dedupd.matching import (
+    CANDIDATES,
+    as_flipped,
+    find_duplicates,
+    lookup_radius,
+    second_look,
+)
 from dedupd.policy import ACCEPT, DUPLICATE, Breaker, Decision, big_enough, decide
 from dedupd.selection import Selected, select, symlink_allowed, symlink_reason
 from dedupd.store import ImageRecord, Match, QuarantineEntry, Store
@@ -243,7 +249,8 @@ class Pipeline:
         (claim() must not report them as new); the decision sees those the second look
         confirms, and with flips on, as a mirror image or rotation."""
         seen = self.store.lookup(record.scope, record.recipe, record.hash, record.digest,
-                                 policy.max_distance, limit=CANDIDATES)
+                                 lookup_radius(hashed.signature, policy.max_distance),
+                                 limit=CANDIDATES)
         matches = second_look(self.store, hashed.signature,
                               [m for m in seen.matches if m.record.path != record.path],
                               policy.max_distance)
@@ -284,7 +291,8 @@ class Pipeline:
                 return decision
             if decision.verdict == ACCEPT:
                 self.actor.hold(record.path, self.actor.accepted(path, watch, record, hashed))
-            newer = self.store.claim(record, policy.max_distance, seen)
+            newer = self.store.claim(
+                record, lookup_radius(hashed.signature, policy.max_distance), seen)
             if not newer:
                 return decision
             self.actor.hold(record.path, None)

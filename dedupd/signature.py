@@ -19,14 +19,14 @@ made from (microseconds: it is already decoded and reduced) tell them apart:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 # Stored next to each signature; bump when the bytes change meaning.
-SIGNATURE_VERSION = 1
+SIGNATURE_VERSION = 2
 # Comparisons of the 9x8 grid decided by at least STEP grey levels; fewer than
 # LOW_INFORMATION such comparisons and the hash alone never makes a duplicate.
 STEP = 2
@@ -35,12 +35,25 @@ LOW_INFORMATION = 16
 # correlation at least CORR_MIN (bench_quality measures both), for thresholds up to the
 # default d = 4; looser for larger ones (`thresholds`).
 H16_MAX, CORR_MIN = 32, 0.90
+# A candidate beyond the policy's threshold (within search_radius) needs this correlation.
+CORR_STRICT = 0.95
+# Level and contrast: a copy's thumbnail mean within LEVEL_SHARE of the brighter one (or
+# LEVEL_MIN grey levels), its standard deviation within a factor CONTRAST_MAX (brightness
+# and contrast edits of 20% stay inside).
+LEVEL_SHARE, LEVEL_MIN, CONTRAST_MAX = 0.25, 6.0, 1.35
+# A thumbnail this close to a plane (`Signatures.curved`) is a gradient: it matches only
+# with this correlation, level difference and contrast ratio.
+CURVED_MIN, PLANE_CORR, PLANE_LEVEL, PLANE_CONTRAST = 0.3, 0.99, 8.0, 1.3
+# Two content boxes (see `content`) further apart than this (1/255 of the frame) are not
+# the same picture.
+BOX_MAX = 24
 # The signature's content box: pixels off the ground by this share of the strongest
 # contrast; a box larger than CONTENT_MAX_AREA of the image means "the whole image".
 CONTENT_SHARE, CONTENT_MAX_AREA = 0.2, 0.6
 # A thumbnail this flat (standard deviation in grey levels) carries no shape at all:
-# such an image is a duplicate only of a byte-identical copy.
-FLAT_STD = 2.0
+# such an image is a duplicate only of a byte-identical copy. (A faint texture, a
+# standard deviation of 1, keeps its shape in a version 2 thumbnail.)
+FLAT_STD = 0.5
 BORDER_TOLERANCE = 12
 # Bars are black or white (letterbox, padding): a bar's colour is below or above these.
 BAR_DARK, BAR_LIGHT = 40, 215
@@ -120,30 +133,61 @@ def information(grid: np.ndarray, step: int = STEP) -> int:
     return int((np.abs(g[:, 1:] - g[:, :-1]) >= step).sum())
 
 
+WHOLE = bytes([0, 255, 0, 255])
+
+
 @dataclass(frozen=True)
 class Signature:
-    """The confirming signature of one image (SIGNATURE_BYTES bytes when stored)."""
+    """The confirming signature of one image (`to_bytes`: SIGNATURE_BYTES bytes).
+
+    Version 2 keeps the thumbnail's level (mean) and contrast (std) apart from its shape
+    (the z-scored thumbnail, 1/32 of a standard deviation per step): version 1 stored
+    grey levels, so a faint texture (a thumbnail std of 1) was two or three levels and
+    its shape lost to rounding. Version 1 signatures (stored before) are still read and
+    compared with either version (`levels` is what both hold)."""
 
     h16: bytes  # 256-bit dHash of size 16, dedupd's bit order (32 bytes)
-    thumb: bytes  # 16x16 grayscale thumbnail, row-major (256 bytes)
+    thumb: bytes  # 16x16 thumbnail, row-major (256 bytes): v2 z-scored, v1 grey levels
     info: int  # information of the 9x8 grid the 64-bit hash came from
+    mean: float = 0.0  # v2: the thumbnail's mean and standard deviation in grey levels
+    std: float = 0.0
+    # v2: where the content is in the frame, (top, bottom, left, right) in 1/255 of its
+    # height and width; (0, 255, 0, 255) for the whole frame. Two blobs that a 16x16
+    # thumbnail of the content shows alike differ in place and size.
+    box: bytes = WHOLE
+    version: int = SIGNATURE_VERSION
 
     def to_bytes(self) -> bytes:
-        return bytes([SIGNATURE_VERSION, min(self.info, 255)]) + self.h16 + self.thumb
+        head = bytes([self.version, min(self.info, 255)]) + self.h16
+        if self.version == 1:
+            return head + self.thumb
+        return (head + np.array([self.mean, self.std], "<f2").tobytes() + self.box
+                + self.thumb)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Signature | None:
-        """None for a signature of another version (or none): no second look possible."""
+        """None for a signature of an unknown version (or none): no second look."""
+        if len(data) == V1_BYTES and data[:1] == b"\x01":
+            return cls(h16=data[2:34], thumb=data[34:], info=data[1], version=1)
         if len(data) != SIGNATURE_BYTES or data[0] != SIGNATURE_VERSION:
             return None
-        return cls(h16=data[2:34], thumb=data[34:], info=data[1])
+        mean, std = np.frombuffer(data[34:38], "<f2").astype(float).tolist()
+        return cls(h16=data[2:34], thumb=data[42:], info=data[1], mean=mean, std=std,
+                   box=data[38:42])
+
+    def levels(self) -> np.ndarray:
+        """The thumbnail in grey levels (float32, 256 values), whatever the version."""
+        t = np.frombuffer(self.thumb, np.uint8).astype(np.float32)
+        return t if self.version == 1 else self.mean + self.std * (t - 128) / Z_STEPS
 
     @property
     def low_information(self) -> bool:
         return self.info < LOW_INFORMATION
 
 
-SIGNATURE_BYTES = 2 + 32 + 256
+V1_BYTES = 2 + 32 + 256
+SIGNATURE_BYTES = 2 + 32 + 4 + 4 + 256
+Z_STEPS = 32  # steps per standard deviation in a v2 thumbnail
 
 
 def grid_hash(grid: np.ndarray) -> bytes:
@@ -162,58 +206,143 @@ def reduce(gray: np.ndarray, side: int = SIGNATURE_SIDE) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)
 
 
-def content(gray: np.ndarray) -> np.ndarray:
+def content(gray: np.ndarray) -> tuple[int, int, int, int]:
     """The part of an image that holds its picture when that is a small object on a plain
     ground (a nebula on black sky, a text block on white): the bounding box, plus a
     margin, of pixels that stand out from the ground by a fifth of the strongest contrast
     (its 99.5th percentile). The whole image otherwise. A 16x16 thumbnail of the whole
     frame would show any two such images as "a blob in the middle" and call them alike.
-    OpenCV calls throughout: tens of microseconds on a reduced image."""
+    Returned as the box (top, bottom, left, right). OpenCV calls throughout: tens of
+    microseconds on a reduced image."""
     h, w = gray.shape[:2]
     ground = int(np.median(cv2.resize(gray, (min(w, 48), min(h, 48)),
                                       interpolation=cv2.INTER_AREA)))
     dev = cv2.absdiff(gray, np.full_like(gray, ground))
     counts = np.cumsum(cv2.calcHist([dev], [0], None, [256], [0, 256]).ravel())
     strongest = int(np.searchsorted(counts, 0.995 * counts[-1]))
+    whole = (0, h, 0, w)
     if strongest < 8:
-        return gray
+        return whole
     _, mask = cv2.threshold(dev, CONTENT_SHARE * strongest, 255, cv2.THRESH_BINARY)
     x0, y0, bw, bh = cv2.boundingRect(mask)
     if bw * bh == 0:
-        return gray
+        return whole
     my, mx = bh // 10 + 1, bw // 10 + 1
     y0, y1, x0, x1 = max(0, y0 - my), min(h, y0 + bh + my), max(0, x0 - mx), min(w, x0 + bw + mx)
     if (y1 - y0) * (x1 - x0) > CONTENT_MAX_AREA * h * w:
-        return gray
-    return gray[y0:y1, x0:x1]
+        return whole
+    return y0, y1, x0, x1
 
 
 def signature(gray: np.ndarray, grid: np.ndarray | None = None) -> Signature:
     """The signature of a (reduced, trimmed) grayscale image whose 64-bit hash came from
     the 9x8 `grid` (computed here when not given). The picture's content is reduced once
-    to 32x32; the thumbnail and the 17x16 grid come from that."""
+    to 32x32 (in floating point: a faint picture keeps its shape in the thumbnail); the
+    thumbnail and the 17x16 grid come from that."""
     if grid is None or grid.shape != (8, 9):
         grid = cv2.resize(gray, (9, 8), interpolation=cv2.INTER_AREA)
-    body = cv2.resize(content(gray), (32, 32), interpolation=cv2.INTER_AREA)
-    g17 = cv2.resize(body, (17, 16), interpolation=cv2.INTER_AREA)
+    y0, y1, x0, x1 = content(gray)
+    body = cv2.resize(gray[y0:y1, x0:x1].astype(np.float32), (32, 32),
+                      interpolation=cv2.INTER_AREA)
+    # The 256-bit hash from whole grey levels, as in version 1: a black sky's ties stay
+    # ties (0 bits) instead of bits decided by noise.
+    g17 = np.rint(cv2.resize(body, (17, 16), interpolation=cv2.INTER_AREA))
     thumb = cv2.resize(body, (16, 16), interpolation=cv2.INTER_AREA)
-    return Signature(grid_hash(g17), thumb.tobytes(), information(grid))
+    mean, std = (float(np.float16(v)) for v in (thumb.mean(), thumb.std()))  # as stored
+    z = np.clip(np.rint(128 + Z_STEPS * (thumb - mean) / max(std, 1e-6)), 0, 255)
+    h, w = gray.shape[:2]
+    box = bytes(round(255 * v / n) for v, n in ((y0, h), (y1, h), (x0, w), (x1, w)))
+    return Signature(grid_hash(g17), z.astype(np.uint8).tobytes(), information(grid),
+                     mean, std, box)
 
 
-def _zscore(thumb: bytes) -> tuple[np.ndarray, float]:
-    t = np.frombuffer(thumb, np.uint8).astype(np.float32)
-    std = float(t.std())
-    return (t - t.mean()) / max(std, 1e-6), std
+class Signatures:
+    """Signatures unpacked for comparison in numpy, any leading shape: the second look
+    compares one pair, bench_quality millions, with this same code."""
+
+    def __init__(self, h16: np.ndarray, levels: np.ndarray, info: np.ndarray,
+                 box: np.ndarray) -> None:
+        self.h16 = h16  # (..., 4) uint64
+        self.info = info.astype(np.int32)
+        self.box = box.astype(np.int16)  # (..., 4)
+        self.mean = levels.mean(-1)
+        self.std = levels.std(-1)
+        self.z = (levels - self.mean[..., None]) / np.maximum(self.std, 1e-6)[..., None]
+        # How far the shape is from a plane (a gradient): the residual of a least-squares
+        # plane through the z-scored thumbnail, 0 for a linear gradient, ~1 for texture.
+        self.curved = np.sqrt(np.square(self.z - self.z @ _PLANE.T).mean(-1))
+
+    def __getitem__(self, index: object) -> Signatures:
+        """The signatures at `index` (numpy indexing over the leading axes)."""
+        out = object.__new__(Signatures)
+        for name in ("h16", "info", "box", "mean", "std", "z", "curved"):
+            setattr(out, name, getattr(self, name)[index])
+        return out
+
+    @classmethod
+    def of(cls, sigs: Sequence[Signature]) -> Signatures:
+        return cls(np.stack([np.frombuffer(s.h16, "<u8") for s in sigs]),
+                   np.stack([s.levels() for s in sigs]), np.array([s.info for s in sigs]),
+                   np.array([list(s.box) if s.version > 1 else [-1] * 4 for s in sigs]))
+
+    @classmethod
+    def from_raw(cls, raw: np.ndarray) -> Signatures:
+        """From stored bytes of the current version, shape (..., SIGNATURE_BYTES)."""
+        mean, std = (np.ascontiguousarray(raw[..., k:k + 2]).view("<f2")[..., 0]
+                     .astype(np.float32) for k in (34, 36))
+        z = (raw[..., 42:].astype(np.float32) - 128) / Z_STEPS
+        return cls(np.ascontiguousarray(raw[..., 2:34]).view("<u8"),
+                   mean[..., None] + std[..., None] * z, raw[..., 1], raw[..., 38:42])
 
 
-def compare(a: Signature, b: Signature) -> tuple[int, float, float]:
-    """(256-bit distance, thumbnail correlation, the flatter thumbnail's std)."""
-    ha = np.frombuffer(a.h16, np.uint8)
-    hb = np.frombuffer(b.h16, np.uint8)
-    distance = int(np.unpackbits(ha ^ hb).sum())
-    za, sa = _zscore(a.thumb)
-    zb, sb = _zscore(b.thumb)
-    return distance, float((za * zb).mean()), min(sa, sb)
+def _plane_projector() -> np.ndarray:
+    yy, xx = np.mgrid[0:16, 0:16]
+    basis = np.stack([np.ones(256), xx.ravel(), yy.ravel()], 1)
+    return (basis @ np.linalg.pinv(basis)).astype(np.float32)
+
+
+_PLANE = _plane_projector()
+
+
+def metrics(a: Signatures, b: Signatures) -> dict[str, np.ndarray]:
+    """How alike two (sets of) signatures are, element by element."""
+    lo, hi = np.minimum(a.std, b.std), np.maximum(a.std, b.std)
+    return {"h16": np.bitwise_count(a.h16 ^ b.h16).astype(np.int32).sum(-1),
+            "corr": (a.z * b.z).mean(-1),
+            "std": lo,
+            "contrast": hi / np.maximum(lo, 1e-6),
+            "level": np.abs(a.mean - b.mean),
+            "bright": np.maximum(a.mean, b.mean),
+            "curved": np.minimum(a.curved, b.curved),
+            # Where two content boxes are: only when both are boxes (the whole frame, and
+            # version 1 signatures, which hold no box, do not count against a match).
+            "box": np.where(_boxed(a.box) & _boxed(b.box), np.abs(a.box - b.box).max(-1), 0)}
+
+
+def _boxed(box: np.ndarray) -> np.ndarray:
+    return (box[..., 0] >= 0) & (np.abs(box - np.array(list(WHOLE))).max(-1) > 0)
+
+
+def accepts(m: dict[str, np.ndarray], distance: np.ndarray | int, max_distance: int = 4
+            ) -> np.ndarray:
+    """The second look's verdict on candidates `distance` bits apart (64-bit hashes)
+    whose signatures compare as `m` (`metrics`). The same picture has the same shape
+    (256-bit hash and thumbnail correlation), and a level and contrast no further apart
+    than a brightness or contrast edit takes them. Shapes that say little need more:
+    a plane (a gradient: any two running the same way correlate) must match in level
+    and contrast closely, and a content box (a small object on a plain ground) must
+    sit at the same place. Beyond `max_distance` (up to `search_radius`) the shape
+    must match strictly. bench_quality measured every constant here."""
+    h16_max, corr_min = thresholds(max_distance)
+    distance = np.asarray(distance)
+    shape = (m["std"] >= FLAT_STD) & (m["h16"] <= h16_max) & (m["corr"] >= corr_min)
+    strict = (distance <= max_distance) | (m["corr"] >= max(corr_min, CORR_STRICT))
+    levels = ((m["contrast"] <= CONTRAST_MAX)
+              & (m["level"] <= np.maximum(LEVEL_MIN, LEVEL_SHARE * m["bright"])))
+    plane = ((m["curved"] >= CURVED_MIN)
+             | ((m["corr"] >= PLANE_CORR) & (m["level"] <= PLANE_LEVEL)
+                & (m["contrast"] <= PLANE_CONTRAST)))
+    return shape & strict & levels & plane & (m["box"] <= BOX_MAX)
 
 
 def thresholds(max_distance: int) -> tuple[int, float]:
@@ -223,9 +352,17 @@ def thresholds(max_distance: int) -> tuple[int, float]:
     return max(H16_MAX, 8 * max_distance), min(CORR_MIN, 1 - max_distance / 40)
 
 
-def confirms(a: Signature, b: Signature, max_distance: int = 4) -> bool:
-    """Do two candidates (64-bit dHashes within `max_distance`) show the same picture?
-    A flat thumbnail has no shape to compare: never (only a byte-identical copy is)."""
-    distance, corr, std = compare(a, b)
-    h16_max, corr_min = thresholds(max_distance)
-    return std >= FLAT_STD and distance <= h16_max and corr >= corr_min
+def search_radius(max_distance: int) -> int:
+    """How far candidates are looked up for a policy's threshold: from d = 4 on, up to
+    the next multiple of 4 less one (4 -> 7), which the multi-index lookup probes in the
+    same buckets. A candidate beyond max_distance counts only if `accepts` says so."""
+    return max_distance | 3 if max_distance >= 4 else max_distance
+
+
+def confirms(a: Signature, b: Signature, max_distance: int = 4,
+             distance: int | None = None) -> bool:
+    """Do two candidates (64-bit dHashes `distance` bits apart, by default within
+    `max_distance`) show the same picture? A flat thumbnail has no shape to compare:
+    never (only a byte-identical copy is)."""
+    m = metrics(Signatures.of([a]), Signatures.of([b]))
+    return bool(accepts(m, max_distance if distance is None else distance, max_distance)[0])

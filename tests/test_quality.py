@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -273,3 +274,96 @@ def test_a_v1_dictionary_is_rehashed_to_v2_by_scan(tmp_path: Path, config_file,
     assert js["matches"][0]["path"] == str(data / "img1.jpg")
     summary = json.loads(dedupd("--config", cfg, "scan", "--json", str(data), check=0).stdout)
     assert summary["known"] == 3
+
+
+def _gradient(lo: float, hi: float, size: tuple[int, int] = (640, 480)) -> np.ndarray:
+    w, h = size
+    row = np.linspace(lo, hi, w, dtype=np.float32)
+    return cv2.merge([np.tile(row, (h, 1)).astype(np.uint8)] * 3)
+
+
+def test_gradients_running_the_same_way_are_told_apart_by_level_and_contrast() -> None:
+    """Every left-to-right gradient has the same dHash and the same shape: only its
+    levels tell it from another (a plane's thumbnail must match them closely)."""
+    a = hash_bytes(encode(_gradient(40, 200)))
+    for other in ((90, 160), (20, 120), (120, 250)):
+        b = hash_bytes(encode(_gradient(*other)))
+        assert hamming(a.hash, b.hash) <= 4
+        assert not confirms(a.signature, b.signature), other  # type: ignore[arg-type]
+    copy = hash_bytes(encode(cv2.resize(_gradient(40, 200), (320, 240)), quality=60))
+    assert confirms(a.signature, copy.signature)  # type: ignore[arg-type]
+
+
+def _faint(seed: int) -> np.ndarray:
+    """A barely visible texture on grey (a standard deviation of about one grey level)."""
+    rng = np.random.default_rng(seed)
+    field = cv2.resize(rng.normal(0, 1.5, (12, 16)).astype(np.float32), (640, 480),
+                       interpolation=cv2.INTER_CUBIC)
+    return cv2.merge([np.clip(128 + field, 0, 255).astype(np.uint8)] * 3)
+
+
+def test_a_faint_texture_keeps_its_shape() -> None:
+    """Version 2 thumbnails keep a faint picture's shape (version 1 rounded it to a few
+    grey levels and called it flat, so its copies were never found)."""
+    a = hash_bytes(encode(_faint(1), ".png"))
+    assert 0.5 < a.signature.std < 2  # type: ignore[union-attr]
+    assert confirms(a.signature, hash_bytes(encode(_faint(1), quality=90)).signature)  # type: ignore[arg-type]
+    for seed in (2, 3, 4):
+        assert not confirms(a.signature, hash_bytes(encode(_faint(seed))).signature)  # type: ignore[arg-type]
+
+
+def _disc(centre: tuple[int, int], radius: int) -> np.ndarray:
+    img = np.full((480, 640, 3), 90, np.uint8)
+    cv2.circle(img, centre, radius, (230, 230, 230), -1, cv2.LINE_AA)
+    return img
+
+
+def test_a_small_object_elsewhere_in_the_frame_is_another_picture() -> None:
+    """The thumbnail is of the content box (a disc, whatever its place and size); where
+    the box sits in the frame tells two such pictures apart."""
+    a = hash_bytes(encode(_disc((320, 240), 60)))
+    assert a.signature.box != bytes([0, 255, 0, 255])  # type: ignore[union-attr]
+    assert confirms(a.signature, hash_bytes(encode(_disc((320, 240), 60), quality=70)).signature)  # type: ignore[arg-type]
+    for other in (((200, 240), 60), ((320, 240), 100)):
+        assert not confirms(a.signature, hash_bytes(encode(_disc(*other))).signature)  # type: ignore[arg-type]
+
+
+def test_version_1_signatures_are_still_compared() -> None:
+    """Signatures stored before version 2 (grey-level thumbnail, no level, contrast or
+    box) are read and compared with new ones: no migration."""
+    sig = hash_bytes(encode(photo(2))).signature
+    assert sig is not None and sig.version == 2
+    v1 = Signature(h16=sig.h16, thumb=np.clip(np.rint(sig.levels()), 0, 255)
+                   .astype(np.uint8).tobytes(), info=sig.info, version=1)
+    stored = Signature.from_bytes(v1.to_bytes())
+    assert stored == v1 and len(v1.to_bytes()) == 290
+    assert confirms(hash_bytes(encode(photo(2), quality=60)).signature, stored)  # type: ignore[arg-type]
+    assert not confirms(hash_bytes(encode(photo(3))).signature, stored)  # type: ignore[arg-type]
+
+
+def test_candidates_beyond_the_threshold_need_the_strict_second_look(store_url: str) -> None:
+    """Copies whose 64-bit hash drifted 5-7 bits (near-ties flipped) are found when their
+    signatures match strictly; a record without a signature, another picture, or a
+    policy threshold below 4 never reaches that far."""
+    store = open_store(store_url)
+    try:
+        original = hash_bytes(encode(photo(7)))
+        other = hash_bytes(encode(photo(8)))
+        drifted = original.hash ^ 0b1011011  # 5 bits away
+        store.insert(_record("/d/p.jpg", encode(photo(7))).with_(hash=drifted))
+        store.insert(_record("/d/q.jpg", encode(photo(8))).with_(
+            hash=other.hash ^ (0b111111 << 20)))  # 6 bits from `other`
+        store.insert(_record("/d/old.jpg", encode(photo(9))).with_(
+            hash=original.hash ^ (0b1111111 << 40), signature=None))  # 7 bits, no signature
+        copy = hash_bytes(encode(photo(7), quality=70))
+        assert hamming(copy.hash, drifted) > 4
+        found = find_duplicates(store, "s", copy, 4)
+        assert [(m.record.path, m.distance) for m in found] == \
+            [("/d/p.jpg", hamming(copy.hash, drifted))]
+        assert find_duplicates(store, "s", copy, 3) == []
+        assert [m.record.path for m in find_duplicates(store, "s", other, 4)] == ["/d/q.jpg"]
+        # Another picture under that very hash is refused by the second look.
+        stranger = replace(hash_bytes(encode(photo(10))), hash=other.hash)
+        assert find_duplicates(store, "s", stranger, 4) == []
+    finally:
+        store.close()
