@@ -1,6 +1,6 @@
 """Benchmark 1: hash throughput on one core, dedupd vs what a user would otherwise run.
 
-    ./dev bench bench_hash [--small 1000] [--large 300] [--repeat 3]
+    ./dev bench bench_hash [--small 1000] [--large 300] [--repeat 3] [--recipes]
 
 Each contender is a whole process (interpreter start, imports, output included), pinned
 to CPU 0, hashing the same photo-like JPEGs in the same run:
@@ -9,6 +9,11 @@ to CPU 0, hashing the same photo-like JPEGs in the same run:
   seed        bench/ref_seed.py: cv2.imread colour + cvtColor + bilinear resize
   imagehash   bench/ref_imagehash.py: imagehash.dhash on PIL (full decode)
   floor       bench/ref_floor.py: a bare 1/8 reduced-decode + area-resize loop
+
+`--recipes` races dedupd's own recipes instead, side by side on the 1-2 MP set (through
+bench/ref_recipe.py, the library without the CLI): v1 (no border trimming), v2 (the
+default, what `dedupd hash` runs) and v2 with the second look's signature (what the
+daemon, `scan` and `check` compute); each must stay within 10% of v1's throughput.
 
 Runs are interleaved and repeated; the best of `--repeat` is reported, as images per
 wall-clock second and per CPU second of the process. The machine is shared: a pinned
@@ -63,10 +68,13 @@ def commands() -> dict[str, list[str]]:
         "seed": [PYTHON, str(HERE / "ref_seed.py")],
         "imagehash": [PYTHON, str(HERE / "ref_imagehash.py")],
         "floor": [PYTHON, str(HERE / "ref_floor.py")],
+        # --recipes: dedupd's library on each recipe, side by side (ref_recipe.py)
+        **{f"lib {r}": [PYTHON, str(HERE / "ref_recipe.py"), r] for r in RECIPES},
     }
 
 
-CONTENDERS = list(commands())
+RECIPES = ("v1", "v2", "v2+look")
+CONTENDERS = ["dedupd", "seed", "imagehash", "floor"]
 
 
 def pin_to_cpu0() -> None:
@@ -173,16 +181,33 @@ def main() -> int:
     parser.add_argument("--small", type=int, default=1000, help="1-2 MP files (default 1000)")
     parser.add_argument("--large", type=int, default=300, help="8-12 MP files (default 300)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per contender (best wins)")
+    parser.add_argument("--recipes", action="store_true",
+                        help="only race dedupd's recipes (v1, v2, v2 with the second look's "
+                             "signature) against `dedupd hash` and the floor, 1-2 MP set")
     parser.add_argument("--sweep", default="60,75,95",
                         help="JPEG qualities to re-save 300 1-2 MP pictures at and race again "
                              "(context; '' skips)")
     args = parser.parse_args()
 
     small = photo_set("small", args.small, SIZES_SMALL, originals=300)
-    large = photo_set("large", args.large, SIZES_LARGE, originals=40, seed=1)
     print(f"machine: {machine()}")
     print("one core (CPU 0), whole processes, best of", args.repeat)
     results: dict[str, bool] = {}
+    if args.recipes:
+        print(f"\n1-2 MP set: {describe(small)}", flush=True)
+        names = ["dedupd", *(f"lib {r}" for r in RECIPES), "floor"]
+        rates, cpu = race([str(p) for p in small], args.repeat, names)
+        report("1-2 MP JPEGs, dedupd's recipes side by side ('dedupd is' = dedupd hash, v2)",
+               rates, cpu)
+        for r in RECIPES[1:]:
+            wall, on_cpu = (x[f"lib {r}"] / x["lib v1"] for x in (rates, cpu))
+            print(f"  {r} vs v1 throughput: wall clock {wall:.3f}x, CPU time {on_cpu:.3f}x")
+            results[f"{r} within 10% of v1's throughput"] = max(wall, on_cpu) >= 0.90
+        print("\ntargets")
+        for name, ok in results.items():
+            print(f"  {verdict(ok)}  {name}")
+        return 0 if all(results.values()) else 1
+    large = photo_set("large", args.large, SIZES_LARGE, originals=40, seed=1)
 
     # The issue's targets: (set, its files, (contender, ratio dedupd must reach)...).
     for label, files, goals in (("1-2 MP", small, (("seed", 3), ("imagehash", 5))),
