@@ -334,11 +334,12 @@ def accepts(m: dict[str, np.ndarray], distance: np.ndarray | int, max_distance: 
     sit at the same place. Beyond `max_distance` (up to `search_radius`) the shape
     must match strictly. bench_quality measured every constant here."""
     h16_max, corr_min = thresholds(max_distance)
+    level_min, contrast_max = level_thresholds(max_distance)
     distance = np.asarray(distance)
     shape = (m["std"] >= FLAT_STD) & (m["h16"] <= h16_max) & (m["corr"] >= corr_min)
     strict = (distance <= max_distance) | (m["corr"] >= max(corr_min, CORR_STRICT))
-    levels = ((m["contrast"] <= CONTRAST_MAX)
-              & (m["level"] <= np.maximum(LEVEL_MIN, LEVEL_SHARE * m["bright"])))
+    levels = ((m["contrast"] <= contrast_max)
+              & (m["level"] <= np.maximum(level_min, LEVEL_SHARE * m["bright"])))
     plane = ((m["curved"] >= CURVED_MIN)
              | ((m["corr"] >= PLANE_CORR) & (m["level"] <= PLANE_LEVEL)
                 & (m["contrast"] <= PLANE_CONTRAST)))
@@ -350,6 +351,14 @@ def thresholds(max_distance: int) -> tuple[int, float]:
     defaults up to d = 4, looser beyond (a policy that accepts more different copies
     must not have them refused by the second look)."""
     return max(H16_MAX, 8 * max_distance), min(CORR_MIN, 1 - max_distance / 40)
+
+
+def level_thresholds(max_distance: int) -> tuple[float, float]:
+    """(level difference always allowed, max contrast ratio): the defaults up to d = 4,
+    looser beyond, as `thresholds` (a brightness offset of 10 grey levels is a large
+    share of a dark picture's mean)."""
+    extra = max(0, max_distance - 4)
+    return LEVEL_MIN + 2 * extra, CONTRAST_MAX + 0.05 * extra
 
 
 def search_radius(max_distance: int) -> int:
