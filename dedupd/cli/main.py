@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import NoReturn
 
 from dedupd import __version__
 from dedupd.access import act_as_state_owner
@@ -86,7 +86,7 @@ See `dedupd COMMAND --help` for each command's options.
 class _Parser(argparse.ArgumentParser):
     """Usage errors become UsageError, so that main() prints them as JSON under --json."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 

@@ -23,8 +23,8 @@ from dedupd.cli.output import (
 from dedupd.config import Config
 from dedupd.events import setup_logging
 from dedupd.quarantine import Quarantine, restore_and_report
-from dedupd.store import ImageRecord, QuarantineEntry, Store, open_store
-from dedupd.store.base import UNRESOLVED, QuarantineFilter, StoreMissing
+from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreMissing, open_store
+from dedupd.store.base import UNRESOLVED, QuarantineFilter
 
 # Journal entries read per query by `quarantine list`: memory stays flat at 100k entries.
 PAGE = 1000

@@ -29,8 +29,8 @@ from dedupd.matching import find_duplicates
 from dedupd.pipeline import Pipeline, record_for
 from dedupd.selection import Selected, select, walk
 from dedupd.signature import Signature, confirms
-from dedupd.store import ImageRecord, Match, Store, open_store
-from dedupd.store.base import UNRESOLVED, StoreMissing
+from dedupd.store import ImageRecord, Match, Store, StoreMissing, open_store
+from dedupd.store.base import UNRESOLVED
 from dedupd.store.hamming import HammingIndex
 
 # ---------------------------------------------------------------- hashing in parallel
@@ -107,12 +107,22 @@ def cmd_hash(args: argparse.Namespace, config: Config) -> int:
             assert o.error is not None
             status = EXIT_ERROR
             if args.json:
-                out.append({"path": o.path, "error": o.error.kind, "reason": o.error.reason})
+                out.append(bad_file(o.path, o.error))
             else:
-                print_error(f"{o.path}: {o.error.kind}: {o.error.reason}")
+                say_bad_file(bad_file(o.path, o.error))
     if args.json:
         print_json(out)
     return status
+
+
+def bad_file(path: str, error: ImageError) -> dict[str, str]:
+    """A file that could not be hashed, as hash, check and scan report it under --json."""
+    return {"path": path, "error": error.kind, "reason": error.reason}
+
+
+def say_bad_file(bad: dict[str, str]) -> None:
+    """The same, as one line on stderr."""
+    print_error(f"{bad['path']}: {bad['error']}: {bad['reason']}")
 
 
 def _warn_decoded(path: str, warnings: Sequence[str]) -> None:
@@ -358,9 +368,9 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
 def _check_error(as_json: bool, path: Path, error: ImageError) -> None:
     if as_json:
-        print_json({"path": str(path), "error": error.kind, "reason": error.reason})
+        print_json(bad_file(str(path), error))
     else:
-        print_error(f"{path}: {error.kind}: {error.reason}")
+        say_bad_file(bad_file(str(path), error))
 
 
 def _nearest(store: Store | None, config: Config, args: argparse.Namespace, path: Path,
