@@ -214,3 +214,38 @@ def test_review_and_reload_errors_are_one_line_and_json(config_file) -> None:
         js = json.loads(as_json.stdout)
         assert (js["error"], js["exit_status"]) == (kind, 2) and said in js["message"]
         assert as_json.stderr == ""
+
+
+def test_output_helpers_print_one_json_document_per_call(capsys) -> None:
+    """cli.output, in process: a streamed list is the same JSON as a whole one, names
+    that are not UTF-8 come out escaped, a CommandError is one line or one JSON object."""
+    import os
+
+    from dedupd.cli.output import (
+        CommandError,
+        UsageError,
+        fail,
+        fields_of,
+        print_json,
+        print_json_list,
+    )
+    from dedupd.store import QuarantineEntry
+
+    name = os.fsdecode(b"/d/bad\xff.jpg")
+    entries = [QuarantineEntry(name, "/q/1", "/d/m.jpg", 2, "00", "default", id=7),
+               QuarantineEntry("/d/two\nlines.jpg", "/q/2", "/d/m.jpg", 0, "00", "p")]
+    print_json_list(fields_of(e) for e in entries)
+    print_json([fields_of(e) for e in entries])
+    print_json_list([])
+    streamed, whole, empty = capsys.readouterr().out.splitlines()
+    assert streamed == whole and empty == "[]"
+    listed = json.loads(streamed)
+    assert listed[0]["original_path"] == "/d/bad\\xff.jpg" and listed[0]["id"] == 7
+    assert listed[1]["original_path"] == "/d/two\nlines.jpg"
+    assert set(listed[0]) == {f for f in vars(entries[0])}
+    assert (UsageError("x").kind, UsageError("x").status) == ("usage", 2)
+    assert fail(True, "reload", CommandError("reload", "no pid").args[0], 2) == 2
+    assert fail(False, "store", "it broke\nbadly", 78) == 78
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"error": "reload", "message": "no pid", "exit_status": 2}
+    assert err == "dedupd: it broke\\nbadly\n"
