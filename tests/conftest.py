@@ -106,6 +106,23 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """A failing test shows the last lines of each daemon it started: a timeout alone says
+    what was awaited, the daemon's log says why it did not come."""
+    import daemonproc
+
+    report = yield
+    if call.when == "setup":
+        daemonproc.STARTED_LOGS.clear()
+    elif report.failed:
+        for log in dict.fromkeys(daemonproc.STARTED_LOGS):
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            report.sections.append((f"daemon log {log.name} (last 40 of {len(lines)} lines)",
+                                    "\n".join(lines[-40:])))
+    return report
+
+
 # ---------------------------------------------------------------- PostgreSQL
 
 # The README's test command uses a local server when one answers (CI runs one with trust

@@ -36,6 +36,10 @@ def write_config(path: Path, body: dict) -> Path:
     return path
 
 
+# The logs of the daemons the running test started: a failing test shows their tails.
+STARTED_LOGS: list[Path] = []
+
+
 class DaemonProcess:
     """`dedupd --config CFG run` with its log captured to a file."""
 
@@ -47,6 +51,7 @@ class DaemonProcess:
         self.env = {**os.environ, **(env or {})}
         self.prefix = prefix or []
         self.proc: subprocess.Popen[bytes] | None = None
+        STARTED_LOGS.append(log)
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
