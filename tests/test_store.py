@@ -296,16 +296,22 @@ def test_rejections_are_remembered(store_url: str) -> None:
     again.close()
 
 
+def _made_by_an_older_dedupd(db: Path, version: int) -> sqlite3.Connection:
+    """A connection to a new store file at schema `version` (its first migrations)."""
+    import dedupd.store.sqlite as backend
+
+    conn = sqlite3.connect(db)
+    for script in backend.MIGRATIONS[:version]:
+        conn.executescript(script)
+    conn.execute(f"PRAGMA user_version = {version}")
+    return conn
+
+
 def test_migration_keeps_paths_with_backslashes(tmp_path: Path) -> None:
     """A version-3 file whose paths hold backslashes reads back the same after the
     path encoding (which doubles them) is introduced."""
-    import dedupd.store.sqlite as backend
-
     db = tmp_path / "i.sqlite"
-    conn = sqlite3.connect(db)
-    for script in backend.MIGRATIONS[:3]:
-        conn.executescript(script)
-    conn.execute("PRAGMA user_version = 3")
+    conn = _made_by_an_older_dedupd(db, 3)
     conn.execute("INSERT INTO images VALUES (1, 's', ?, ?, ?, 'd', 1, 1, 1, 1, 0, 'kept')",
                  ("/d/a\\b.jpg", RECIPE, (5).to_bytes(8, "little")))
     conn.execute("INSERT INTO quarantine VALUES (1, 1, '/d/x\\y', '/q/x\\y', '/m', 0, '00', "
@@ -493,13 +499,8 @@ def test_unresolved_records_are_counted_from_their_own_index(store_url: str) -> 
 
 
 def test_migration_to_6_keeps_journal_entries(tmp_path: Path) -> None:
-    import dedupd.store.sqlite as backend
-
     db = tmp_path / "i.sqlite"
-    conn = sqlite3.connect(db)
-    for script in backend.MIGRATIONS[:5]:
-        conn.executescript(script)
-    conn.execute("PRAGMA user_version = 5")
+    conn = _made_by_an_older_dedupd(db, 5)
     conn.execute("INSERT INTO quarantine VALUES (1, 1, '/d/x', '/q/x', '/m', 2, '00', "
                  "'p', 'duplicate', 0, 'done')")
     conn.commit()
