@@ -173,10 +173,6 @@ class Store(ABC):
         the next start is fast. May take seconds; never needed for correctness."""
         return None
 
-    def checkpoint(self) -> None:
-        """The former name of maintain(), until its last caller has moved."""
-        self.maintain()
-
     # -- intents: each takes the scope's lock itself, so that a caller never holds it
     # across its own logic (the only callers of locked() left decide under it).
     def forget(self, scope: str, path: str, gone: Callable[[], bool],
