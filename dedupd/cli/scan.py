@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,9 @@ from dedupd.cli.output import (
     print_json,
     print_line,
 )
+from dedupd.cli.parallel import HashOutcome, default_workers, hash_many, hash_one
 from dedupd.config import Config
-from dedupd.hashing import ImageError, ImageHash, Recipe, hash_file, hash_to_hex
+from dedupd.hashing import ImageError, ImageHash, Recipe, hash_to_hex
 from dedupd.matching import find_duplicates
 from dedupd.pipeline import Pipeline, record_for
 from dedupd.selection import Selected, select, walk
@@ -32,49 +31,6 @@ from dedupd.signature import Signature, confirms
 from dedupd.store import ImageRecord, Match, Store, StoreMissing, open_store
 from dedupd.store.base import UNRESOLVED
 from dedupd.store.hamming import HammingIndex
-
-# ---------------------------------------------------------------- hashing in parallel
-
-
-@dataclass(frozen=True)
-class HashOutcome:
-    path: str
-    result: ImageHash | None
-    error: ImageError | None
-    mtime_ns: int
-
-
-def hash_one(job: tuple[str, Recipe, int, bool]) -> HashOutcome:
-    """Process-pool entry point: never raises for bad input."""
-    path, recipe, max_pixels, digest = job
-    try:
-        mtime = os.stat(path).st_mtime_ns
-        # `dedupd hash` (digest=False) prints hashes: it needs no signature either.
-        return HashOutcome(path, hash_file(path, recipe, max_pixels, digest=digest,
-                                           second_look=digest), None, mtime)
-    except ImageError as exc:
-        return HashOutcome(path, None, exc, 0)
-    except OSError as exc:
-        return HashOutcome(path, None, ImageError("unreadable", exc.strerror or str(exc)), 0)
-
-
-def hash_many(paths: Sequence[str], recipe: Recipe, max_pixels: int, workers: int,
-              *, digest: bool = True) -> Iterator[HashOutcome]:
-    """Hash paths on `workers` processes, yielding outcomes in input order."""
-    jobs = ((p, recipe, max_pixels, digest) for p in paths)
-    if workers <= 1 or len(paths) < 8:
-        yield from map(hash_one, jobs)
-        return
-    from concurrent.futures import ProcessPoolExecutor  # costs 15 ms: only when used
-
-    chunk = max(1, min(64, len(paths) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(hash_one, jobs, chunksize=chunk)
-
-
-def default_workers(config: Config) -> int:
-    return config.workers or len(os.sched_getaffinity(0))
-
 
 # ---------------------------------------------------------------- commands
 
