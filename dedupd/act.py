@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -59,6 +60,9 @@ class Actor:
         self._unreported: dict[str, Report] = {}
         # When each recently kept path was decided (time.monotonic()), for keep: first.
         self._decided: OrderedDict[str, float] = OrderedDict()
+        # Where a file goes to be decided again (the daemon's queue); a scan has none:
+        # its next run decides such a file.
+        self.requeue: Callable[[Path], None] | None = None
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -200,7 +204,18 @@ class Actor:
             self.store.update(record.with_(status="kept"))
         if report is not None:
             self._unreported.pop(record.path, None)
-            emit(report[0], report[1], **report[2])  # type: ignore[arg-type]
+            if claimed:  # said once the claim is durable (the store may flush later)
+                self.store.settle(record.path, lambda: emit(  # type: ignore[arg-type]
+                    report[0], report[1], **report[2]), lambda: self.lost(record.path))
+            else:
+                emit(report[0], report[1], **report[2])  # type: ignore[arg-type]
+
+    def lost(self, path: str) -> None:
+        """A database crash took a claimed record before it was flushed (nothing was
+        said about the file yet): it is decided again."""
+        log.warning("%s: its record was lost in a database crash; deciding it again", path)
+        if self.requeue is not None:
+            self.requeue(Path(path))
 
     def known_reject(self, path: Path, st: os.stat_result) -> bool:
         """Rejected before, as it is now (same size and mtime): not said again."""

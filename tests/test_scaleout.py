@@ -68,3 +68,55 @@ def test_a_replica_read_on_several_connections_is_one_snapshot(pg_url: str) -> N
         assert all(loaded.index.has(rid, h % 2**64) for rid, h in old)
     finally:
         writer.close()
+
+
+def test_a_report_waits_for_the_flush_and_a_claim_a_crash_took_is_lost(
+        private_cluster: PrivateCluster) -> None:  # noqa: F811
+    """Claims commit without waiting for the disk and their reports wait for a group
+    flush. A server crash before that flush: a claim whose row survived is reported, one
+    whose row is gone is `lost` (decided again), never reported."""
+    store = PostgresStore(private_cluster.url)
+    gate = threading.Event()
+    run = store._flusher._run
+
+    def gated(fn):  # the flusher cannot flush until the test says so
+        gate.wait(60)
+        return run(fn)
+
+    store._flusher._run = gated
+    said: list[str] = []
+    lost: list[str] = []
+    try:
+        store.warm("s", RECIPE)
+        paths = [f"/a/{i}.jpg" for i in range(20)]
+        for n, path in enumerate(paths):
+            r = rec(path, (n + 1) * 0x9E3779B97F4A7C15 % 2**64)
+            assert store.claim(r, 4, store.lookup("s", RECIPE, r.hash, r.digest, 4)) == []
+            store.settle(path, lambda p=path: said.append(p), lambda p=path: lost.append(p))
+        assert said == lost == []  # nothing said before a flush
+        with psycopg.connect(private_cluster.url, autocommit=True) as conn:
+            conn.execute("DELETE FROM images WHERE path = '/a/7.jpg'")  # surely lost
+        private_cluster.stop("immediate")  # and any whose commit was not written yet
+        private_cluster.start()
+        gate.set()
+        store.drain()
+        there = {r.path for r in (store.get_by_path(p) for p in paths) if r is not None}
+        assert "/a/7.jpg" in lost
+        assert sorted(said) == sorted(there) and sorted(lost) == sorted(set(paths) - there)
+    finally:
+        gate.set()
+        store.close()
+
+
+def test_reports_of_claims_are_said_before_close_returns(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    said: list[str] = []
+    try:
+        store.warm("s", RECIPE)
+        for i in range(50):
+            r = rec(f"/b/{i}", (i + 7) * 0x9E3779B97F4A7C15 % 2**64)
+            assert store.claim(r, 4, store.lookup("s", RECIPE, r.hash, r.digest, 4)) == []
+            store.settle(r.path, lambda p=r.path: said.append(p), lambda: None)
+    finally:
+        store.close()
+    assert len(said) == 50

@@ -64,6 +64,7 @@ class Daemon:
         self.health = Health(self)
         self.scanner = Scanner(self)
         self.intake = Intake(self)
+        self.pipeline.actor.requeue = self.intake.file_ready  # a claim a crash took
         self.watcher = Watcher(self.intake, config.ignore)
         self._threads: list[threading.Thread] = []
         self.roots = Roots(self)
@@ -197,6 +198,7 @@ class Daemon:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        self.store.drain()  # decisions waiting for a flush are said before "stopped"
         emit_summary()
         emit(Event.STOPPED, "stopped", **self.health.count_fields())
         self.metrics.stop()

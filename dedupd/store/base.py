@@ -167,6 +167,17 @@ class Store(ABC):
         query (its in-memory index or replica; for STATUS=, sent every few seconds)."""
         return None
 
+    def settle(self, path: str, report: Callable[[], None], lost: Callable[[], None]
+               ) -> None:
+        """Call report() once the record claim() just wrote for `path` (on this thread)
+        is durable; lost() instead if a crash took it (the file is then decided again).
+        A store whose writes are durable when they return reports at once."""
+        report()
+
+    def drain(self) -> None:
+        """Wait until every report handed to settle() has been said."""
+        return None
+
     def maintain(self) -> None:
         """Upkeep the backend decides on and the owner schedules (the daemon, every few
         minutes, off the hot path): e.g. SQLite persists its in-memory indexes so that

@@ -28,7 +28,7 @@ before it is retried, so nothing is recorded twice.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 
@@ -44,6 +44,7 @@ from dedupd.store.base import (
     path_from_db,
     path_to_db,
 )
+from dedupd.store.pg_flush import Flusher, Pending
 from dedupd.store.pg_query import (
     LIVE,
     SELECT_IMAGE,
@@ -53,7 +54,7 @@ from dedupd.store.pg_query import (
     signed,
     split_hash,
 )
-from dedupd.store.pg_schema import CLAIM, FLUSH, SCHEMA_VERSION
+from dedupd.store.pg_schema import CLAIM, SCHEMA_VERSION
 from dedupd.store.pg_session import PgSession, lock_key, one_line, redact
 from dedupd.store.replica import Replicas
 from dedupd.store.sql import (
@@ -84,6 +85,7 @@ class PostgresStore(PgSession, SQLStore):
         one, lookups and claims use the database's indexes under the group lock."""
         self._connect(url, attempts, timeout)
         self.replicate = replicate
+        self._flusher = Flusher(self._run)
         self._replicas = Replicas(lambda: psycopg.connect(
             self._dsn, autocommit=True, application_name="dedupd-replica"))
         # Server-side time each claim held its group's lock (for benchmarks), bounded.
@@ -118,6 +120,7 @@ class PostgresStore(PgSession, SQLStore):
         return int(size)
 
     def close(self) -> None:
+        self._flusher.close()  # reports waiting for a flush are said first
         self._replicas.close()
         self._pool.close()
 
@@ -331,8 +334,9 @@ class PostgresStore(PgSession, SQLStore):
         """With a replica: one call of dedupd_claim, which under the group's lock
         re-checks only what the replica had not seen (rows numbered after its watermark,
         and the digest) and inserts, committing without waiting for the disk. The WAL is
-        flushed after the lock is gone, before anyone acts on the claim: whatever another
-        host does because it saw this row commits after it, so it cannot outlive it."""
+        flushed after the lock is gone, before the decision is reported (settle()) or
+        acted on (a quarantine journal write flushes it first): whatever another host
+        does because it saw this row commits after it, so it cannot outlive it."""
         if not isinstance(seen.horizon, tuple) or record.id is not None:
             return super().claim(record, max_distance, seen)
         replica, watermark = seen.horizon
@@ -344,24 +348,17 @@ class PostgresStore(PgSession, SQLStore):
                 record.status, record.signature)
 
         def write(conn: psycopg.Connection) -> tuple:
-            if not self.durable:
-                return (*conn.execute(CLAIM, args, prepare=True).fetchone(), False)
-            # One round trip (pipeline mode; prepared, so neither statement is parsed
-            # and planned per file): the claim commits (releasing the lock, not waiting
-            # for the disk), then the flush runs as a transaction of its own.
-            with conn.pipeline():
-                claim = conn.execute(CLAIM, args, prepare=True)
-                flush = conn.execute(FLUSH + " FROM images WHERE path = %s AND digest = %s",
-                                     (path_to_db(record.path), record.digest), prepare=True)
-            return (*claim.fetchone(), flush.fetchone() is not None)
+            # Prepared: not parsed and planned per file. It commits without waiting for
+            # the disk; settle() has the report wait for a flush (pg_flush.py).
+            return conn.execute(CLAIM, args, prepare=True).fetchone()
 
         def committed(conn: psycopg.Connection) -> tuple | None:
             row = conn.execute("SELECT id, digest FROM images WHERE path = %s",
                                (path_to_db(record.path),)).fetchone()
-            return (row[0], None, None, False) if row and row[1] == record.digest else None
+            return (row[0], None, None) if row and row[1] == record.digest else None
 
         try:
-            new_id, conflicts, held, flushed = self._run(write, committed)
+            new_id, conflicts, held = self._run(write, committed)
         except StoreError as exc:
             if "another server start" in str(exc):  # the replica may miss rows: drop it
                 self._replicas.drop(replica)
@@ -378,12 +375,22 @@ class PostgresStore(PgSession, SQLStore):
                                (conflicts,))
             return nearest_first(self._matches(rows, replica.coll, record.hash,
                                                record.digest, max_distance), 8)
-        if self.durable and not flushed and \
-                self._run(lambda conn: self._flush(conn, new_id)) is None:
-            raise StoreError(f"{self.url}: the record of {record.path} was lost in a "
-                             "server crash")
         replica.add_own(new_id, record.hash)
+        self._tls.claimed = (record.path, new_id, replica.epoch)
         return []
+
+    def settle(self, path: str, report: Callable[[], None], lost: Callable[[], None]
+               ) -> None:
+        """The claim of `path` this thread just made is durable only after a flush: the
+        report waits for the next group flush, and the worker goes on (see pg_flush)."""
+        claimed, self._tls.claimed = getattr(self._tls, "claimed", None), None
+        if not self.durable or claimed is None or claimed[0] != path:
+            report()
+            return
+        self._flusher.after(Pending(claimed[1], path, claimed[2], report, lost))
+
+    def drain(self) -> None:
+        self._flusher.drain()
 
     # -- quarantine journal
     def add_quarantine(self, entry: QuarantineEntry) -> QuarantineEntry:
