@@ -35,7 +35,7 @@ from dedupd.store.records import StoreError, path_to_db
 log = logging.getLogger("dedupd.store.flush")
 
 GATHER = 0.005  # how long the thread waits for more claims before one flush
-_STOP_RETRIES = 3  # at close, how many more tries a flush gets before reports are dropped
+_STOP_RETRIES = 1  # at close, how many more tries a flush gets before reports are dropped
 
 
 @dataclass
@@ -71,8 +71,10 @@ class Flusher:
                 self._thread.start()
             self._cond.notify_all()
 
-    def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until every report handed in so far has been said (or lost)."""
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until every report handed in so far has been said (or lost); bounded,
+        for a stop while the database is away must still end within systemd's
+        TimeoutStopSec."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._cond.notify_all()
