@@ -125,8 +125,7 @@ class _Scan:
         if o.error is not None or o.result is None:
             assert o.error is not None
             self.counts["errors"] += 1
-            self.errors.append({"path": o.path, "error": o.error.kind,
-                                "reason": o.error.reason})
+            self.errors.append(bad_file(o.path, o.error))
             return
         if o.result.warnings:
             self.warned.append({"path": o.path, "warnings": list(o.result.warnings)})
@@ -262,8 +261,8 @@ def _print_scan(summary: dict[str, Any]) -> None:
             print_line(f"  {d['distance']:>3}  {d['path']}{done}")
     for w in summary["warnings_detail"]:
         _warn_decoded(w["path"], w["warnings"])
-    for e in summary["errors_detail"]:
-        print_error(f"{e['path']}: {e['error']}: {e['reason']}")
+    for bad in summary["errors_detail"]:
+        say_bad_file(bad)
     elapsed = summary["seconds"]
     rate = summary["files"] / elapsed if elapsed > 0 else 0.0
     print(f"{summary['files']} files, {summary['indexed']} indexed, {summary['known']} "
