@@ -161,6 +161,34 @@ def test_keep_first_means_arrival_order(setup, tmp_path: Path) -> None:
         assert daemon.stop() == 0
 
 
+def test_keep_first_for_a_directory_moved_in_whole(setup, tmp_path: Path) -> None:
+    """A directory moved into a root brings its files with synthetic creation events in
+    listing order; keep: first must still go by when each was written (its mtime):
+    the original stays, each later copy is quarantined, whatever the listing order."""
+    cfg, root, db, _ = setup()
+    staged = tmp_path / "incoming"
+    staged.mkdir()
+    names = []
+    for i, seed in enumerate((31, 32, 33, 34)):
+        img = photo(seed, 320, 240)
+        original, copy = staged / f"z{i}_original.jpg", staged / f"a{i}_copy.jpg"
+        original.write_bytes(encode(img, 92))
+        copy.write_bytes(encode(img, 60))
+        os.utime(original, (1_600_000_000 + i, 1_600_000_000 + i))
+        os.utime(copy, (1_700_000_000 + i, 1_700_000_000 + i))
+        names.append((original.name, copy.name))
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        staged.rename(root / "batch")
+        wait_for(lambda: sorted(records(db).values()) == ["kept"] * 4 + ["quarantined"] * 4,
+                 60, "every file decided")
+        for original, copy in names:
+            assert (root / "batch" / original).exists(), original
+            assert not (root / "batch" / copy).exists(), copy
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_a_slow_writer_is_not_judged_before_it_finishes(setup, tmp_path: Path) -> None:
     """#12-9: a writer pausing far longer than settle_seconds after a few bytes used to
     have its file called corrupt/unsupported and moved to rejected_dir mid-write. Only a

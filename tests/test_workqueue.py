@@ -186,3 +186,19 @@ def test_close_refuses_puts_and_wakes_getters() -> None:
     t.join(10)
     assert not t.is_alive() and got == [None]
     assert not q.put(Path("/a"))
+
+
+def test_a_scan_finding_an_older_mtime_moves_the_arrival_earlier() -> None:
+    """A directory moved in whole: its files come with synthetic events first (in
+    listing order), then the directory's scan with their mtimes; keep: first goes by
+    the earlier of the two, so the file written first is decided first."""
+    q = WorkQueue(10)
+    q.put(Path("/copy"), 0.5)  # its synthetic event came first
+    q.put(Path("/original"), 0.5)
+    first_event = q.arrival(Path("/copy"))
+    q.put(Path("/original"), arrival=1000.0)  # the scan: written long before
+    q.put(Path("/copy"), arrival=1001.0)
+    assert q.arrival(Path("/original"))[0] == 1000.0
+    assert q.arrival(Path("/copy")) == (1001.0, first_event[1])  # still since its event
+    q.put(Path("/copy"), arrival=5000.0)  # a later time never moves it back
+    assert q.arrival(Path("/copy"))[0] == 1001.0

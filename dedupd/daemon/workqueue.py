@@ -88,6 +88,11 @@ class WorkQueue:
                 self.arrivals += 1
                 self._arrival[path] = (time.time() if arrival is None else arrival,
                                        now if since is None else since)
+            elif arrival is not None and arrival < self._arrival[path][0]:
+                # A scan found it with an older mtime than its first event's time: the
+                # files of a directory moved in whole come with synthetic creation events
+                # in listing order, and keep: first must go by when they were written.
+                self._arrival[path] = (arrival, self._arrival[path][1])
             self._seq += 1
             heapq.heappush(self._heaps[background], (due, self._seq, path))
             self._cond.notify_all()
