@@ -428,6 +428,14 @@ def test_os_and_quarantine_errors_are_one_line_and_json(tmp_path: Path, cfg: Pat
         assert "Traceback" not in as_json.stderr, as_json.stderr
 
 
+def test_restore_of_an_id_beyond_64_bits_is_one_line(tmp_path: Path, cfg: Path) -> None:
+    """`restore 99999999999999999999999` was an OverflowError traceback from SQLite."""
+    dedupd("--config", str(cfg), "db", "migrate", check=0)  # a store, empty
+    for target in ("99999999999999999999999", str(2**63), "0"):
+        err = dedupd("--config", str(cfg), "restore", target, check=2).stderr
+        assert err == f"dedupd: no quarantine entry {target}\n", err
+
+
 def test_scan_of_a_named_fifo_says_not_regular(tmp_path: Path, cfg: Path) -> None:
     """`scan d/f.jpg` on a FIFO said "0 files", exit 0 (the directory's scan named it)."""
     fifo = tmp_path / "f.jpg"

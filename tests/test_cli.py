@@ -249,3 +249,16 @@ def test_output_helpers_print_one_json_document_per_call(capsys) -> None:
     out, err = capsys.readouterr()
     assert json.loads(out) == {"error": "reload", "message": "no pid", "exit_status": 2}
     assert err == "dedupd: it broke\\nbadly\n"
+
+
+def test_db_copy_refuses_the_same_store_under_another_name(tmp_path: Path,
+                                                           config_file) -> None:
+    """`db export sqlite:////path` of the configured sqlite:///path re-read every row of
+    the store into itself and said '0 copied'."""
+    cfg = str(config_file())
+    index = tmp_path / "state" / "index.sqlite"
+    dedupd("--config", cfg, "db", "migrate", check=0)
+    (tmp_path / "link.sqlite").symlink_to(index)
+    for url in (f"sqlite:///{index}", str(tmp_path / "link.sqlite")):
+        err = dedupd("--config", cfg, "db", "export", url, check=2).stderr
+        assert "source and destination are the same store" in err, err

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from dedupd.cli.output import EXIT_OK, Progress, print_result
 from dedupd.config import Config
-from dedupd.store import StoreError, open_store
+from dedupd.store import Store, StoreError, open_store, sqlite_file
 from dedupd.store.copy import check_url, copy_store
 
 
@@ -34,7 +35,7 @@ def cmd_db(args: argparse.Namespace, config: Config) -> int:
             raise
         try:
             src, dst = (here, there) if args.db_command == "export" else (there, here)
-            if src.url == dst.url:
+            if _same_store(src, dst):
                 raise StoreError(f"{src.url}: source and destination are the same store")
             total = src.stats().images
             progress = Progress(total, args.db_command, enabled=None if not args.json else False)
@@ -52,3 +53,12 @@ def cmd_db(args: argparse.Namespace, config: Config) -> int:
     result["seconds"] = round(time.monotonic() - started, 3)
     print_result(args.json, result, text)
     return EXIT_OK
+
+
+def _same_store(a: Store, b: Store) -> bool:
+    """One store under two names (sqlite:///x and sqlite:////x, a symlink to the file):
+    copying it into itself would only re-read every row."""
+    if a.url == b.url:
+        return True
+    fa, fb = sqlite_file(a.url), sqlite_file(b.url)
+    return fa is not None and fb is not None and os.path.samefile(fa, fb)

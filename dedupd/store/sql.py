@@ -120,6 +120,8 @@ class SQLStore(Store):
                     f"WHERE id={self.MARK}", (*entry_row(e), e.id), journal=True)
 
     def get_quarantine(self, entry_id: int) -> QuarantineEntry | None:
+        if not 0 < entry_id < 2**63:  # an id typed by a user: no row has one beyond 64 bits
+            return None
         rows = self._query(f"SELECT {QUAR_COLS} FROM quarantine WHERE id = {self.MARK}",
                            (entry_id,))
         return entry_from_row(rows[0]) if rows else None
