@@ -206,6 +206,14 @@ def reduce(gray: np.ndarray, side: int = SIGNATURE_SIDE) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)
 
 
+def _median(gray: np.ndarray) -> int:
+    """int(np.median(gray)) of a uint8 image, from its histogram (a third of the time)."""
+    counts = np.cumsum(cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel())
+    n = int(counts[-1])
+    lo, hi = np.searchsorted(counts, [(n - 1) // 2 + 1, n // 2 + 1])
+    return (int(lo) + int(hi)) // 2
+
+
 def content(gray: np.ndarray) -> tuple[int, int, int, int]:
     """The part of an image that holds its picture when that is a small object on a plain
     ground (a nebula on black sky, a text block on white): the bounding box, plus a
@@ -215,8 +223,7 @@ def content(gray: np.ndarray) -> tuple[int, int, int, int]:
     Returned as the box (top, bottom, left, right). OpenCV calls throughout: tens of
     microseconds on a reduced image."""
     h, w = gray.shape[:2]
-    ground = int(np.median(cv2.resize(gray, (min(w, 48), min(h, 48)),
-                                      interpolation=cv2.INTER_AREA)))
+    ground = _median(cv2.resize(gray, (min(w, 48), min(h, 48)), interpolation=cv2.INTER_AREA))
     dev = cv2.absdiff(gray, np.full_like(gray, ground))
     counts = np.cumsum(cv2.calcHist([dev], [0], None, [256], [0, 256]).ravel())
     strongest = int(np.searchsorted(counts, 0.995 * counts[-1]))
