@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import cv2
 import numpy as np
@@ -183,6 +184,12 @@ class Signature:
     @property
     def low_information(self) -> bool:
         return self.info < LOW_INFORMATION
+
+    @cached_property
+    def unpacked(self) -> Signatures:
+        """This signature alone as `Signatures` (made once: a newcomer is compared with
+        up to CANDIDATES stored signatures)."""
+        return Signatures.of([self])
 
 
 V1_BYTES = 2 + 32 + 256
@@ -380,5 +387,23 @@ def confirms(a: Signature, b: Signature, max_distance: int = 4,
     """Do two candidates (64-bit dHashes `distance` bits apart, by default within
     `max_distance`) show the same picture? A flat thumbnail has no shape to compare:
     never (only a byte-identical copy is)."""
-    m = metrics(Signatures.of([a]), Signatures.of([b]))
-    return bool(accepts(m, max_distance if distance is None else distance, max_distance)[0])
+    m = _pair_metrics(a.unpacked, b.unpacked)
+    return bool(accepts(m, max_distance if distance is None else distance, max_distance))
+
+
+def _pair_metrics(a: Signatures, b: Signatures) -> dict[str, float]:
+    """`metrics` of one pair, in scalars: a tenth of the time of the vectorised form on
+    one pair (bench_quality's self-check holds the two to the same verdicts)."""
+    lo, hi = sorted((float(a.std[0]), float(b.std[0])))
+    ba, bb = a.box[0].tolist(), b.box[0].tolist()
+    boxed = ba[0] >= 0 and bb[0] >= 0 and ba != list(WHOLE) and bb != list(WHOLE)
+    mean_a, mean_b = float(a.mean[0]), float(b.mean[0])
+    return {"h16": sum((x ^ y).bit_count() for x, y in zip(a.h16[0].tolist(),
+                                                           b.h16[0].tolist(), strict=True)),
+            "corr": float(np.dot(a.z[0], b.z[0])) / a.z.shape[-1],
+            "std": lo,
+            "contrast": hi / max(lo, 1e-6),
+            "level": abs(mean_a - mean_b),
+            "bright": max(mean_a, mean_b),
+            "curved": min(float(a.curved[0]), float(b.curved[0])),
+            "box": max(abs(x - y) for x, y in zip(ba, bb, strict=True)) if boxed else 0}
