@@ -465,7 +465,7 @@ def describe_gray(packed: np.ndarray, variants: bool) -> dict[str, object]:
     entries = [(v2, sig)]
     if variants:
         hashed = ImageHash(v2, recipe, 0, 0, None, 0, "jpeg", (), sig, small)
-        entries += [(h, s) for _, h, s in hashed.variants()]
+        entries += [(h, sign()) for _, h, sign in hashed.variants()]
     return {"v1": v1, "v1sig": np.frombuffer(v1sig.to_bytes(), np.uint8),  # type: ignore[union-attr]
             "h8": np.array([h for h, _ in entries], np.uint64),
             "sig": np.stack([np.frombuffer(s.to_bytes(), np.uint8) for _, s in entries])}

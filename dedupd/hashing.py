@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import stat
@@ -137,9 +138,11 @@ class ImageHash:
     def low_information(self) -> bool:
         return self.signature is not None and self.signature.low_information
 
-    def variants(self) -> Iterator[tuple[str, int, Signature]]:
-        """The image's 7 mirror images and rotations as (transform, hash, signature): the
-        transform names how a stored original that matches a variant became this image."""
+    def variants(self) -> Iterator[tuple[str, int, Callable[[], Signature]]]:
+        """The image's 7 mirror images and rotations as (transform, hash, sign): the
+        transform names how a stored original that matches a variant became this image;
+        sign() makes the variant's signature, needed only when the variant has candidates
+        (most of a variant's cost)."""
         if self.gray is None:
             return
         interpolation = cv2.INTER_LINEAR if self.recipe.resize == "linear" else cv2.INTER_AREA
@@ -148,7 +151,7 @@ class ImageHash:
                 view = np.ascontiguousarray(view)
                 size = self.recipe.size
                 grid = cv2.resize(view, (size + 1, size), interpolation=interpolation)
-                yield INVERSE[name], grid_bits(grid), signature(view, grid)
+                yield INVERSE[name], grid_bits(grid), functools.partial(signature, view, grid)
 
 
 # ---------------------------------------------------------------- hash values

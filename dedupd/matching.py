@@ -47,12 +47,12 @@ def as_flipped(store: Store, scope: str, hashed: ImageHash, max_distance: int,
                exclude: str | None = None) -> list[Match]:
     """The records `hashed` duplicates as one of its 7 mirror images and rotations, for
     the first that has any (Match.transform names how the newcomer differs)."""
-    for transform, value, sig in hashed.variants():
-        found = [m for m in store.find_matches(scope, hashed.recipe.key, value, None,
-                                               lookup_radius(sig, max_distance),
+    radius = lookup_radius(hashed.signature, max_distance)
+    for transform, value, sign in hashed.variants():
+        found = [m for m in store.find_matches(scope, hashed.recipe.key, value, None, radius,
                                                limit=CANDIDATES)
                  if m.record.path != exclude]
-        found = second_look(store, sig, found, max_distance)
+        found = second_look(store, sign(), found, max_distance) if found else []
         if found:
             return [replace(m, transform=transform) for m in found]
     return []
