@@ -11,8 +11,10 @@ made from (microseconds: it is already decoded and reduced) tell them apart:
   of brightness, not by a tie or noise; below `LOW_INFORMATION` the image is reported
   as `low_information` (its hash alone says little);
 - a `Signature`: a 256-bit dHash of size 16 plus a 16x16 grayscale thumbnail of the
-  picture's content (`content`), stored per image and read only for candidates;
-  `confirms` says whether two images match. A candidate is a duplicate only if it does.
+  picture's content (`content`) with its level, contrast and place in the frame, stored
+  per image and read only for candidates; `confirms` (one pair) and `accepts` (any
+  number, for bench_quality) say whether two images match. A candidate is a duplicate
+  only if they do; candidates are looked up within `search_radius`.
 
 `VARIANTS` are the flips and rotations a newcomer can also be checked as.
 """
