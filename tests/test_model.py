@@ -655,6 +655,25 @@ def test_model_move_into_a_new_directory(world) -> None:
     w.settle(10)
 
 
+def test_model_copies_found_by_the_start_up_scan(world) -> None:
+    """Found by the soak: copies written while the daemon was down were queued by the
+    start-up scan in the directory listing's order; a later copy could be accepted, and
+    then quarantined when the older original came (keep: first): two decisions."""
+    w = world()
+    w.daemon.kill()
+    when = time.time_ns() - 3_600_000_000_000
+    for i in range(8):
+        data = image_bytes(i)
+        first, later = w.create(data, "first"), w.create(data, "later")
+        os.utime(first, ns=(when, when))
+        os.utime(later, ns=(when + 10**9, when + 10**9))
+        when += 2 * 10**9
+    w.daemon.start()
+    w.settle()
+    quarantined = {e["path"] for e in w.log.read() if e.get("event") == "duplicate_quarantined"}
+    assert quarantined == {p for p in w.arrivals if "later" in p}  # keep: first
+
+
 def test_work_queue_never_hands_out_a_path_being_processed() -> None:
     from dedupd.daemon import WorkQueue
 

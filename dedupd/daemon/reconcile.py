@@ -153,6 +153,7 @@ class Reconciler:
         prefix = name[len(root) + 1:] + "/" if name != root else ""
         walked: set[str] = set()
         seen = 0
+        due: list[tuple[int, str, int]] = []  # (mtime_ns, name, size) of files to queue
         with listing:
             for n, entry in enumerate(listing):
                 if not live and n % YIELD_EVERY == 0:
@@ -185,9 +186,14 @@ class Reconciler:
                     continue  # unresolved duplicates are decided again
                 if known is None and known_reject(Path(entry.path), est):
                     continue
-                queue.put(Path(entry.path), 0.0 if est.st_size else settle, block=True,
-                          background=not live, arrival=est.st_mtime, since=since)
-                counts["queued"] += 1
+                due.append((est.st_mtime_ns, entry_name, est.st_size))
+        # Queued oldest first, not in the listing's (hash) order: the workers then decide
+        # a directory's files in arrival order, and keep: first never has to replace a
+        # copy it accepted a moment before with an older one found later (two decisions).
+        for mtime_ns, entry_name, size in sorted(due):
+            queue.put(directory / entry_name, 0.0 if size else settle, block=True,
+                      background=not live, arrival=mtime_ns / 1e9, since=since)
+            counts["queued"] += 1
         counts["seen"] += seen
         self._left_over(directory, files, store_subdirs if recursive else [], walked,
                         vanished)
