@@ -533,6 +533,36 @@ def test_daemon_rides_out_a_database_restart(private_cluster: PrivateCluster,
     assert code == 0
 
 
+def test_copies_found_by_the_start_up_scan_are_decided_once(pg_url: str,
+                                                             tmp_path: Path) -> None:
+    """The restart test's 'decided twice' under load: its drop races the start-up scan.
+    Copies the scan finds are queued in the listing's order, not oldest first; a later
+    copy was accepted, then quarantined when its older original came (keep: first):
+    two decisions of one file. Here every pair is written while the daemon is down."""
+    root, quarantine = tmp_path / "drop", tmp_path / "q"
+    root.mkdir()
+    when = time.time_ns() - 3_600 * 10**9
+    seeds = distinct_seeds(16, (320, 240))
+    for s in seeds:  # the original an hour ago, its copy a second later
+        for tag, quality, at in (("first", 90, when), ("later", 60, when + 10**9)):
+            path = root / f"{s}{tag}.jpg"
+            path.write_bytes(encode(photo(s, 320, 240), quality))
+            os.utime(path, ns=(at, at))
+        when += 2 * 10**9
+    daemon = DaemonProcess(daemon_config(tmp_path / "c.yaml", pg_url, root, quarantine),
+                           tmp_path / "log")
+    daemon.start()
+    try:
+        # A replaced copy's original is not said accepted: count decisions, not paths.
+        wait_for(lambda: sum(decisions(daemon.log()).values()) >= 32, 120,
+                 "every file decided")
+        assert set(decisions(daemon.log()).values()) == {1}, "a file was decided twice"
+        assert {p.name for p in root.iterdir()} == {f"{s}first.jpg" for s in seeds}
+    finally:
+        code = daemon.stop()
+    assert code == 0
+
+
 # ---------------------------------------------------------------- replicas and claims
 
 
