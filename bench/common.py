@@ -184,7 +184,7 @@ def describe(paths: Sequence[Path]) -> str:
     for p in paths:
         with open(p, "rb") as fh:
             head = fh.read(65536)
-        from dedupd.hashing import image_size
+        from dedupd.imagefile import image_size
 
         w, h = image_size(head, "jpeg") or (0, 0)
         mps.append(w * h / 1e6)

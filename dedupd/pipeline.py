@@ -22,7 +22,8 @@ from typing import Protocol
 from dedupd.act import Actor, Outcome
 from dedupd.config import Config, Policy, Watch
 from dedupd.events import Event, emit
-from dedupd.hashing import ImageError, ImageHash, file_kind, hash_file
+from dedupd.hashing import ImageError, ImageHash, hash_file
+from dedupd.imagefile import file_kind
 from dedupd.matching import (
     CANDIDATES,
     as_flipped,

@@ -344,7 +344,8 @@ def test_decoder_warnings_go_with_their_file(tmp_path: Path, cfg: Path) -> None:
 
 THREADS = """
 import sys, threading
-from dedupd.hashing import DECODER_MESSAGES, hash_file
+from dedupd.decoder_messages import DECODER_MESSAGES
+from dedupd.hashing import hash_file
 DECODER_MESSAGES.enabled = True
 files = sys.argv[1:]
 wrong = []

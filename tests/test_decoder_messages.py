@@ -16,7 +16,8 @@ from test_abuse import jpeg_with_extraneous_bytes
 
 FOREIGN = """
 import os, sys, threading, time
-from dedupd.hashing import DECODER_MESSAGES, hash_file
+from dedupd.decoder_messages import DECODER_MESSAGES
+from dedupd.hashing import hash_file
 DECODER_MESSAGES.enabled = True
 files = sys.argv[1:]
 hash_file(files[-1])  # capture installed (the old design: for good)

@@ -28,7 +28,8 @@ from dedupd.cli.run import cmd_demo, cmd_run
 from dedupd.cli.scan import cmd_check, cmd_hash, cmd_scan
 from dedupd.cli.stats import cmd_stats, cmd_validate
 from dedupd.config import Config, ConfigError, load_config
-from dedupd.hashing import ALGOS, DECODER_MESSAGES, DECODES, SIZES
+from dedupd.decoder_messages import DECODER_MESSAGES
+from dedupd.hashing import ALGOS, DECODES, SIZES
 from dedupd.quarantine import QuarantineError
 from dedupd.store import StoreError
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dedupd.hashing import image_size, read_image_file, sniff_format
+from dedupd.imagefile import image_size, read_image_file, sniff_format
 
 log = logging.getLogger("dedupd.review")
 
