@@ -377,13 +377,14 @@ def test_gallery_pages_link_to_each_other(tmp_path: Path) -> None:
 
         counts = write_gallery(Review(config, store), ThumbnailCache(None, 10**6),
                                tmp_path / "g", QuarantineFilter())
-        assert counts == {"pages": 3, "entries": 120, "thumbnails": 0}
+        assert counts == {"pages": 3, "entries": 120, "thumbnails": 0, "pending": 0}
         first, second, last = ((tmp_path / "g" / n).read_text()
                                for n in ("index.html", "page-2.html", "page-3.html"))
         assert 'href="page-2.html" rel="next"' in first and 'rel="prev"' not in first
         assert 'href="index.html" rel="prev"' in second and 'href="page-3.html"' in second
         assert 'rel="next"' not in last and last.count('class="pair"') == 20
         assert "no image" in first  # files that are not there: no broken <img>
+        assert not (tmp_path / "g" / "pending.html").exists() and "pending.html" not in first
         limited = write_gallery(Review(config, store), ThumbnailCache(None, 10**6),
                                 tmp_path / "h", QuarantineFilter(), limit=60)
         assert limited["entries"] == 60 and limited["pages"] == 2
@@ -502,6 +503,22 @@ def test_unresolved_duplicates_are_listed_and_counted(tmp_path: Path) -> None:
         assert b'href="/pending"' in server.get("/")[1]
     finally:
         server.stop()
+    # The static gallery lists it too, with its thumbnails, linked from its first page.
+    out = tmp_path / "gallery"
+    run = subprocess.run(
+        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", "--json",
+         "--html", str(out), "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["pending"] == 1
+    assert 'href="pending.html">1 unresolved' in (out / "index.html").read_text()
+    page = (out / "pending.html").read_bytes()
+    assert re.findall(rb'id="pending-(\d+)"', page) == [record_id]
+    assert b"c.jpg" in page and b'href="index.html"' in page and b"/thumb/" not in page
+    srcs = re.findall(rb'<img src="([^"]+)"', page)
+    assert len(srcs) == 2
+    for src in srcs:
+        assert cv2.imread(str(out / src.decode())) is not None
 
 
 # ---------------------------------------------------------------- paging, both backends
@@ -518,7 +535,8 @@ def test_keyset_paging_and_filters(store_url: str, tmp_path: Path) -> None:
                 original_path=f"{root}/{i}.jpg", quarantine_path=f"/q/{i}.jpg",
                 matched_path=f"{root}/k{i}.jpg", distance=i % 7, hash="0",
                 policy="strict" if i % 2 else "default", created=1_700_000_000 + i * 3600,
-                state=DONE if i % 10 else RESTORED))
+                state=DONE if i % 10 else RESTORED, transform="rot90" if i % 4 == 1 else None,
+                low_information=i % 5 == 2))
             ids[e.id] = e
         config = parse_config({"watches": ["/data/a", "/data/b"],
                                "quarantine_dir": str(tmp_path / "q")}, "c.yaml")
@@ -527,8 +545,14 @@ def test_keyset_paging_and_filters(store_url: str, tmp_path: Path) -> None:
                       QuarantineFilter(policy="strict", max_distance=3),
                       QuarantineFilter(min_distance=2, since=1_700_000_000 + 50 * 3600,
                                        until=1_700_000_000 + 100 * 3600),
-                      filter_from({"root": "/data/b", "dmin": "0", "dmax": "0"})):
+                      filter_from({"root": "/data/b", "dmin": "0", "dmax": "0"}),
+                      filter_from({"flag": "transform"}),
+                      QuarantineFilter(flag="low_information", root="/data/a")):
             want = sorted((i for i, e in ids.items() if where.matches(e)), reverse=True)
+            assert want  # every filter here matches some
+            if where.flag:  # and a flag only entries that have it
+                assert all(ids[i].transform if where.flag == "transform"
+                           else ids[i].low_information for i in want)
             seen, page = [], review.page(where, limit=20)
             pages = [page]
             while True:
@@ -544,8 +568,9 @@ def test_keyset_paging_and_filters(store_url: str, tmp_path: Path) -> None:
                 page = review.page(where, after=page.newer, limit=20)
                 back = [r.entry.id for r in page.rows] + back
             assert back == want[:len(back)] and len(back) + len(pages[-1].rows) == len(want)
-        with pytest.raises(ValueError):
-            filter_from({"since": "yesterday"})
+        for bad in ({"since": "yesterday"}, {"flag": "transform IS NULL OR 1"}):
+            with pytest.raises(ValueError):
+                filter_from(bad)
     finally:
         store.close()
 
@@ -601,7 +626,7 @@ def test_browser_restores_a_pair_by_clicking(site: Site, server: Server, tmp_pat
         assert len(images) == 10
         for img in images:  # every thumbnail decoded in the browser
             wait_for(lambda img=img: img.get_property("naturalWidth"), 30, "a thumbnail")
-        shot = Path(os.environ.get("DEDUPD_REVIEW_SCREENSHOT") or tmp_path / "review.png")
+        shot = tmp_path / "review.png"
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
         victim = next(e for e in site.entries() if e.state == DONE and e.distance > 0)
@@ -618,3 +643,70 @@ def test_browser_restores_a_pair_by_clicking(site: Site, server: Server, tmp_pat
     [event] = server.events("restored")
     assert event["path"] == victim.original_path
     assert event["message_id"] == "9e19c9ec7390403ebd2deae89b7f4d06"
+
+
+def add_flagged_entries(site: Site) -> tuple[QuarantineEntry, QuarantineEntry]:
+    """A mirror image of a kept photo and a flat grey image, quarantined with the flags
+    #16's detection gives them, written through the store API as Quarantine.move_in
+    journals them."""
+    qdir = site.tmp / "state" / "quarantine" / "flagged"
+    qdir.mkdir(parents=True)
+    mirrored = cv2.imread(str(site.root / "coffee.jpg"))[:, ::-1]
+    cv2.imwrite(str(qdir / "coffee-mirrored.jpg"), mirrored)
+    cv2.imwrite(str(qdir / "grey.jpg"), np.full((300, 400, 3), 128, np.uint8))
+    store = open_store(str(site.db))
+    try:
+        flipped = store.add_quarantine(QuarantineEntry(
+            original_path=str(site.root / "coffee-mirrored.jpg"),
+            quarantine_path=str(qdir / "coffee-mirrored.jpg"),
+            matched_path=str(site.root / "coffee.jpg"), distance=2, hash="0",
+            policy="default", state=DONE, transform="hflip"))
+        flat = store.add_quarantine(QuarantineEntry(
+            original_path=str(site.root / "grey.jpg"), quarantine_path=str(qdir / "grey.jpg"),
+            matched_path=str(site.root / "grey-scan.jpg"), distance=0, hash="0",
+            policy="default", state=DONE, low_information=True))
+    finally:
+        store.close()
+    return flipped, flat
+
+
+def test_browser_shows_and_filters_the_flags(site: Site, server: Server,
+                                             tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    flipped, flat = add_flagged_entries(site)
+    browser = _chrome(tmp_path)
+    try:
+        browser.get(server.url)
+        assert len(browser.find_elements(By.CSS_SELECTOR, "li.pair")) == 7
+        flag = browser.find_element(By.CSS_SELECTOR, f"#entry-{flipped.id} .flag.transform")
+        assert flag.text == "hflip" and flag.is_displayed()
+        low = browser.find_element(By.CSS_SELECTOR, f"#entry-{flat.id} .flag.low-information")
+        assert low.text == "low information" and low.is_displayed()
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".flag.transform")) == 1
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".flag.low-information")) == 1
+        for img in browser.find_elements(By.CSS_SELECTOR, "li.pair img"):
+            wait_for(lambda img=img: img.get_property("naturalWidth"), 30, "a thumbnail")
+        shot = Path(os.environ.get("DEDUPD_REVIEW_SCREENSHOT") or tmp_path / "review.png")
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        for value, want in (("transform", flipped), ("low_information", flat)):
+            Select(browser.find_element(By.NAME, "flag")).select_by_value(value)
+            browser.find_element(By.CSS_SELECTOR, ".filters button[type=submit]").click()
+            wait_for(lambda want=want: [e.get_attribute("data-id") for e in
+                                        browser.find_elements(By.CSS_SELECTOR, "li.pair")]
+                     == [str(want.id)], 30, f"only the {value} entry")
+            assert f"flag={value}" in browser.current_url
+    finally:
+        browser.quit()
+    # The static gallery shows them too.
+    out = tmp_path / "gallery"
+    run = subprocess.run(
+        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", "--json",
+         "--html", str(out), "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    html = (out / "index.html").read_text()
+    assert html.count('class="flag transform"') == 1 and ">hflip</span>" in html
+    assert html.count('class="flag low-information"') == 1

@@ -21,14 +21,14 @@ from flask import Flask, Response, abort, flash, redirect, render_template, requ
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
 from dedupd.quarantine import QuarantineError
-from dedupd.review.model import ACTIONS, PAGE_SIZE, Review, parse_day, shown
+from dedupd.review.model import ACTIONS, FLAG_LABELS, PAGE_SIZE, Review, parse_day, shown
 from dedupd.review.thumbs import ThumbnailCache, ThumbnailError
 from dedupd.store.base import QuarantineFilter
 
 log = logging.getLogger("dedupd.review")
 
 TOKEN_COOKIE = "dedupd_review_token"
-FILTER_KEYS = ("root", "policy", "dmin", "dmax", "since", "until")
+FILTER_KEYS = ("root", "policy", "dmin", "dmax", "since", "until", "flag")
 CSP = ("default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 
@@ -57,10 +57,13 @@ def filter_from(args: dict[str, Any]) -> QuarantineFilter:
         value = args.get(key)
         return None if value is None or value == "" else to_int(value)
 
+    flag = args.get("flag") or None
+    if flag is not None and flag not in FLAG_LABELS:
+        raise ValueError(f"{flag} is not a flag")
     return QuarantineFilter(root=args.get("root") or None, policy=args.get("policy") or None,
                             min_distance=number("dmin"), max_distance=number("dmax"),
                             since=parse_day(args.get("since")),
-                            until=parse_day(args.get("until"), end=True))
+                            until=parse_day(args.get("until"), end=True), flag=flag)
 
 
 def create_app(review: Review, thumbs: ThumbnailCache, *, host: str, port: int,
@@ -71,7 +74,7 @@ def create_app(review: Review, thumbs: ThumbnailCache, *, host: str, port: int,
                       SESSION_COOKIE_SAMESITE="Strict", SESSION_COOKIE_HTTPONLY=True,
                       MAX_CONTENT_LENGTH=1 << 20)
     bind_port(app, host, port)
-    app.jinja_env.globals["shown"] = shown
+    app.jinja_env.globals.update(shown=shown, flags=FLAG_LABELS)
 
     @app.before_request
     def guard() -> Response | None:
@@ -125,7 +128,8 @@ def create_app(review: Review, thumbs: ThumbnailCache, *, host: str, port: int,
     def pending() -> str:
         rows, total = review.pending()
         return render_template("pending.html", rows=rows, total=total,
-                               css="/static/review.css")
+                               css="/static/review.css", back="/",
+                               thumb=lambda record_id, side: f"/thumb/pending/{record_id}/{side}")
 
     @app.get("/thumb/pending/<int:record_id>/<side>")
     def pending_thumbnail(record_id: int, side: str) -> Response:

@@ -20,6 +20,8 @@ from dedupd.store.base import DONE, UNRESOLVED, QuarantineFilter
 PAGE_SIZE = 50
 ACTIONS = ("restore", "confirm", "not_duplicate")
 SIDES = ("quarantined", "kept")
+# The journal's flags (QuarantineFilter.flag) as the filter names them.
+FLAG_LABELS = {"transform": "mirror image or rotation", "low_information": "low information"}
 
 
 @dataclass(frozen=True)

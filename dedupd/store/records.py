@@ -140,10 +140,15 @@ class QuarantineEntry:
     low_information: bool = False
 
 
+# The flags a review can filter the journal by, as SQL both backends read alike.
+FLAGS = {"transform": "transform IS NOT NULL", "low_information": "low_information = TRUE"}
+
+
 @dataclass(frozen=True)
 class QuarantineFilter:
     """Which journal entries a review shows: states, and optionally one root (original
-    paths under a directory), one policy, a distance range and a time range."""
+    paths under a directory), one policy, a distance range, a time range, and one flag
+    (FLAGS: turned to match, or a low-information image)."""
 
     states: tuple[str, ...] = (DONE,)
     root: str | None = None
@@ -152,6 +157,7 @@ class QuarantineFilter:
     max_distance: int | None = None
     since: float | None = None  # created at or after (Unix time)
     until: float | None = None  # created before
+    flag: str | None = None  # "transform" or "low_information" (FLAGS)
 
     def matches(self, e: QuarantineEntry) -> bool:
         root = self.root.rstrip("/") + "/" if self.root else None
@@ -160,7 +166,9 @@ class QuarantineFilter:
                 and (self.min_distance is None or e.distance >= self.min_distance)
                 and (self.max_distance is None or e.distance <= self.max_distance)
                 and (self.since is None or e.created >= self.since)
-                and (self.until is None or e.created < self.until))
+                and (self.until is None or e.created < self.until)
+                and (self.flag != "transform" or e.transform is not None)
+                and (self.flag != "low_information" or e.low_information))
 
     def where(self, mark: str) -> tuple[str, list[object]]:
         """The same test as SQL (`mark`: the backend's placeholder), with its arguments."""
@@ -176,6 +184,8 @@ class QuarantineFilter:
             if value is not None:
                 sql.append(f"{cond}{mark}")
                 args.append(value)
+        if self.flag is not None:
+            sql.append(FLAGS[self.flag])  # KeyError: not a flag the journal has
         return " AND ".join(sql), args
 
     def page_sql(self, columns: str, mark: str, before: int | None, after: int | None,
