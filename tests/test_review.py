@@ -672,11 +672,20 @@ def add_flagged_entries(site: Site) -> tuple[QuarantineEntry, QuarantineEntry]:
 
 def test_browser_shows_and_filters_the_flags(site: Site, server: Server,
                                              tmp_path: Path) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     flipped, flat = add_flagged_entries(site)
     browser = _chrome(tmp_path)
+
+    def listed() -> list[str] | None:
+        try:  # the old page's elements go stale while the new one loads
+            return [e.get_attribute("data-id") for e in
+                    browser.find_elements(By.CSS_SELECTOR, "li.pair")]
+        except StaleElementReferenceException:
+            return None
+
     try:
         browser.get(server.url)
         assert len(browser.find_elements(By.CSS_SELECTOR, "li.pair")) == 7
@@ -694,9 +703,7 @@ def test_browser_shows_and_filters_the_flags(site: Site, server: Server,
         for value, want in (("transform", flipped), ("low_information", flat)):
             Select(browser.find_element(By.NAME, "flag")).select_by_value(value)
             browser.find_element(By.CSS_SELECTOR, ".filters button[type=submit]").click()
-            wait_for(lambda want=want: [e.get_attribute("data-id") for e in
-                                        browser.find_elements(By.CSS_SELECTOR, "li.pair")]
-                     == [str(want.id)], 30, f"only the {value} entry")
+            wait_for(lambda want=want: listed() == [str(want.id)], 30, f"only the {value} entry")
             assert f"flag={value}" in browser.current_url
     finally:
         browser.quit()
