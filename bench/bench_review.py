@@ -3,7 +3,8 @@
 Builds an embedded store holding N quarantine entries (default 100,000) and their image
 records (the newest page's files are real JPEGs, for the thumbnails), starts the real
 `dedupd review` server and times, over HTTP, the first page, a page in the middle, the
-last page, two filtered pages, and the first page's thumbnails (cold, then cached).
+last page, four filtered pages (two by flag: a mirror image or rotation in 1 of 500
+entries, low information in 1 of 200), and the first page's thumbnails (cold, then cached).
 Beside it, the reference: what a person does today, `dedupd quarantine list --json`.
 
 Target: a page in well under a second at 100k entries, the same at any depth.
@@ -54,15 +55,16 @@ def build(tmp: Path, n: int) -> Path:
                                        hash=i, digest=f"{i:064x}", file_size=500_000 + i,
                                        mtime_ns=0, width=1600, height=1200, status=status))
         entries.append((2 * i + 1, orig, q, kept, i % 9, f"{i:016x}",
-                        "default" if i % 4 else "strict", t0 + 30 * i))
+                        "default" if i % 4 else "strict", t0 + 30 * i,
+                        ("hflip", "rot90")[i % 2] if i % 500 == 7 else None, i % 200 == 3))
     store.insert_many(records)
     store.close()
     conn = sqlite3.connect(db)  # the journal in one transaction (add_quarantine commits each)
     with conn:
         conn.executemany(
             "INSERT INTO quarantine (image_id, original_path, quarantine_path, matched_path, "
-            "distance, hash, policy, reason, created, state) "
-            "VALUES (?,?,?,?,?,?,?,'duplicate',?,'done')", entries)
+            "distance, hash, policy, reason, created, state, transform, low_information) "
+            "VALUES (?,?,?,?,?,?,?,'duplicate',?,'done',?,?)", entries)
     conn.close()
     cfg = tmp / "dedupd.yaml"
     cfg.write_text(json.dumps({"index": str(db), "quarantine_dir": str(tmp / "quarantine"),
@@ -105,6 +107,8 @@ def main() -> int:
                 "filtered: policy + 2 days": "?policy=strict&since=" + time.strftime(
                     "%Y-%m-%d", time.gmtime(time.time() - 86400 * 3)) + "&until="
                     + time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400 * 2)),
+                "filtered: flag transform (1/500)": "?flag=transform",
+                "filtered: flag low information": "?flag=low_information",
             }
             timed_get(url)  # warm the server's first-request setup
             print(f"\n{'request':34} {'p50 ms':>8} {'p99 ms':>8} {'pairs':>6} {'KiB':>6}")
