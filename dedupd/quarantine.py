@@ -207,14 +207,18 @@ class Quarantine:
     # -- moving in
     def move_in(self, original: Path, root: Path | None, *, record: ImageRecord,
                 matched_path: str, distance: int, hash_hex: str, policy: str,
-                reason: str = "duplicate") -> QuarantineEntry:
-        """Quarantine `original`, whose record is `record` (stored already if it has an id)."""
+                reason: str = "duplicate", transform: str | None = None,
+                low_information: bool = False) -> QuarantineEntry:
+        """Quarantine `original`, whose record is `record` (stored already if it has an id).
+        transform, low_information: how it matched (Match.transform), and whether its
+        hash alone says little; kept in the journal entry."""
         for _attempt in range(100):
             target = self._free_name(self.target_for(original, root))
             entry = self.store.add_quarantine(QuarantineEntry(
                 original_path=str(original), quarantine_path=str(target),
                 matched_path=matched_path, distance=distance, hash=hash_hex, policy=policy,
-                image_id=record.id, reason=reason))
+                image_id=record.id, reason=reason, transform=transform,
+                low_information=low_information))
             try:
                 move_no_replace(original, target, partial_path(target, entry.id))
             except FileExistsError:  # lost a race for the name: journal it, try another

@@ -55,6 +55,17 @@ def test_move_in_keeps_relative_origin_sidecar_and_record(env) -> None:
     assert entry2.quarantine_path != entry.quarantine_path and dst.exists()
 
 
+def test_the_journal_keeps_how_a_file_matched(env) -> None:
+    """#17: a flip or rotation, and a hash that says little, stay in the journal entry."""
+    root, store, q = env
+    src = write_image(root / "x.jpg", photo(1, 64, 48))
+    entry = q.move_in(src, root, record=record(src), matched_path="/m.jpg", distance=2,
+                      hash_hex="05", policy="p", transform="hflip", low_information=True)
+    stored = store.get_quarantine(entry.id)
+    assert (stored.transform, stored.low_information) == ("hflip", True)
+    assert (entry.transform, entry.low_information) == ("hflip", True)
+
+
 def test_names_cannot_escape_the_quarantine_dir(env, tmp_path: Path) -> None:
     root, store, q = env
     q.directory.mkdir(parents=True)
