@@ -478,10 +478,15 @@ def _leftovers(dst: Path, entry_id: int | None) -> bool:
 
 
 def _drop_partials(entry: QuarantineEntry) -> None:
-    """Remove the temporary names of an entry's moves, in and out (they are ours: the
-    entry's id names them)."""
-    for beside in (entry.quarantine_path, entry.original_path):
-        partial_path(Path(beside), entry.id).unlink(missing_ok=True)
+    """Remove the temporary names of an entry's moves (its id names them). In the
+    quarantine directory, ours; beside the original path, a user's directory, only the
+    copy of a restore in progress, or a second name of the restored file itself: never
+    a user's own file that happens to be called so."""
+    partial_path(Path(entry.quarantine_path), entry.id).unlink(missing_ok=True)
+    beside = partial_path(Path(entry.original_path), entry.id)
+    with contextlib.suppress(FileNotFoundError):
+        if entry.state == RESTORING or os.path.samefile(beside, entry.original_path):
+            beside.unlink()
 
 
 def _remove_sidecar(path: Path) -> None:

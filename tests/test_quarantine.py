@@ -66,6 +66,26 @@ def test_the_journal_keeps_how_a_file_matched(env) -> None:
     assert (entry.transform, entry.low_information) == ("hflip", True)
 
 
+def test_a_users_file_named_like_a_partial_is_never_removed(env) -> None:
+    """Start-up repair, restore and purge remove an entry's temporary names; beside the
+    original path (a user's directory) only a second name of that very file, never a
+    user's own file that happens to be called .dedupd-partial-N."""
+    root, store, q = env
+    a = write_image(root / "d" / "a.jpg", photo(1, 32, 32))
+    b = write_image(root / "d" / "b.jpg", photo(2, 32, 32))
+    ea = q.move_in(a, root, record=record(a), matched_path="/m", distance=1, hash_hex="0",
+                   policy="p")
+    eb = q.move_in(b, root, record=record(b), matched_path="/m", distance=1, hash_hex="0",
+                   policy="p")
+    q.restore(store.get_quarantine(ea.id))
+    mine = [root / "d" / f"{PARTIAL_PREFIX}{e.id}" for e in (ea, eb)]
+    for path in mine:
+        path.write_bytes(b"the user's own bytes")
+    q.reconcile(no_rehash)
+    q.purge_entry(store.get_quarantine(eb.id))
+    assert [p.read_bytes() for p in mine] == [b"the user's own bytes"] * 2
+
+
 def test_names_cannot_escape_the_quarantine_dir(env, tmp_path: Path) -> None:
     root, store, q = env
     q.directory.mkdir(parents=True)
