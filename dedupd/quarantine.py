@@ -213,7 +213,11 @@ class Quarantine:
         transform, low_information: how it matched (Match.transform), and whether its
         hash alone says little; kept in the journal entry."""
         for _attempt in range(100):
-            target = self._free_name(self.target_for(original, root))
+            try:
+                target = self._free_name(self.target_for(original, root))
+            except OSError as exc:  # its directory cannot be made (read-only, full, ...)
+                raise QuarantineError(f"{original}: cannot move to quarantine: "
+                                      f"{exc.strerror or exc}") from None
             entry = self.store.add_quarantine(QuarantineEntry(
                 original_path=str(original), quarantine_path=str(target),
                 matched_path=matched_path, distance=distance, hash=hash_hex, policy=policy,

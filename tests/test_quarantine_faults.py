@@ -159,6 +159,24 @@ def test_quarantine_fs_full_leaves_the_file_and_no_partial(tmp_path: Path, mount
         store.close()
 
 
+def test_a_read_only_quarantine_is_a_quarantine_error(tmp_path: Path, mount) -> None:
+    """A quarantine file system remounted read-only (ext4's errors=remount-ro) after the
+    start-up check: making the target's directory failed with a raw OSError, which
+    aborted `dedupd scan` at the first duplicate and left a traceback in the daemon's
+    log instead of an unresolved duplicate. Now a QuarantineError; the file stays."""
+    src = write_image(tmp_path / "root" / "d" / "x.jpg", photo(4, 64, 48))
+    (tmp_path / "qreal").mkdir()
+    qdir = mount("bind-ro", tmp_path / "q", source=tmp_path / "qreal")
+    store = open_store(str(tmp_path / "i.sqlite"))
+    try:
+        with pytest.raises(QuarantineError, match="Read-only"):
+            quarantine(Quarantine(store, qdir), src, tmp_path / "root")
+        assert src.exists() and not [p for p in qdir.rglob("*")]
+        assert [e.state for e in store.list_quarantine()] == []
+    finally:
+        store.close()
+
+
 def test_unlink_refused_by_a_read_only_root_leaves_no_orphan(tmp_path: Path, mount) -> None:
     """#11-4: the copy into quarantine succeeded, removing the original failed (EROFS):
     the copy is rolled back, nothing is left in the quarantine dir."""
