@@ -41,7 +41,8 @@ def load(tmp_path: Path, raw: bytes) -> None:
 # ---------------------------------------------------------------- the config loader
 
 KEYS = ["index", "quarantine_dir", "rejected_dir", "hash", "algo", "size", "decode",
-        "max_pixels", "workers", "queue_size", "settle_seconds", "stall_seconds",
+        "max_pixels", "workers", "queue_size", "settle_seconds", "unfinished_seconds",
+        "stall_seconds",
         "reconcile_interval", "ignore", "follow_symlinks", "circuit_breaker", "window",
         "threshold", "min_decisions", "log", "mode", "level", "summary_interval", "watches",
         "path", "policy", "recursive", "group", "policies", "default", "max_distance",

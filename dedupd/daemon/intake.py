@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dedupd.daemon")
 
-# How long a file must stay unchanged, without a close after its last write, before it
-# is judged as it is: a slow writer may pause far longer than settle_seconds.
-UNFINISHED_GRACE = 60.0
 # How long a hashed file waits for files that arrived before it and are still being
 # hashed (keep: first); past it, the pipeline's arrival check still applies.
 TURN_SECONDS = 30.0
@@ -188,10 +185,11 @@ class Intake:
     def _final(self, path: Path, st: os.stat_result) -> float:
         """0 if a file that looks short or broken is provably finished: unchanged for
         settle_seconds since a close or rename-in that came after its last change, or
-        for UNFINISHED_GRACE without one (a writer may pause). Else seconds to wait."""
+        for unfinished_seconds without one (a writer may pause far longer than
+        settle_seconds). Else seconds to wait."""
         changed = max(st.st_mtime, st.st_ctime)
         closed = self.closed.get(path)
         grace = self.daemon.config.settle_seconds if closed is not None and closed >= changed \
-            else max(UNFINISHED_GRACE, self.daemon.config.settle_seconds)
+            else max(self.daemon.config.unfinished_seconds, self.daemon.config.settle_seconds)
         return max(0.0, changed + grace - time.time())
 
