@@ -51,7 +51,8 @@ class Reconciler:
         # (inode, mtime_ns, files seen). The periodic safety net only lists these.
         self.dir_marks: dict[str, tuple[int, int, int]] = {}
         self._interval_runs: dict[Path, int] = {}
-        self._unreadable: set[str] = set()  # directories already reported unreadable
+        # Directories reported unreadable, until a full comparison of one succeeds again.
+        self._unreadable: set[str] = set()
         self.last_reconcile: float | None = None  # Unix time of the last finished root scan
 
     def run(self, top: Path, trigger: str = "start-up", *,
@@ -140,7 +141,7 @@ class Reconciler:
         st, listing = opened
         counts["dirs"] += 1
         ignored = name_ignored(config.ignore)
-        if run and self._unchanged(name, st, run, counts):
+        if run and name not in self._unreadable and self._unchanged(name, st, run, counts):
             if below:
                 with listing:
                     stack.extend(Path(e.path) for e in listing if not ignored(e.name)
@@ -197,6 +198,9 @@ class Reconciler:
         counts["seen"] += seen
         self._left_over(directory, files, store_subdirs if recursive else [], walked,
                         vanished)
+        if name in self._unreadable:  # compared in full: readable (and searchable) again
+            self._unreadable.discard(name)
+            log.info("%s: readable again; its files are processed", directory)
         if time.time_ns() - st.st_mtime_ns > RACY_NS:
             self.dir_marks[name] = (st.st_ino, st.st_mtime_ns, seen)
         else:  # changed within the timestamps' granularity of now: compare again next time
@@ -263,7 +267,9 @@ class Reconciler:
                 vanished.append((rec.id, rec.path))  # type: ignore[arg-type]
 
     def unreadable_dir(self, path: Path, exc: OSError) -> None:
-        """One line per unreadable directory, once (until a restart); the walk goes on."""
+        """One line per unreadable directory, once until a full comparison of it succeeds
+        again (then one line saying so): locked, opened and locked again is said twice,
+        never once per rescan. The walk goes on."""
         key = str(path)
         if key not in self._unreadable and len(self._unreadable) < 100_000:
             self._unreadable.add(key)
