@@ -81,6 +81,10 @@ class HammingIndex:
     """Near-duplicate lookup over `bits`-wide hashes, keyed by integer record ids.
 
     Ids are expected to be dense-ish (database row ids): an id -> slot array is kept.
+
+    Over ~200 lines on purpose: the CSR tables, the delta, the tombstones and the id ->
+    slot array share one lock and one slot numbering; apart, each would reach into the
+    others' internals on every add, remove and rebuild.
     """
 
     def __init__(self, bits: int = 64) -> None:
