@@ -153,7 +153,8 @@ class Actor:
                 entry = self.quarantine.move_in(
                     Path(loser.path), loser_watch.path if loser_watch else None, record=loser,
                     matched_path=winner.path, distance=match.distance,
-                    hash_hex=fields["hash"], policy=policy.name)  # type: ignore[arg-type]
+                    hash_hex=fields["hash"], policy=policy.name,  # type: ignore[arg-type]
+                    transform=match.transform, low_information=hashed.low_information)
             except QuarantineError as exc:
                 return self.unresolved(loser, watch, str(exc), outcome)
             self.report_quarantined(entry, root=str(watch.path), identical=match.identical,

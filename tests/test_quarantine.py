@@ -271,3 +271,32 @@ def test_quarantine_cli_list_restore_purge(tmp_path: Path, config_file) -> None:
     purge = dedupd("--config", str(cfg), "quarantine", "purge", "--older-than", "0", "--json")
     assert purge.returncode == 0 and json.loads(purge.stdout)["purged"] == []
     assert src.exists()
+
+
+def test_the_pipeline_journals_how_a_file_matched(tmp_path: Path) -> None:
+    """#17: a mirrored copy's journal entry says how it matched (the act passes it on)."""
+    import cv2
+    from daemonproc import write_config
+
+    from dedupd.config import load_config
+    from dedupd.hashing import hash_file
+    from dedupd.pipeline import Pipeline
+
+    root = tmp_path / "data"
+    root.mkdir()
+    cfg = load_config(write_config(tmp_path / "c.yaml", {
+        "index": str(tmp_path / "i.sqlite"), "quarantine_dir": str(tmp_path / "q"),
+        "watches": [{"path": str(root)}],
+        "policies": {"default": {"max_distance": 6, "match_flips_rotations": True}}}))
+    store = open_store(cfg.index)
+    try:
+        pipeline = Pipeline(cfg, store)
+        img = photo(42, 320, 240)
+        for path in (write_image(root / "a.jpg", img),
+                     write_image(root / "b.jpg", cv2.flip(img, 1))):
+            pipeline.ingest(path, cfg.watches[0], hash_file(path, cfg.recipe, cfg.max_pixels),
+                            path.stat().st_mtime_ns, None)
+        [entry] = store.list_quarantine((DONE,))
+        assert entry.original_path == str(root / "b.jpg") and entry.transform
+    finally:
+        store.close()
