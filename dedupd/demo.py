@@ -8,6 +8,7 @@ quarantined, a corrupt file rejected — with the embedded SQLite store, in seco
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,21 @@ def _drop(path: Path, data: bytes, *, via_tmp: bool = False) -> None:
         os.rename(target, path)
 
 
+def _wait_decided(daemon: Daemon, paths: list[Path], timeout: float = 30.0) -> None:
+    """Until every dropped file is decided (indexed where it lies, rejected, or its
+    quarantine done) and the daemon is idle. Idle alone is not enough: right after a
+    drop the watcher may not have read the file's event yet, and the queue looks empty."""
+    store = daemon.store
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = {e.original_path for e in store.list_quarantine(("done",))}
+        if daemon.idle() and all(
+                str(p) in done or store.get_by_path(str(p)) is not None
+                or store.get_rejection(str(p)) is not None for p in paths):
+            return
+        time.sleep(0.05)
+
+
 @dataclass(frozen=True)
 class DemoResult:
     kept: int  # images kept in the dataset
@@ -71,18 +87,21 @@ def run_demo(base: Path, log_mode: str = "stderr") -> DemoResult:
     daemon.start()
     try:
         originals = [synthetic_photo(seed) for seed in range(12)]
-        for i, img in enumerate(originals):
-            _drop(train / f"photo_{i:02d}.jpg", _jpeg(img))
-        daemon.wait_idle(30)
+        first = [train / f"photo_{i:02d}.jpg" for i in range(len(originals))]
+        for path, img in zip(first, originals, strict=True):
+            _drop(path, _jpeg(img))
+        _wait_decided(daemon, first)
         # Near-duplicates: re-encoded, resized, a byte copy, and a train/test leak.
-        _drop(train / "incoming" / "photo_03_small.jpg",
+        later = [train / "incoming" / "photo_03_small.jpg", train / "photo_05_copy.jpg",
+                 test / "photo_07_q50.jpg", test / "new_scene.jpg", train / "broken.jpg"]
+        _drop(later[0],
               _jpeg(cv2.resize(originals[3], (400, 300), interpolation=cv2.INTER_AREA), 60),
               via_tmp=True)
-        _drop(train / "photo_05_copy.jpg", (train / "photo_05.jpg").read_bytes(), via_tmp=True)
-        _drop(test / "photo_07_q50.jpg", _jpeg(originals[7], 50))
-        _drop(test / "new_scene.jpg", _jpeg(synthetic_photo(100)))
-        _drop(train / "broken.jpg", _jpeg(synthetic_photo(200))[:5000])
-        daemon.wait_idle(30)
+        _drop(later[1], (train / "photo_05.jpg").read_bytes(), via_tmp=True)
+        _drop(later[2], _jpeg(originals[7], 50))
+        _drop(later[3], _jpeg(synthetic_photo(100)))
+        _drop(later[4], _jpeg(synthetic_photo(200))[:5000])
+        _wait_decided(daemon, later)
         entries = daemon.store.list_quarantine(("done",))
         stats = daemon.store.stats()
     finally:
