@@ -62,7 +62,7 @@ class Actor:
         self._decided: OrderedDict[str, float] = OrderedDict()
         # Where a file goes to be decided again (the daemon's queue); a scan has none:
         # its next run decides such a file.
-        self.requeue: Callable[[Path], None] | None = None
+        self.requeue: Callable[[Path, float], None] | None = None
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -115,7 +115,9 @@ class Actor:
         self.count("duplicates")
         if decision.verdict == REPLACE:  # the newcomer is larger, or came first
             loser, winner = match.record, record
-            self.keep(winner, claimed=claimed)
+            # The newcomer is decided too: kept, and said so (every decision once).
+            self.keep(winner, self.accepted(path, watch, record, hashed), claimed=claimed)
+            self.count("accepted")
         else:
             loser, winner = record, match.record
         outcome = Outcome(accepted=decision.verdict == REPLACE, action=decision.action,
@@ -207,16 +209,17 @@ class Actor:
             self._unreported.pop(record.path, None)
             if claimed:  # said once the claim is durable (the store may flush later)
                 self.store.settle(record.path, lambda: emit(  # type: ignore[arg-type]
-                    report[0], report[1], **report[2]), lambda: self.lost(record.path))
+                    report[0], report[1], **report[2]), lambda: self.lost(record))
             else:
                 emit(report[0], report[1], **report[2])  # type: ignore[arg-type]
 
-    def lost(self, path: str) -> None:
+    def lost(self, record: ImageRecord) -> None:
         """A database crash took a claimed record before it was flushed (nothing was
-        said about the file yet): it is decided again."""
-        log.warning("%s: its record was lost in a database crash; deciding it again", path)
+        said about the file yet): it is decided again, in its place by arrival."""
+        log.warning("%s: its record was lost in a database crash; deciding it again",
+                    record.path)
         if self.requeue is not None:
-            self.requeue(Path(path))
+            self.requeue(Path(record.path), record.first_seen)
 
     def known_reject(self, path: Path, st: os.stat_result) -> bool:
         """Rejected before, as it is now (same size and mtime): not said again."""

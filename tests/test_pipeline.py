@@ -87,6 +87,22 @@ def test_a_new_image_is_kept_and_its_copy_quarantined(tmp_path: Path, events) ->
     assert pipeline.counts["accepted"] == 1 and pipeline.counts["quarantined"] == 1
 
 
+def test_a_newcomer_that_replaces_its_copy_is_said_accepted(tmp_path: Path, events) -> None:
+    """keep: largest keeps a larger newcomer and quarantines the older copy: both are
+    decisions, each said once (the kept newcomer was not said accepted)."""
+    pipeline, root = world(tmp_path, policies={"default": {"keep": "largest"}})
+    small = write_image(root / "small.jpg", photo(3, 320, 240))
+    big = write_image(root / "big.jpg", photo(3, 640, 480))
+    intake = Intake()
+    pipeline.process(small, intake)
+    outcome = pipeline.process(big, intake)
+    assert outcome is not None and outcome.accepted and outcome.loser == str(small)
+    said = [(e, f["path"]) for e, f in events]
+    assert said == [(Event.IMAGE_ACCEPTED, str(small)), (Event.IMAGE_ACCEPTED, str(big)),
+                    (Event.DUPLICATE_QUARANTINED, str(small))]
+    assert big.exists() and not small.exists()
+
+
 def test_an_unchanged_file_is_not_hashed_again(tmp_path: Path, events) -> None:
     pipeline, root = world(tmp_path)
     path = write_image(root / "a.jpg", photo(2, 320, 240))
