@@ -161,9 +161,6 @@ def test_keep_first_means_arrival_order(setup, tmp_path: Path) -> None:
         assert daemon.stop() == 0
 
 
-@pytest.mark.xfail(strict=False, reason="open defect (#12): now and then a later copy is "
-                   "decided before its original, which then replaces it (accepted, then "
-                   "quarantined) and the records lag; nothing is lost")
 def test_keep_first_for_a_directory_moved_in_whole(setup, tmp_path: Path) -> None:
     """A directory moved into a root brings its files with synthetic creation events in
     listing order; keep: first must still go by when each was written (its mtime):
@@ -172,7 +169,7 @@ def test_keep_first_for_a_directory_moved_in_whole(setup, tmp_path: Path) -> Non
     staged = tmp_path / "incoming"
     staged.mkdir()
     names = []
-    for i, seed in enumerate((31, 32, 33, 34)):
+    for i, seed in enumerate(range(31, 41)):
         img = photo(seed, 320, 240)
         original, copy = staged / f"z{i}_original.jpg", staged / f"a{i}_copy.jpg"
         original.write_bytes(encode(img, 92))
@@ -183,11 +180,13 @@ def test_keep_first_for_a_directory_moved_in_whole(setup, tmp_path: Path) -> Non
     daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
     try:
         staged.rename(root / "batch")
-        wait_for(lambda: sorted(records(db).values()) == ["kept"] * 4 + ["quarantined"] * 4,
+        wait_for(lambda: sorted(records(db).values()) == ["kept"] * 10 + ["quarantined"] * 10,
                  60, "every file decided")
         for original, copy in names:
             assert (root / "batch" / original).exists(), original
             assert not (root / "batch" / copy).exists(), copy
+            # Decided once: never accepted first and then replaced by its original.
+            assert f"{copy}: accepted" not in daemon.log(), copy
     finally:
         assert daemon.stop() == 0
 

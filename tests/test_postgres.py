@@ -523,7 +523,10 @@ def test_daemon_rides_out_a_database_restart(private_cluster: PrivateCluster,
             assert recs[str(root / f"{s}{here[0]}.jpg")] == "kept"
         assert all(recs.get(str(p)) == "quarantined" for p in files_under(quarantine))
         assert all(Path(p).exists() for p in recs)
+        # Each file decided once: the twin of a file a worker held when the server went
+        # down is not decided first once it is back (and then replaced by it).
         twice = sorted(p for p, n in decisions(daemon.log()).items() if n > 1)
+        assert not twice, f"decided twice after the outage: {twice}"
         assert len(decisions(daemon.log())) == 60
         pending = sql(url, "SELECT count(*) FROM quarantine WHERE state = 'pending'")
         assert pending == [(0,)]
@@ -531,12 +534,6 @@ def test_daemon_rides_out_a_database_restart(private_cluster: PrivateCluster,
         code = daemon.stop()
         notify.close()
     assert code == 0
-    if twice:
-        # Open defect (#12): now and then, under load, the twin of the file a worker held
-        # when the server went down is decided first once it is back, then replaced by it
-        # (accepted, then quarantined). Nothing is lost and one of each pair is kept, as
-        # asserted above; this stays visible as an xfail until it is fixed.
-        pytest.xfail(f"decided twice after the outage (open defect): {twice}")
 
 
 def test_copies_found_by_the_start_up_scan_are_decided_once(pg_url: str,

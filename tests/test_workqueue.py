@@ -202,3 +202,22 @@ def test_a_scan_finding_an_older_mtime_moves_the_arrival_earlier() -> None:
     assert q.arrival(Path("/copy")) == (1001.0, first_event[1])  # still since its event
     q.put(Path("/copy"), arrival=5000.0)  # a later time never moves it back
     assert q.arrival(Path("/copy"))[0] == 1001.0
+
+
+def test_of_the_files_due_the_earliest_arrival_goes_first() -> None:
+    """keep: first: the files of a directory that moved in come in listing order, a
+    later copy often first; once due, they are handed out by arrival (their mtimes),
+    so the original is in a worker's hands before its copy and the copy waits its turn."""
+    q = WorkQueue(10)
+    q.put(Path("/a_copy"), arrival=2000.0)
+    q.put(Path("/z_original"), arrival=1000.0)
+    q.put(Path("/settling"), 60.0, arrival=10.0)  # earliest, but not due yet
+    q.put(Path("/bg_old"), background=True, arrival=1.0)  # background waits for live
+    assert [q.get(0), q.get(0)] == [Path("/z_original"), Path("/a_copy")]
+    q.done(Path("/z_original"))
+    q.done(Path("/a_copy"))
+    assert q.get(0) == Path("/bg_old")
+    assert q.get(0) is None
+    q.put(Path("/settling"))  # closed: due now, and still first by arrival
+    q.put(Path("/newer"), arrival=3000.0)
+    assert q.get(0) == Path("/settling")

@@ -64,7 +64,7 @@ class Daemon:
         self.health = Health(self)
         self.scanner = Scanner(self)
         self.intake = Intake(self)
-        self.pipeline.actor.requeue = self.intake.file_ready  # a claim a crash took
+        self.pipeline.actor.requeue = self.intake.requeue  # a claim a crash took
         self.watcher = Watcher(self.intake, config.ignore)
         self._threads: list[threading.Thread] = []
         self.roots = Roots(self)

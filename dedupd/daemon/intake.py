@@ -43,8 +43,26 @@ class Intake:
         else:
             self._queue_full(path)
 
+    def requeue(self, path: Path, arrival: float) -> None:
+        """Decide a file again (its claim was lost), keeping its arrival (keep: first)."""
+        if not self.daemon.queue.put(path, arrival=arrival):
+            self._queue_full(path)
+
     def file_changing(self, path: Path) -> None:
         if not self.daemon.queue.put(path, self.daemon.config.settle_seconds):
+            self._queue_full(path)
+
+    def file_found(self, path: Path) -> None:
+        """A file of a directory that moved in in whole (the watcher listed it): it did
+        not arrive now but when it was written, as for a file a scan finds (keep: first
+        goes by its mtime). Listing order is no arrival order: a later copy listed first
+        would otherwise be decided first, then replaced by its original."""
+        try:
+            written = min(path.lstat().st_mtime, time.time())
+        except OSError:
+            return  # gone again, or its directory unreadable: the scan of it says why
+        if not self.daemon.queue.put(path, self.daemon.config.settle_seconds,
+                                     arrival=written):
             self._queue_full(path)
 
     def _queue_full(self, path: Path) -> None:
@@ -124,24 +142,43 @@ class Intake:
             path = queue.get(0.5)
             if path is None:
                 continue
-            health.busy[me] = time.monotonic()
             d.metrics.arrived(queue.arrived(path))
             try:
-                self.process(path)
-            except StoreError as exc:
-                # Nothing was decided, or the decision is in the store already (process()
-                # starts by asking the store about the path): retrying is safe.
-                health.store_failed(exc, path=str(path))
-                if not queue.put(path, block=False, keep_place=True):
-                    self._queue_full(path)
-            except Exception:
-                log.exception("processing %s failed; it stays where it is", path)
-                d.scanner.reconciler.forget_mark(path.parent)  # the safety net retries it
+                self._decide(path, me)
             finally:
-                health.busy.pop(me, None)
                 queue.done(path)
                 if path not in queue:  # not waiting to be looked at again
                     self.closed.pop(path, None)
+
+    def _decide(self, path: Path, me: int) -> None:
+        """One path along the pipeline. A store failure keeps the file in this worker's
+        hands until the store is back, then it is tried again: nothing was decided, or
+        the decision is in the store already (process() starts by asking the store about
+        the path). Held, not queued again: a later copy another worker hashed meanwhile
+        waits for its turn behind it (keep: first), where a file back in the queue would
+        let that copy be decided first, and then be replaced by it."""
+        d, health = self.daemon, self.daemon.health
+        delay = 0.05
+        while True:
+            health.busy[me] = time.monotonic()
+            try:
+                self.process(path)
+                return
+            except StoreError as exc:
+                health.store_failed(exc, path=str(path))
+            except Exception:
+                log.exception("processing %s failed; it stays where it is", path)
+                d.scanner.reconciler.forget_mark(path.parent)  # the safety net retries it
+                return
+            finally:
+                health.busy.pop(me, None)  # waiting for the store is not a wedged worker
+            # Until the main loop's ping sees the store answer again (bounded back-off if
+            # the failure was too short for it to notice).
+            while health.store_down is not None and not d.stopping.is_set():
+                d.stopping.wait(0.25)
+            if d.stopping.wait(delay):
+                return  # undecided and still where it was: the next start's scan decides it
+            delay = min(2 * delay, 1.0)
 
     def process(self, path: Path) -> None:
         """One file from the queue, along the pipeline's one path."""

@@ -42,7 +42,11 @@ class WorkQueue:
         # Due again while a worker still has it: handed out after done(), never to a second
         # worker at once (two would both decide it, and log it twice).
         self._held: dict[Path, tuple[float, bool]] = {}
+        # Per class: paths by due time (settling), then, once due, by arrival: of the
+        # files ready to be hashed the earliest arrival goes first (keep: first), not
+        # the one whose event came first (a retry, a directory's listing order).
         self._heaps: tuple[list[tuple[float, int, Path]], ...] = ([], [])
+        self._ready: tuple[list[tuple[float, int, Path, float]], ...] = ([], [])
         self._seq = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -164,11 +168,19 @@ class WorkQueue:
             return self._arrived.get(path)
 
     def _tidy(self) -> None:
-        """Drop superseded heap tops; hold those a worker has until its done()."""
-        for background, heap in enumerate(self._heaps):
-            while heap and (self._due.get(heap[0][2]) != (heap[0][0], background)
-                            or heap[0][2] in self._taken):
-                due, _, held = heapq.heappop(heap)
+        """Move what is due from the timers to the ready heaps; drop superseded entries;
+        hold those a worker has until its done()."""
+        now = time.monotonic()
+        for background, (timers, ready) in enumerate(zip(self._heaps, self._ready,
+                                                         strict=True)):
+            while timers and timers[0][0] <= now:
+                due, _, path = heapq.heappop(timers)
+                if self._due.get(path) == (due, background):
+                    self._seq += 1
+                    heapq.heappush(ready, (self._arrival[path][0], self._seq, path, due))
+            while ready and (self._due.get(ready[0][2]) != (ready[0][3], background)
+                             or ready[0][2] in self._taken):
+                _, _, held, due = heapq.heappop(ready)
                 if self._due.get(held) == (due, background):
                     self._held[held] = (due, bool(background))
 
@@ -181,9 +193,7 @@ class WorkQueue:
             while not self._closed:
                 self._tidy()
                 now = time.monotonic()
-                live = self._heaps[0]
-                if now >= deadline or not (False in self._taken.values()
-                                           or (live and live[0][0] <= now)):
+                if now >= deadline or not (False in self._taken.values() or self._ready[0]):
                     return
                 self._cond.wait(deadline - now)
 
@@ -194,15 +204,15 @@ class WorkQueue:
                 now = time.monotonic()
                 self._tidy()
                 slots = self.background_slots
-                for background, heap in enumerate(self._heaps):
+                for background, ready in enumerate(self._ready):
                     if background and slots is not None and (
                             sum(self._taken.values()) >= slots
                             or False in self._taken.values()):
                         # The workers left are kept for live events, and a live file
                         # being decided has the process (and its GIL) to itself.
                         continue
-                    if heap and heap[0][0] <= now:
-                        _, _, path = heapq.heappop(heap)
+                    if ready:
+                        path = heapq.heappop(ready)[2]
                         del self._due[path]
                         self._waiting[background] -= 1
                         self._taken[path] = bool(background)
