@@ -32,6 +32,7 @@ from dedupd.store.base import (
     ROLLED_BACK,
     ImageRecord,
     QuarantineEntry,
+    RecordGone,
     Store,
     StoreError,
 )
@@ -261,7 +262,10 @@ class Quarantine:
             stored = self.store.get(entry.image_id)
             if stored is not None:
                 stored = stored.with_(path=str(target), status=QUARANTINED)
-                self.store.update(stored)
+                try:
+                    self.store.update(stored)
+                except RecordGone:  # forgotten meanwhile (its old path vanished)
+                    stored = None
         if stored is None and record is not None:
             stored = self.store.insert(record.with_(path=str(target), status=QUARANTINED,
                                                     id=None))

@@ -71,19 +71,12 @@ PHOTOS = sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))
 IS_ROOT = os.geteuid() == 0
 FILLER = ".model-filler"  # what fills the quarantine's file system up (not an image)
 
-# Rules that hit an open defect of issue #12 (fixed by other work in progress): off in the
-# random machine, exercised by the xfail(strict=True) sequences at the end of this file.
-# slow_write, replace_root and fs_full (#12 items 9, 10, 7) are fixed and their sequences
-# pass; they stay off in the random machine (DEDUPD_MODEL_RULES turns them on) until a
-# random run with them holds: one found a file in a new subdirectory never decided.
-KNOWN_DEFECTS = {
-    # New, found by this test (not a #12 item): see test_model_move_into_a_new_directory.
-    "move_into_new_dir": "moved into a just-created directory, a file is decided anew",
-    # New, found by the soak: a file moved while a reconcile (the start-up one, here) runs
-    # can have its record forgotten before the move is seen, and is decided anew. Until
-    # fixed, steps after a restart wait for the start-up scan to end (STATUS=).
-    "moves_during_a_scan": "a move during a reconcile: the file is decided anew",
-}
+# Rules that hit an open defect of issue #12 would be named here (rule -> defect): off in
+# the random machine, each with a scripted sequence below marked xfail(strict=True), which
+# flips to a failure once the defect is fixed. None is open. slow_write, replace_root and
+# fs_full stay off in the random machine unless DEDUPD_MODEL_RULES names them: see
+# DaemonMachine.enabled.
+KNOWN_DEFECTS: dict[str, str] = {}
 
 SOAK = os.environ.get("DEDUPD_SOAK") == "1"
 settings.register_profile(
@@ -211,7 +204,6 @@ class World:
         self.arrivals: set[str] = set()  # paths that must be decided, exactly once
         self.in_flight_at_kill: set[str] = set()  # decided at most once (event may be lost)
         self.full = False  # the quarantine's file system is full: duplicates stay unresolved
-        self.scanned = False  # the start-up scan is known to have ended
         self.names = 0
         self.history: list[str] = []  # the steps so far (Hypothesis's own report can be lost)
 
@@ -283,15 +275,6 @@ class World:
         FIGURES["kills"] += 1
         self.statuses()  # drop the old daemon's
         self.daemon.start()
-        self.scanned = False
-
-    def wait_scanned(self) -> None:
-        """Until the start-up scan has ended: a periodic STATUS= (every 2 s) without
-        "(scanning)". Moves wait for it while KNOWN_DEFECTS has moves_during_a_scan."""
-        if not self.scanned:
-            wait_for(lambda: any("(scanning)" not in s for s in self.statuses(0.5)),
-                     SETTLED_TIMEOUT, "the start-up scan to end (STATUS=)")
-            self.scanned = True
 
     def statuses(self, timeout: float = 0.01) -> list[str]:
         """The periodic STATUS= lines received since the last call (READY's aside)."""
@@ -486,10 +469,6 @@ class DaemonMachine(RuleBasedStateMachine):
         src = self._pick(w.root_files(), index)
         if src is None:
             return
-        if not (w.root / sub).is_dir() and "move_into_new_dir" not in self.enabled:
-            sub = ""  # KNOWN_DEFECTS
-        if "moves_during_a_scan" not in self.enabled:
-            w.wait_scanned()  # KNOWN_DEFECTS
         dst = w.new_path("moved", sub)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)  # not an arrival: the record follows the file, no new decision
@@ -639,11 +618,10 @@ def test_model_files_in_new_subdirectories(world) -> None:
     w.settle()
 
 
-@pytest.mark.xfail(strict=True, reason="new defect: a file moved into a directory created "
-                   "just before is forgotten (its IN_MOVED_TO comes before the new directory "
-                   "is watched: an unpaired IN_MOVED_FROM deletes the record) and decided "
-                   "again as a new arrival, with a new id and first_seen")
 def test_model_move_into_a_new_directory(world) -> None:
+    """Found by the model: a file moved into a directory created just before was
+    forgotten (its IN_MOVED_TO comes before the new directory is watched: an unpaired
+    IN_MOVED_FROM read as a deletion) and decided again as a new arrival."""
     w = world()
     for i in range(12):
         w.create(image_bytes(i), "original")

@@ -55,6 +55,29 @@ def test_move_in_keeps_relative_origin_sidecar_and_record(env) -> None:
     assert entry2.quarantine_path != entry.quarantine_path and dst.exists()
 
 
+def test_a_record_forgotten_mid_move_is_written_at_the_target(env, monkeypatch) -> None:
+    """The watcher may forget a record (its file just left the root: the quarantine
+    move itself) between the move's read of it and its update: the move completes with
+    a record at the target, not with a false store outage ("no image record N")."""
+    root, store, q = env
+    src = write_image(root / "x.jpg", photo(3, 64, 48))
+    rec = store.insert(record(src))
+    real_update = store.update
+
+    def forgotten_first(new: ImageRecord) -> None:
+        if new.id == rec.id:
+            store.delete(rec.id)  # the watcher's forget, in the window
+        real_update(new)
+
+    monkeypatch.setattr(store, "update", forgotten_first)
+    entry = q.move_in(src, root, record=rec, matched_path="/m.jpg", distance=0,
+                      hash_hex="0000000000000005", policy="default")
+    monkeypatch.undo()
+    stored = store.get_by_path(entry.quarantine_path)
+    assert entry.state == DONE and stored is not None and stored.status == QUARANTINED
+    assert Path(entry.quarantine_path).exists() and not src.exists()
+
+
 def test_the_journal_keeps_how_a_file_matched(env) -> None:
     """#17: a flip or rotation, and a hash that says little, stay in the journal entry."""
     root, store, q = env

@@ -17,6 +17,7 @@ class Recorder:
         self.moved: dict[Path, Path] = {}
         self.ready: list[Path] = []
         self.deleted: list[Path] = []
+        self.moved_away: list[Path] = []
         self.cond = threading.Condition()
 
     def _note(self, kind: list[Path], path: Path) -> None:
@@ -29,6 +30,9 @@ class Recorder:
 
     def file_deleted(self, path: Path) -> None:
         self._note(self.deleted, path)
+
+    def file_moved_away(self, path: Path) -> None:
+        self._note(self.moved_away, path)
 
     def file_moved(self, src: Path, dst: Path) -> None:
         with self.cond:
@@ -77,5 +81,28 @@ def test_a_burst_of_renames_pairs_every_move(tmp_path: Path) -> None:
         assert sink.moved == {root / n: root / "sub" / n for n in names}
         assert sink.ready == [root / "dropped.jpg"]
         assert sink.deleted == []
+    finally:
+        watcher.stop()
+
+
+def test_a_move_to_where_no_watch_sees_is_not_a_deletion(tmp_path: Path) -> None:
+    """Moved out of the roots, the destination unknown: the file may be in a directory
+    created just before and not watched yet, so its record must not go at once (it
+    would be decided anew there). Deleted, or renamed to an ignored name: gone."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    for name in ("away.jpg", "deleted.jpg", "hidden.jpg"):
+        (root / name).write_bytes(b"x")
+    sink = Recorder()
+    watcher = Watcher(sink, ignore=("*.tmp",))
+    watcher.arm([Root(root)])
+    try:
+        os.rename(root / "away.jpg", outside / "away.jpg")
+        os.unlink(root / "deleted.jpg")
+        os.rename(root / "hidden.jpg", root / "hidden.tmp")
+        assert sink.wait(lambda: sink.moved_away and len(sink.deleted) == 2)
+        assert sink.moved_away == [root / "away.jpg"]
+        assert sorted(sink.deleted) == [root / "deleted.jpg", root / "hidden.jpg"]
     finally:
         watcher.stop()

@@ -221,3 +221,18 @@ def test_of_the_files_due_the_earliest_arrival_goes_first() -> None:
     q.put(Path("/settling"))  # closed: due now, and still first by arrival
     q.put(Path("/newer"), arrival=3000.0)
     assert q.get(0) == Path("/settling")
+
+
+def test_live_due_ignores_files_still_settling() -> None:
+    """What a moved-away file's forget waits for: live files due or in a worker, not a
+    slow writer's file that settles for a minute."""
+    q = WorkQueue(10)
+    q.put(Path("/settling"), 60.0)
+    q.put(Path("/bg"), background=True)
+    assert not q.live_due()
+    q.put(Path("/now"))
+    assert q.live_due()
+    assert q.get(0) == Path("/now")
+    assert q.live_due()  # in a worker
+    q.done(Path("/now"))
+    assert not q.live_due()

@@ -154,6 +154,7 @@ class Daemon:
         """The main loop's periodic tasks, each with its own interval."""
         tasks = Periodic()
         tasks.every(1.0, self.roots.check)
+        tasks.every(1.0, self.intake.forget_moved_away)
         tasks.every(lambda: 1.0 if self.health.store_down else 5.0, self.health.check_store)
         tasks.every(2.0, lambda: self.notifier.status(self.status_line()), name="status")
         tasks.every(lambda: self.config.log.summary_interval, emit_summary)

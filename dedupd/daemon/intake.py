@@ -24,6 +24,12 @@ log = logging.getLogger("dedupd.daemon")
 # How long a hashed file waits for files that arrived before it and are still being
 # hashed (keep: first); past it, the pipeline's arrival check still applies.
 TURN_SECONDS = 30.0
+# A file moved to where no watch sees it (out of the roots, or into a directory made
+# just before and not watched yet) keeps its record at least this long, and until the
+# live work is done (or at most MOVED_AWAY_MAX): found at its new path, it is then
+# recognised by its digest and its record moved, not decided anew as a new arrival.
+MOVED_AWAY_GRACE = 2.0
+MOVED_AWAY_MAX = 120.0
 
 
 class Intake:
@@ -34,6 +40,10 @@ class Intake:
         # When a path was last reported complete (closed after writing, or renamed in):
         # a short or broken file is final only after that, or after a longer grace.
         self.closed: dict[Path, float] = {}
+        # Files moved away to an unknown place: path -> when (monotonic); see
+        # MOVED_AWAY_GRACE.
+        self.moved_away: dict[Path, float] = {}
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------ watcher sink
 
@@ -90,6 +100,31 @@ class Intake:
                 self.daemon.store.forget_rejection(str(path))
         except StoreError as exc:
             self._store_call_failed(exc, path)
+
+    def file_moved_away(self, path: Path) -> None:
+        """Moved to where no watch sees it: forgotten later (forget_moved_away), unless
+        the file turns up at a new path in a root meanwhile."""
+        self.daemon.queue.discard(path)
+        self.closed.pop(path, None)
+        if self.daemon.config.watch_for(path) is not None:
+            with self._lock:
+                self.moved_away[path] = time.monotonic()
+
+    def forget_moved_away(self) -> None:
+        """(Main loop.) Forget the files moved away that did not turn up elsewhere:
+        past the grace once no live work is left (a directory's scan, files due or in
+        a worker), or past MOVED_AWAY_MAX whatever the live work."""
+        if not self.moved_away:
+            return
+        d, now = self.daemon, time.monotonic()
+        idle = not d.queue.live_due() and not d.scanner.live_pending()
+        with self._lock:
+            due = [p for p, when in self.moved_away.items() if now - when >= MOVED_AWAY_MAX
+                   or (idle and now - when >= MOVED_AWAY_GRACE)]
+            for path in due:
+                del self.moved_away[path]
+        for path in due:
+            self.file_deleted(path)  # only if still gone; a record moved meanwhile stays
 
     def file_moved(self, src: Path, dst: Path) -> None:
         old, new = self.daemon.config.watch_for(src), self.daemon.config.watch_for(dst)

@@ -30,6 +30,7 @@ class Scanner:
         self.requests: dict[bool, dict[Path, tuple[str, bool]]] = {False: {}, True: {}}
         self._cond = threading.Condition()
         self._scanning = 0
+        self._scanning_live = 0
 
     @property
     def last_reconcile(self) -> float | None:
@@ -56,6 +57,11 @@ class Scanner:
         with self._cond:
             return bool(self._scanning or any(self.requests.values()))
 
+    def live_pending(self) -> bool:
+        """A scan for a live event (a directory that appeared) is running or requested."""
+        with self._cond:
+            return bool(self._scanning_live or self.requests[True])
+
     def wake(self) -> None:
         """Let the scanner threads see the daemon stopping."""
         with self._cond:
@@ -78,6 +84,7 @@ class Scanner:
                     covered = requests.pop(other)[0]
                     trigger = covered if trigger == "interval" else trigger
             self._scanning += 1
+            self._scanning_live += live
             return path, trigger, recursive
 
     def loop(self, live: bool) -> None:
@@ -97,6 +104,7 @@ class Scanner:
             finally:
                 with self._cond:
                     self._scanning -= 1
+                    self._scanning_live -= live
 
     def status(self) -> str:
         """' (scanning); reconciling /data: 412,000 files seen, 41% of the last count', or

@@ -113,6 +113,13 @@ class WorkQueue:
             return self._waiting[background] + sum(1 for b in self._taken.values()
                                                    if b == background)
 
+    def live_due(self) -> bool:
+        """A live path is due (ready to be hashed) or in a worker; files still settling
+        do not count (a slow writer may take minutes)."""
+        with self._cond:
+            self._tidy()
+            return bool(self._ready[0]) or False in self._taken.values()
+
     def wait_drained(self, background: bool, stop: threading.Event) -> None:
         """Until nothing of the class waits or is in flight (or stop, or close)."""
         with self._cond:

@@ -31,6 +31,7 @@ from dedupd.store.records import (  # re-exported: the interface's vocabulary
     Match,
     QuarantineEntry,
     QuarantineFilter,
+    RecordGone,
     Rejection,
     StoreError,
     StoreMissing,
@@ -43,8 +44,8 @@ from dedupd.store.records import (  # re-exported: the interface's vocabulary
 __all__ = ["ALLOWED", "DELETED", "DONE", "IN_ROOT_STATUSES", "ImageRecord", "KEPT", "Known",
            "LIVE_STATUSES", "Lookup", "Match", "PENDING", "PURGED", "QUARANTINED",
            "QuarantineEntry", "QuarantineFilter", "RESTORED", "RESTORING", "ROLLED_BACK",
-           "Rejection", "STATUSES", "Store", "StoreError", "StoreMissing", "StoreStats",
-           "UNRESOLVED", "nearest_first",
+           "RecordGone", "Rejection", "STATUSES", "Store", "StoreError", "StoreMissing",
+           "StoreStats", "UNRESOLVED", "nearest_first",
            "path_from_db", "path_to_db"]
 
 

@@ -39,6 +39,7 @@ from dedupd.store.base import (
     Lookup,
     Match,
     QuarantineEntry,
+    RecordGone,
     StoreError,
     nearest_first,
     path_from_db,
@@ -214,7 +215,7 @@ class PostgresStore(PgSession, SQLStore):
                  record.id)).rowcount
 
         if self._run(write) == 0:
-            raise StoreError(f"no image record {record.id}")
+            raise RecordGone(f"no image record {record.id}")
 
     def signatures(self, ids: list[int]) -> dict[int, bytes]:
         rows = self._query("SELECT id, signature FROM images WHERE id = ANY(%s) "

@@ -58,6 +58,11 @@ class StoreError(Exception):
     """The store cannot be used (unreachable, corrupt, wrong schema)."""
 
 
+class RecordGone(StoreError):
+    """update() of a record that is no longer there (forgotten meanwhile: its file
+    vanished from where the record said): not an outage, the caller decides."""
+
+
 class StoreMissing(StoreError):
     """open_store(create=False) of a store that does not exist yet: read-only commands
     report an empty dictionary instead of creating one."""

@@ -19,6 +19,7 @@ from dedupd.store.base import (
     ImageRecord,
     Match,
     QuarantineEntry,
+    RecordGone,
     StoreError,
     StoreMissing,
     nearest_first,
@@ -277,7 +278,7 @@ class SQLiteStore(IndexedRows, SQLStore):
         with self._tx() as db:
             old = self.get(record.id)  # type: ignore[arg-type]
             if old is None:
-                raise StoreError(f"no image record {record.id}")
+                raise RecordGone(f"no image record {record.id}")
             db.execute(
                 "UPDATE images SET scope=?, path=?, recipe=?, hash=?, digest=?, file_size=?, "
                 "mtime_ns=?, width=?, height=?, first_seen=?, status=?, "
