@@ -60,6 +60,8 @@ class Actor:
         self._unreported: dict[str, Report] = {}
         # When each recently kept path was decided (time.monotonic()), for keep: first.
         self._decided: OrderedDict[str, float] = OrderedDict()
+        # Duplicates left unresolved, with the reason said (said once until it changes).
+        self._said_unresolved: OrderedDict[str, str] = OrderedDict()
         # Where a file goes to be decided again (the daemon's queue); a scan has none:
         # its next run decides such a file.
         self.requeue: Callable[[Path, float], None] | None = None
@@ -167,11 +169,22 @@ class Actor:
     def unresolved(self, loser: ImageRecord, watch: Watch, why: str,
                    outcome: Outcome) -> Outcome:
         """A removal the policy wants failed: the file stays, recorded as unresolved (not
-        kept), and is decided again at the next reconciliation, reload or start."""
-        self.keep(loser, (Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but {why}; left "
-                          "in place, unresolved (retried at the next rescan)", dict(
-                              path=loser.path, reason=why, kind="quarantine_failed",
-                              root=str(watch.path))), status=UNRESOLVED)
+        kept), and is decided again (the daemon retries such files every half minute,
+        and at a rescan, reload or start). Said once per file and reason: a quarantine
+        that stays full does not repeat its line per file every half minute."""
+        with self._counts_lock:
+            said = self._said_unresolved.get(loser.path) == why
+            self._said_unresolved[loser.path] = why
+            while len(self._said_unresolved) > DECIDED_MEMORY:
+                self._said_unresolved.popitem(last=False)
+        if said:
+            log.debug("%s: still unresolved: %s", loser.path, why)
+            self.keep(loser, status=UNRESOLVED)
+        else:
+            self.keep(loser, (Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but {why}; "
+                              "left in place, unresolved (retried)", dict(
+                                  path=loser.path, reason=why, kind="quarantine_failed",
+                                  root=str(watch.path))), status=UNRESOLVED)
         return replace(outcome, action="log")
 
     def report_quarantined(self, entry: QuarantineEntry, **fields: object) -> None:

@@ -105,6 +105,7 @@ class Config:
     queue_size: int = 10000
     settle_seconds: float = 2.0
     unfinished_seconds: float = 60.0
+    unresolved_retry_seconds: float = 30.0
     stall_seconds: float = 120.0
     reconcile_interval: float = 3600.0
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -289,6 +290,7 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
         queue_size=top.number("queue_size", int, 10000, 1),
         settle_seconds=top.number("settle_seconds", float, 2.0, 0.0),
         unfinished_seconds=top.number("unfinished_seconds", float, 60.0, 0.0),
+        unresolved_retry_seconds=top.number("unresolved_retry_seconds", float, 30.0, 0.0),
         stall_seconds=top.number("stall_seconds", float, 120.0, 1.0),
         reconcile_interval=top.number("reconcile_interval", float, 3600.0, 0.0),
         ignore=top.strings("ignore", DEFAULT_IGNORE),

@@ -1,4 +1,4 @@
-"""systemd service protocol (sd_notify through systemd-python): READY, STATUS, WATCHDOG,
+"""systemd service protocol (sd_notify's datagrams): READY, STATUS, WATCHDOG,
 RELOADING and STOPPING. Without NOTIFY_SOCKET every call is a no-op, so the same code
 runs in a terminal, in tests and under systemd.
 """
@@ -8,18 +8,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("dedupd.service")
+# How long one notification may wait for a manager that does not read before it is
+# dropped (said once as a warning): well under WatchdogSec, so pings after it still go.
+SEND_TIMEOUT = 5.0
 
 
 class Notifier:
     """Talks to the service manager named by $NOTIFY_SOCKET (path or @abstract).
 
-    libsystemd reads the variables from the process environment, so this does too.
+    The sd_notify protocol is one datagram per message on that socket. It is sent with
+    Python's socket module, which lets go of the interpreter while it waits: the
+    binding's sd_notify() holds the GIL through a blocking send, and a manager that
+    does not read (its queue holds 10 datagrams by default) then froze every thread of
+    the daemon. Messages go out in order from a thread of their own, so the main loop
+    never waits on them; a STATUS= or WATCHDOG= not sent yet is replaced by the next.
     """
 
     def __init__(self) -> None:
@@ -30,18 +39,63 @@ class Notifier:
         usec, pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
         if usec and usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 2 / 1e6  # ping at half the timeout
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._outbox: list[tuple[str, ...]] = []
+        self._sending = False
+        self._thread: threading.Thread | None = None
 
     def send(self, *lines: str) -> None:
+        """Queue one message; returns at once."""
         if not self.enabled:
             return
-        from systemd import daemon
+        with self._cond:
+            if len(lines) == 1 and lines[0].split("=", 1)[0] in ("STATUS", "WATCHDOG"):
+                key = lines[0].split("=", 1)[0] + "="
+                self._outbox = [m for m in self._outbox
+                                if not (len(m) == 1 and m[0].startswith(key))]
+            self._outbox.append(lines)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dedupd-notify",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
 
-        with self._lock:
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait (bounded) until every queued message is sent: at stop, and for tests."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._outbox or self._sending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _run(self) -> None:
+        assert self.socket is not None
+        address = "\0" + self.socket[1:] if self.socket.startswith("@") else self.socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(SEND_TIMEOUT)
+        failing = False
+        while True:
+            with self._cond:
+                while not self._outbox:
+                    self._cond.wait()
+                lines, self._sending = self._outbox.pop(0), True
             try:
-                daemon.notify("\n".join(lines))
-            except OSError as exc:  # the manager went away: keep running, say so once
-                log.warning("sd_notify failed: %s", exc)
+                sock.sendto("\n".join(lines).encode(), address)
+                if failing:
+                    log.info("sd_notify works again")
+                failing = False
+            except OSError as exc:  # not read, or the manager went away: keep running
+                if not failing:
+                    log.warning("sd_notify failed (said once until it works again): %s",
+                                exc or "timed out")
+                failing = True
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
 
     def ready(self, status: str | None = None) -> None:
         self.send("READY=1", *([f"STATUS={status}"] if status else []))

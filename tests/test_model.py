@@ -194,7 +194,8 @@ class World:
         self.body = {"index": str(self.db), "quarantine_dir": str(self.quarantine),
                      "settle_seconds": SETTLE, "watches": [{"path": str(self.root)}],
                      "policies": {"default": {"max_distance": MAX_DISTANCE}},
-                     "circuit_breaker": {"threshold": 1.0}, "workers": 2}
+                     "circuit_breaker": {"threshold": 1.0}, "workers": 2,
+                     "unresolved_retry_seconds": 2}
         self.cfg = write_config(base / "dedupd.yaml", self.body)
         self.log = EventLog(base / "daemon.log")
         self.notify = NotifySocket(str(base / "notify.sock"))  # READY=1, STATUS=
@@ -354,7 +355,11 @@ class World:
         # Every arrival decided exactly once; nothing else decided.
         for path in self.arrivals:
             n = decided.get(path, 0)
-            if n > 1 or (n == 0 and path not in self.in_flight_at_kill):
+            # A duplicate the full quarantine cannot take stays unresolved, undecided
+            # (its quarantine_failed line is no decision) until room is made: then the
+            # daemon's retry must decide it.
+            waiting = self.full and by_path.get(path, ("",))[0] == "unresolved"
+            if n > 1 or (n == 0 and path not in self.in_flight_at_kill and not waiting):
                 kinds = [f"{e['event']} ({e.get('kind') or e.get('action') or ''})"
                          for e in self.log.events if e.get("path") == path
                          and is_decision(e)]
@@ -603,6 +608,23 @@ def test_model_quarantine_fs_full_then_freed(world) -> None:
     w.fill_quarantine(False)
     w.reload()  # "retry when the cause may be gone (reconcile, reload, restart)"
     w.settle(10)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting a small tmpfs needs root")
+def test_model_room_made_in_a_full_quarantine_is_used_without_a_reload(world) -> None:
+    """Found by the random machine with fs_full on: a duplicate left unresolved while the
+    quarantine was full stayed so until the hourly reconcile; the daemon now retries
+    (unresolved_retry_seconds). The sequence that found it also showed systemd-python's
+    notify() freezing every thread once the STATUS= reader fell 10 datagrams behind."""
+    w = world(quarantine_fs_kib=16 * 1024)
+    w.create(image_bytes(1), "original")
+    w.settle()
+    w.fill_quarantine(True)
+    w.create(image_bytes(1), "copy", sub="new")
+    w.settle()
+    time.sleep(1.0)  # the copy's own events are done with: only a retry can decide it now
+    w.fill_quarantine(False)
+    w.settle(30)
 
 
 # ---------------------------------------------------------------- new defects the model found

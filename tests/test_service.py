@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -176,3 +177,44 @@ def test_watchdog_pings_stop_while_a_worker_is_stuck(tmp_path: Path) -> None:
         holder.close()
         daemon.kill()
         sock.close()
+
+
+def test_a_manager_that_does_not_read_never_blocks_the_caller(notify, monkeypatch) -> None:
+    """A datagram socket's queue holds 10 messages by default: past that a blocking send
+    waits for the reader. The model test's STATUS= reader paused for 45 s and the
+    daemon's main loop (its retries, its store pings) stood still. Sends return at once,
+    and the STATUS= that gets through is the newest."""
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.address)
+    n = Notifier()
+    sender = threading.Thread(target=lambda: [n.status(f"step {i}") for i in range(200)],
+                              daemon=True)
+    sender.start()
+    sender.join(2.0)
+    assert not sender.is_alive(), "a send blocked on the unread socket"
+    seen = []
+    while (msg := notify.recv(0.5)) is not None:
+        seen.append(msg["STATUS"])
+    assert seen[-1] == "step 199" and len(seen) < 50
+    assert n.flush(5)
+
+
+def test_a_full_notify_socket_does_not_stop_the_other_threads(notify, monkeypatch) -> None:
+    """systemd-python's notify() holds the GIL through a blocking send: once the
+    manager's queue was full, every thread of the daemon stood still (the model test
+    saw a 30 s retry never come). The sender waits without the GIL, then drops."""
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.address)
+    address = notify.address
+    address = "\0" + address[1:] if address.startswith("@") else address
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(1000):  # fill the receiver's queue
+            filler.sendto(b"STATUS=filler", address)
+    n = Notifier()
+    n.ready("blocked")  # its send now waits for room
+    ticks = 0
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # pure Python: needs the GIL
+        ticks += 1
+    assert ticks > 10_000, ticks
+    filler.close()

@@ -94,7 +94,8 @@ def _list_pending(store: Store | None, config: Config, as_json: bool) -> None:
         return
     for row in rows:
         print_line(f"{row['path']}  (duplicate of {row['matched_path']}, d={row['distance']})")
-    print_note(f"{len(rows)} pending (retried at the next rescan, reload or start)")
+    print_note(f"{len(rows)} pending (the daemon retries them every "
+               f"{config.unresolved_retry_seconds:g} s, and at a rescan, reload or start)")
 
 
 def _unresolved(store: Store) -> list[ImageRecord]:

@@ -32,6 +32,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     except (WatchError, StoreError) as exc:
         emit(Event.STOPPED, f"cannot start: {exc}", reason=str(exc))
         notifier.status(f"failed: {exc}")
+        notifier.flush()
         return EXIT_ERROR
     return daemon.run()
 

@@ -155,6 +155,7 @@ class Daemon:
         tasks = Periodic()
         tasks.every(1.0, self.roots.check)
         tasks.every(1.0, self.intake.forget_moved_away)
+        tasks.every(lambda: self.config.unresolved_retry_seconds, self.intake.retry_unresolved)
         tasks.every(lambda: 1.0 if self.health.store_down else 5.0, self.health.check_store)
         tasks.every(2.0, lambda: self.notifier.status(self.status_line()), name="status")
         tasks.every(lambda: self.config.log.summary_interval, emit_summary)
@@ -202,6 +203,7 @@ class Daemon:
         self.store.drain()  # decisions waiting for a flush are said before "stopped"
         emit_summary()
         emit(Event.STOPPED, "stopped", **self.health.count_fields())
+        self.notifier.flush()
         self.metrics.stop()
         if not any(t.is_alive() for t in self._threads):
             self.store.close()

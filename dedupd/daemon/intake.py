@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from dedupd.events import Event, emit
 from dedupd.store import StoreError
+from dedupd.store.base import UNRESOLVED
 
 if TYPE_CHECKING:
     from dedupd.daemon.core import Daemon
@@ -30,6 +31,9 @@ TURN_SECONDS = 30.0
 # recognised by its digest and its record moved, not decided anew as a new arrival.
 MOVED_AWAY_GRACE = 2.0
 MOVED_AWAY_MAX = 120.0
+# How many duplicates left unresolved (a quarantine full, read-only or unwritable) one
+# retry queues (config unresolved_retry_seconds says how often).
+RETRY_UNRESOLVED_BATCH = 1000
 
 
 class Intake:
@@ -125,6 +129,24 @@ class Intake:
                 del self.moved_away[path]
         for path in due:
             self.file_deleted(path)  # only if still gone; a record moved meanwhile stays
+
+    def retry_unresolved(self) -> None:
+        """(Main loop.) Queue the duplicates left in place because their removal failed,
+        as background work, oldest arrival first; not those of a root whose circuit
+        breaker is open (they wait for the reload that closes it)."""
+        d = self.daemon
+        try:
+            records, _ = d.store.with_status(UNRESOLVED, RETRY_UNRESOLVED_BATCH)
+        except StoreError as exc:
+            d.health.store_failed(exc)
+            return
+        for rec in sorted(records, key=lambda r: r.first_seen):
+            watch = d.config.watch_for(rec.path)
+            breaker = d.pipeline.breakers.get(watch.path) if watch is not None else None
+            if watch is None or (breaker is not None and breaker.open):
+                continue
+            if not d.queue.put(Path(rec.path), background=True, arrival=rec.first_seen):
+                return  # full: the next round (or the reconcile) takes the rest
 
     def file_moved(self, src: Path, dst: Path) -> None:
         old, new = self.daemon.config.watch_for(src), self.daemon.config.watch_for(dst)
