@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from daemonproc import DaemonProcess, wait_for, write_config
 from test_deploy import as_nobody, needs_root
 
@@ -104,12 +105,13 @@ def site(site_template: Path, tmp_path: Path) -> Site:
     dst = tmp_path / "site"
     shutil.copytree(site_template, dst, symlinks=True)
     # The store names absolute paths of the template: rewrite their prefix (only: the
-    # quarantine's layout repeats the root's path below it).
+    # quarantine's layout repeats the root's path below it). The scope too, or a file
+    # dropped into the copy's root would be compared with none of the template's.
     import sqlite3
 
     conn = sqlite3.connect(dst / "state" / "index.sqlite")
     with conn:
-        for table, cols in (("images", ("path",)),
+        for table, cols in (("images", ("scope", "path")), ("rejections", ("path",)),
                             ("quarantine", ("original_path", "quarantine_path",
                                             "matched_path"))):
             for col in cols:
@@ -646,28 +648,35 @@ def test_browser_restores_a_pair_by_clicking(site: Site, server: Server, tmp_pat
     assert event["message_id"] == "9e19c9ec7390403ebd2deae89b7f4d06"
 
 
-def add_flagged_entries(site: Site) -> tuple[QuarantineEntry, QuarantineEntry]:
-    """A mirror image of a kept photo and a flat grey image, quarantined with the flags
-    #16's detection gives them, written through the store API as Quarantine.move_in
-    journals them."""
-    qdir = site.tmp / "state" / "quarantine" / "flagged"
-    qdir.mkdir(parents=True)
-    mirrored = cv2.imread(str(site.root / "coffee.jpg"))[:, ::-1]
-    cv2.imwrite(str(qdir / "coffee-mirrored.jpg"), mirrored)
-    cv2.imwrite(str(qdir / "grey.jpg"), np.full((300, 400, 3), 128, np.uint8))
-    store = open_store(str(site.db))
+def quarantine_flagged(site: Site) -> tuple[QuarantineEntry, QuarantineEntry]:
+    """A real daemon with `match_flips_rotations: true` quarantines a mirror image of a
+    kept photo and a byte-identical copy of a flat grey image: the flags on their
+    journal entries (transform, low_information) come from detection itself."""
+    from conftest import write_image
+
+    body = yaml.safe_load(site.config.read_text())
+    body["policies"]["default"]["match_flips_rotations"] = True
+    write_config(site.config, body)
+    mirrored, grey, grey_copy = (site.root / n for n in
+                                 ("coffee-mirrored.jpg", "grey.png", "grey-copy.png"))
+    daemon = DaemonProcess(site.config, site.tmp / "daemon-flags.log",
+                           env={"XDG_STATE_HOME": str(site.tmp / "xdg")}).start()
     try:
-        flipped = store.add_quarantine(QuarantineEntry(
-            original_path=str(site.root / "coffee-mirrored.jpg"),
-            quarantine_path=str(qdir / "coffee-mirrored.jpg"),
-            matched_path=str(site.root / "coffee.jpg"), distance=2, hash="0",
-            policy="default", state=DONE, transform="hflip"))
-        flat = store.add_quarantine(QuarantineEntry(
-            original_path=str(site.root / "grey.jpg"), quarantine_path=str(qdir / "grey.jpg"),
-            matched_path=str(site.root / "grey-scan.jpg"), distance=0, hash="0",
-            policy="default", state=DONE, low_information=True))
+        kept = cv2.imread(str(site.root / "coffee.jpg"))
+        write_image(mirrored, np.ascontiguousarray(kept[:, ::-1]))
+        write_image(grey, np.full((300, 400, 3), 128, np.uint8))
+        wait_for(lambda: "grey.png: accepted" in daemon.log_since_start(), 60, "grey kept")
+        shutil.copyfile(grey, grey_copy)
+        wait_for(lambda: not mirrored.exists() and not grey_copy.exists(), 60,
+                 "the mirror image and the grey copy quarantined")
     finally:
-        store.close()
+        assert daemon.stop() == 0
+    by_path = {e.original_path: e for e in site.entries()}
+    flipped, flat = by_path[str(mirrored)], by_path[str(grey_copy)]
+    assert (flipped.state, flipped.matched_path) == (DONE, str(site.root / "coffee.jpg"))
+    assert (flipped.transform, flipped.low_information) == ("hflip", False)
+    assert (flat.state, flat.matched_path, flat.distance) == (DONE, str(grey), 0)
+    assert (flat.transform, flat.low_information) == (None, True)
     return flipped, flat
 
 
@@ -677,7 +686,7 @@ def test_browser_shows_and_filters_the_flags(site: Site, server: Server,
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    flipped, flat = add_flagged_entries(site)
+    flipped, flat = quarantine_flagged(site)
     browser = _chrome(tmp_path)
 
     def listed() -> list[str] | None:
@@ -706,6 +715,8 @@ def test_browser_shows_and_filters_the_flags(site: Site, server: Server,
             browser.find_element(By.CSS_SELECTOR, ".filters button[type=submit]").click()
             wait_for(lambda want=want: listed() == [str(want.id)], 30, f"only the {value} entry")
             assert f"flag={value}" in browser.current_url
+            browser.get(f"{server.url}?flag={value}")  # the same, typed as a URL
+            wait_for(lambda want=want: listed() == [str(want.id)], 30, f"{value} by URL")
     finally:
         browser.quit()
     # The static gallery shows them too.
