@@ -351,12 +351,7 @@ def test_file_names_are_data_on_the_page(tmp_path: Path) -> None:
 
 def test_static_gallery(site: Site, tmp_path: Path) -> None:
     out = tmp_path / "gallery"
-    run = subprocess.run(
-        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", "--json",
-         "--html", str(out), "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
-    assert run.returncode == 0, run.stderr
-    summary = json.loads(run.stdout)
+    summary = gallery(site, out)
     assert summary["entries"] == 5 and summary["thumbnails"] == 10 and summary["pages"] == 1
     html = (out / "index.html").read_bytes()
     assert len(pair_ids(html)) == 5
@@ -364,6 +359,22 @@ def test_static_gallery(site: Site, tmp_path: Path) -> None:
     for src in re.findall(rb'<img src="([^"]+)"', html):
         assert cv2.imread(str(out / src.decode())) is not None
     assert (out / "review.css").exists()
+
+
+def review_cli(site: Site, *args: str, check: int = 0) -> subprocess.CompletedProcess[str]:
+    """`dedupd --config SITE review *args`, with the exit status it must give."""
+    run = subprocess.run(
+        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", *args],
+        capture_output=True, text=True,
+        env={**os.environ, "XDG_STATE_HOME": str(site.tmp / "xdg")})
+    assert run.returncode == check, run.stderr or run.stdout
+    return run
+
+
+def gallery(site: Site, out: Path, *options: str) -> dict[str, int]:
+    """The summary of `review --json --html out *options`."""
+    return json.loads(review_cli(site, "--json", "--html", str(out), "--cache",
+                                 str(site.tmp / "cache"), *options).stdout)
 
 
 def test_gallery_pages_link_to_each_other(tmp_path: Path) -> None:
@@ -508,12 +519,7 @@ def test_unresolved_duplicates_are_listed_and_counted(tmp_path: Path) -> None:
         server.stop()
     # The static gallery lists it too, with its thumbnails, linked from its first page.
     out = tmp_path / "gallery"
-    run = subprocess.run(
-        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", "--json",
-         "--html", str(out), "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["pending"] == 1
+    assert gallery(site, out)["pending"] == 1
     assert 'href="pending.html">1 unresolved' in (out / "index.html").read_text()
     page = (out / "pending.html").read_bytes()
     assert re.findall(rb'id="pending-(\d+)"', page) == [record_id]
@@ -721,11 +727,45 @@ def test_browser_shows_and_filters_the_flags(site: Site, server: Server,
         browser.quit()
     # The static gallery shows them too.
     out = tmp_path / "gallery"
-    run = subprocess.run(
-        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", "--json",
-         "--html", str(out), "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
-    assert run.returncode == 0, run.stderr
+    gallery(site, out)
     html = (out / "index.html").read_text()
     assert html.count('class="flag transform"') == 1 and ">hflip</span>" in html
     assert html.count('class="flag low-information"') == 1
+
+
+def test_gallery_takes_the_live_pages_filters(site: Site, tmp_path: Path) -> None:
+    """`review --html` has an option for each filter of the live page, --flag included,
+    each in --help; a bad value, or a filter without --html, is a one-line usage error
+    (exit 2; JSON under --json)."""
+    flipped, flat = quarantine_flagged(site)
+    done = [e for e in site.entries() if e.state == DONE]
+    for options, want in ((("--flag", "transform"), [flipped]),
+                          (("--flag", "low_information"), [flat]),
+                          (("--flag", "low_information", "--min-distance", "1"), []),
+                          (("--max-distance", "0"), [e for e in done if e.distance == 0])):
+        out = tmp_path / "".join(options)
+        assert gallery(site, out, *options)["entries"] == len(want), options
+        html = (out / "index.html").read_bytes()
+        assert pair_ids(html) == sorted((e.id for e in want), reverse=True), options
+    assert len([e for e in done if e.distance == 0]) == 3  # rocket, grey copies; hflip too
+    helped = review_cli(site, "--help").stdout
+    for text in ("--flag transform|low_information", "(?flag=)", "--root DIR", "(?root=)",
+                 "--policy NAME", "--min-distance N", "(?dmin=)", "--max-distance N",
+                 "(?dmax=)", "--since YYYY-MM-DD", "--until YYYY-MM-DD", "(?until=)"):
+        assert text in helped, text
+    for options, said in (
+            (("--flag", "mirrored"), "argument --flag: 'mirrored' is not a flag"),
+            (("--since", "yesterday"), "argument --since: 'yesterday' is not a day"),
+            (("--flag", "transform", "--html"), "argument --html: expected one argument")):
+        plain = review_cli(site, "--html", str(tmp_path / "bad"), *options, check=2)
+        assert plain.stdout == "" and plain.stderr.startswith(f"dedupd: {said}"), plain.stderr
+        assert len(plain.stderr.splitlines()) == 1, plain.stderr
+    for options in (("--flag", "transform"), ("--limit", "3", "--root", str(site.root))):
+        run = review_cli(site, *options, check=2)
+        assert len(run.stderr.splitlines()) == 1 and "only with --html" in run.stderr
+    as_json = review_cli(site, "--json", "--html", str(tmp_path / "bad"), "--flag",
+                         "mirrored", check=2)
+    error = json.loads(as_json.stdout)
+    assert (error["error"], error["exit_status"]) == ("usage", 2) and as_json.stderr == ""
+    assert "'mirrored' is not a flag" in error["message"]
+    assert not (tmp_path / "bad").exists()
