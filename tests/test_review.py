@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -375,6 +376,71 @@ def gallery(site: Site, out: Path, *options: str) -> dict[str, int]:
     """The summary of `review --json --html out *options`."""
     return json.loads(review_cli(site, "--json", "--html", str(out), "--cache",
                                  str(site.tmp / "cache"), *options).stdout)
+
+
+def test_gallery_pending_page_takes_the_gallery_filters(tmp_path: Path) -> None:
+    """Duplicates the real pipeline could not move (the quarantine directory is a file)
+    in two roots under two policies: the gallery's pending.html lists and counts only
+    those its filters select, as its pages do, not the newest of all."""
+    from conftest import write_image
+
+    from dedupd.config import load_config
+    from dedupd.hashing import hash_file
+    from dedupd.pipeline import Pipeline
+    from dedupd.store.base import UNRESOLVED
+
+    site = Site(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "quarantine").write_text("not a directory")
+    write_config(site.config, {
+        "index": str(site.db), "quarantine_dir": str(tmp_path / "state" / "quarantine"),
+        "policies": {"default": {"max_distance": 10}, "loose": {"max_distance": 10}},
+        "watches": [{"path": str(a), "policy": "loose"}, {"path": str(b)}]})
+    for root, name in ((a, "coffee"), (a, "hubble"), (b, "rocket")):
+        write_image(root / f"{name}.jpg", cv2.imread(str(PHOTOS / f"{name}.jpg")))
+    write_image(a / "grey.png", np.full((300, 400, 3), 128, np.uint8))
+    originals = sorted(p for p in tmp_path.glob("[ab]/*") if p.is_file())
+    shutil.copyfile(a / "coffee.jpg", a / "coffee-copy.jpg")
+    shutil.copyfile(a / "grey.png", a / "grey-copy.png")
+    near_copy(a / "hubble.jpg", a / "hubble-small.jpg")
+    near_copy(b / "rocket.jpg", b / "rocket-small.jpg")
+    cfg = load_config(site.config)
+    store = open_store(cfg.index)
+    try:
+        pipeline = Pipeline(cfg, store)
+        for path in [*originals, *sorted({*tmp_path.glob("[ab]/*")} - {*originals})]:
+            watch = next(w for w in cfg.watches if path.parent == w.path)
+            pipeline.ingest(path, watch, hash_file(path, cfg.recipe, cfg.max_pixels),
+                            path.stat().st_mtime_ns, None)
+        pending, total = store.with_status(UNRESOLVED, 10)
+        assert total == 4 and store.list_quarantine() == []
+        ids = {Path(r.path).name: r.id for r in pending}
+        days = [time.strftime("%Y-%m-%d", time.gmtime(r.first_seen)) for r in pending]
+    finally:
+        store.close()
+    assert set(ids) == {"coffee-copy.jpg", "grey-copy.png", "hubble-small.jpg",
+                        "rocket-small.jpg"}
+    for options, want in (((), set(ids)),
+                          (("--flag", "low_information"), {"grey-copy.png"}),
+                          (("--flag", "transform"), set()),
+                          (("--root", str(b)), {"rocket-small.jpg"}),
+                          (("--policy", "loose"), set(ids) - {"rocket-small.jpg"}),
+                          (("--max-distance", "0"), {"coffee-copy.jpg", "grey-copy.png"}),
+                          (("--min-distance", "1", "--root", str(a)), {"hubble-small.jpg"}),
+                          (("--since", min(days), "--until", max(days)), set(ids)),
+                          (("--until", "2020-01-01"), set())):
+        out = tmp_path / ("gallery" + "".join(options).replace("/", "_"))
+        assert gallery(site, out, *options)["pending"] == len(want), options
+        if not want:
+            assert not (out / "pending.html").exists(), options
+            continue
+        page = (out / "pending.html").read_text()
+        listed = {int(i) for i in re.findall(r'id="pending-(\d+)"', page)}
+        assert listed == {ids[n] for n in want}, options
+        assert f'<span id="total">{len(want)}</span>' in page
+        assert ("filters select" in page) == bool(options), options
+        assert f'href="pending.html">{len(want)} unresolved' in (out / "index.html").read_text()
 
 
 def test_gallery_pages_link_to_each_other(tmp_path: Path) -> None:

@@ -117,8 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "$CACHE_DIRECTORY or ~/.cache/dedupd/thumbnails)")
     filters = p.add_argument_group(
         "filters of --html",
-        "The live page's filters (its query parameter in brackets): the gallery's pages\n"
-        "show only the duplicates that pass every one given.")
+        "The live page's filters (its query parameter in brackets): the gallery's pages and\n"
+        "its pending.html show only the duplicates that pass every one given.")
     for dest, key, kind, metavar, text in HTML_FILTERS:
         filters.add_argument(_option(dest), dest=dest, type=kind,
                              metavar=metavar, help=f"{text} (?{key}=)")
@@ -160,7 +160,7 @@ HTML_FILTERS: tuple[tuple[str, str, Callable[[str], object], str, str], ...] = (
     ("max_distance", "dmax", int, "N",
      "only duplicates at distance N or less (0: visually identical or the same bytes)"),
     ("since", "since", _day, "YYYY-MM-DD",
-     "only duplicates quarantined on or after this UTC day"),
+     "only duplicates quarantined (unresolved: first seen) on or after this UTC day"),
     ("until", "until", _day, "YYYY-MM-DD", "only those on or before this UTC day"),
     ("flag", "flag", _flag, "transform|low_information",
      "only duplicates matched as a mirror image or rotation (transform, with "
