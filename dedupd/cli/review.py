@@ -117,8 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "$CACHE_DIRECTORY or ~/.cache/dedupd/thumbnails)")
     filters = p.add_argument_group(
         "filters of --html",
-        "The live page's filters (its query parameter in brackets): the gallery's pages and\n"
-        "its pending.html show only the duplicates that pass every one given.")
+        "The live page's filters (its query parameter in parentheses): the gallery's pages\n"
+        "and its pending.html show only the duplicates that pass every one given.")
     for dest, key, kind, metavar, text in HTML_FILTERS:
         filters.add_argument(_option(dest), dest=dest, type=kind,
                              metavar=metavar, help=f"{text} (?{key}=)")
@@ -127,6 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _option(dest: str) -> str:
+    """The option of an argparse dest, to name it in an error as the user typed it."""
     return "--" + dest.replace("_", "-")
 
 
@@ -143,9 +144,10 @@ def _day(text: str) -> str:
 
 
 def _flag(text: str) -> str:
+    """A --flag value: one the journal has (argparse's choices would print a usage block
+    before the error, not one line)."""
     if text not in FLAGS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a flag (transform or low_information)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a flag ({' or '.join(FLAGS)})")
     return text
 
 

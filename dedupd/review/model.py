@@ -83,8 +83,7 @@ class PendingRow:
         filters, tested the same way. How it matched (transform) is not recorded for an
         unresolved record, so a transform filter passes none."""
         return QuarantineEntry(self.record.path, "", self.kept.path, self.distance or 0, "",
-                               self.policy,
-                               created=self.record.first_seen, state=DONE,
+                               self.policy, created=self.record.first_seen, state=DONE,
                                low_information=low_information)
 
     def short(self, path: str) -> str:
