@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from daemonproc import DaemonProcess, wait_for, write_config
 from test_deploy import as_nobody, needs_root
 
@@ -104,12 +106,13 @@ def site(site_template: Path, tmp_path: Path) -> Site:
     dst = tmp_path / "site"
     shutil.copytree(site_template, dst, symlinks=True)
     # The store names absolute paths of the template: rewrite their prefix (only: the
-    # quarantine's layout repeats the root's path below it).
+    # quarantine's layout repeats the root's path below it). The scope too, or a file
+    # dropped into the copy's root would be compared with none of the template's.
     import sqlite3
 
     conn = sqlite3.connect(dst / "state" / "index.sqlite")
     with conn:
-        for table, cols in (("images", ("path",)),
+        for table, cols in (("images", ("scope", "path")), ("rejections", ("path",)),
                             ("quarantine", ("original_path", "quarantine_path",
                                             "matched_path"))):
             for col in cols:
@@ -349,12 +352,7 @@ def test_file_names_are_data_on_the_page(tmp_path: Path) -> None:
 
 def test_static_gallery(site: Site, tmp_path: Path) -> None:
     out = tmp_path / "gallery"
-    run = subprocess.run(
-        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", "--json",
-         "--html", str(out), "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
-    assert run.returncode == 0, run.stderr
-    summary = json.loads(run.stdout)
+    summary = gallery(site, out)
     assert summary["entries"] == 5 and summary["thumbnails"] == 10 and summary["pages"] == 1
     html = (out / "index.html").read_bytes()
     assert len(pair_ids(html)) == 5
@@ -362,6 +360,87 @@ def test_static_gallery(site: Site, tmp_path: Path) -> None:
     for src in re.findall(rb'<img src="([^"]+)"', html):
         assert cv2.imread(str(out / src.decode())) is not None
     assert (out / "review.css").exists()
+
+
+def review_cli(site: Site, *args: str, check: int = 0) -> subprocess.CompletedProcess[str]:
+    """`dedupd --config SITE review *args`, with the exit status it must give."""
+    run = subprocess.run(
+        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", *args],
+        capture_output=True, text=True,
+        env={**os.environ, "XDG_STATE_HOME": str(site.tmp / "xdg")})
+    assert run.returncode == check, run.stderr or run.stdout
+    return run
+
+
+def gallery(site: Site, out: Path, *options: str) -> dict[str, int]:
+    """The summary of `review --json --html out *options`."""
+    return json.loads(review_cli(site, "--json", "--html", str(out), "--cache",
+                                 str(site.tmp / "cache"), *options).stdout)
+
+
+def test_gallery_pending_page_takes_the_gallery_filters(tmp_path: Path) -> None:
+    """Duplicates the real pipeline could not move (the quarantine directory is a file)
+    in two roots under two policies: the gallery's pending.html lists and counts only
+    those its filters select, as its pages do, not the newest of all."""
+    from conftest import write_image
+
+    from dedupd.config import load_config
+    from dedupd.hashing import hash_file
+    from dedupd.pipeline import Pipeline
+    from dedupd.store.base import UNRESOLVED
+
+    site = Site(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "quarantine").write_text("not a directory")
+    write_config(site.config, {
+        "index": str(site.db), "quarantine_dir": str(tmp_path / "state" / "quarantine"),
+        "policies": {"default": {"max_distance": 10}, "loose": {"max_distance": 10}},
+        "watches": [{"path": str(a), "policy": "loose"}, {"path": str(b)}]})
+    for root, name in ((a, "coffee"), (a, "hubble"), (b, "rocket")):
+        write_image(root / f"{name}.jpg", cv2.imread(str(PHOTOS / f"{name}.jpg")))
+    write_image(a / "grey.png", np.full((300, 400, 3), 128, np.uint8))
+    originals = sorted(p for p in tmp_path.glob("[ab]/*") if p.is_file())
+    shutil.copyfile(a / "coffee.jpg", a / "coffee-copy.jpg")
+    shutil.copyfile(a / "grey.png", a / "grey-copy.png")
+    near_copy(a / "hubble.jpg", a / "hubble-small.jpg")
+    near_copy(b / "rocket.jpg", b / "rocket-small.jpg")
+    cfg = load_config(site.config)
+    store = open_store(cfg.index)
+    try:
+        pipeline = Pipeline(cfg, store)
+        for path in [*originals, *sorted({*tmp_path.glob("[ab]/*")} - {*originals})]:
+            watch = next(w for w in cfg.watches if path.parent == w.path)
+            pipeline.ingest(path, watch, hash_file(path, cfg.recipe, cfg.max_pixels),
+                            path.stat().st_mtime_ns, None)
+        pending, total = store.with_status(UNRESOLVED, 10)
+        assert total == 4 and store.list_quarantine() == []
+        ids = {Path(r.path).name: r.id for r in pending}
+        days = [time.strftime("%Y-%m-%d", time.gmtime(r.first_seen)) for r in pending]
+    finally:
+        store.close()
+    assert set(ids) == {"coffee-copy.jpg", "grey-copy.png", "hubble-small.jpg",
+                        "rocket-small.jpg"}
+    for options, want in (((), set(ids)),
+                          (("--flag", "low_information"), {"grey-copy.png"}),
+                          (("--flag", "transform"), set()),
+                          (("--root", str(b)), {"rocket-small.jpg"}),
+                          (("--policy", "loose"), set(ids) - {"rocket-small.jpg"}),
+                          (("--max-distance", "0"), {"coffee-copy.jpg", "grey-copy.png"}),
+                          (("--min-distance", "1", "--root", str(a)), {"hubble-small.jpg"}),
+                          (("--since", min(days), "--until", max(days)), set(ids)),
+                          (("--until", "2020-01-01"), set())):
+        out = tmp_path / ("gallery" + "".join(options).replace("/", "_"))
+        assert gallery(site, out, *options)["pending"] == len(want), options
+        if not want:
+            assert not (out / "pending.html").exists(), options
+            continue
+        page = (out / "pending.html").read_text()
+        listed = {int(i) for i in re.findall(r'id="pending-(\d+)"', page)}
+        assert listed == {ids[n] for n in want}, options
+        assert f'<span id="total">{len(want)}</span>' in page
+        assert ("filters select" in page) == bool(options), options
+        assert f'href="pending.html">{len(want)} unresolved' in (out / "index.html").read_text()
 
 
 def test_gallery_pages_link_to_each_other(tmp_path: Path) -> None:
@@ -506,12 +585,7 @@ def test_unresolved_duplicates_are_listed_and_counted(tmp_path: Path) -> None:
         server.stop()
     # The static gallery lists it too, with its thumbnails, linked from its first page.
     out = tmp_path / "gallery"
-    run = subprocess.run(
-        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", "--json",
-         "--html", str(out), "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["pending"] == 1
+    assert gallery(site, out)["pending"] == 1
     assert 'href="pending.html">1 unresolved' in (out / "index.html").read_text()
     page = (out / "pending.html").read_bytes()
     assert re.findall(rb'id="pending-(\d+)"', page) == [record_id]
@@ -646,28 +720,35 @@ def test_browser_restores_a_pair_by_clicking(site: Site, server: Server, tmp_pat
     assert event["message_id"] == "9e19c9ec7390403ebd2deae89b7f4d06"
 
 
-def add_flagged_entries(site: Site) -> tuple[QuarantineEntry, QuarantineEntry]:
-    """A mirror image of a kept photo and a flat grey image, quarantined with the flags
-    #16's detection gives them, written through the store API as Quarantine.move_in
-    journals them."""
-    qdir = site.tmp / "state" / "quarantine" / "flagged"
-    qdir.mkdir(parents=True)
-    mirrored = cv2.imread(str(site.root / "coffee.jpg"))[:, ::-1]
-    cv2.imwrite(str(qdir / "coffee-mirrored.jpg"), mirrored)
-    cv2.imwrite(str(qdir / "grey.jpg"), np.full((300, 400, 3), 128, np.uint8))
-    store = open_store(str(site.db))
+def quarantine_flagged(site: Site) -> tuple[QuarantineEntry, QuarantineEntry]:
+    """A real daemon with `match_flips_rotations: true` quarantines a mirror image of a
+    kept photo and a byte-identical copy of a flat grey image: the flags on their
+    journal entries (transform, low_information) come from detection itself."""
+    from conftest import write_image
+
+    body = yaml.safe_load(site.config.read_text())
+    body["policies"]["default"]["match_flips_rotations"] = True
+    write_config(site.config, body)
+    mirrored, grey, grey_copy = (site.root / n for n in
+                                 ("coffee-mirrored.jpg", "grey.png", "grey-copy.png"))
+    daemon = DaemonProcess(site.config, site.tmp / "daemon-flags.log",
+                           env={"XDG_STATE_HOME": str(site.tmp / "xdg")}).start()
     try:
-        flipped = store.add_quarantine(QuarantineEntry(
-            original_path=str(site.root / "coffee-mirrored.jpg"),
-            quarantine_path=str(qdir / "coffee-mirrored.jpg"),
-            matched_path=str(site.root / "coffee.jpg"), distance=2, hash="0",
-            policy="default", state=DONE, transform="hflip"))
-        flat = store.add_quarantine(QuarantineEntry(
-            original_path=str(site.root / "grey.jpg"), quarantine_path=str(qdir / "grey.jpg"),
-            matched_path=str(site.root / "grey-scan.jpg"), distance=0, hash="0",
-            policy="default", state=DONE, low_information=True))
+        kept = cv2.imread(str(site.root / "coffee.jpg"))
+        write_image(mirrored, np.ascontiguousarray(kept[:, ::-1]))
+        write_image(grey, np.full((300, 400, 3), 128, np.uint8))
+        wait_for(lambda: "grey.png: accepted" in daemon.log_since_start(), 60, "grey kept")
+        shutil.copyfile(grey, grey_copy)
+        wait_for(lambda: not mirrored.exists() and not grey_copy.exists(), 60,
+                 "the mirror image and the grey copy quarantined")
     finally:
-        store.close()
+        assert daemon.stop() == 0
+    by_path = {e.original_path: e for e in site.entries()}
+    flipped, flat = by_path[str(mirrored)], by_path[str(grey_copy)]
+    assert (flipped.state, flipped.matched_path) == (DONE, str(site.root / "coffee.jpg"))
+    assert (flipped.transform, flipped.low_information) == ("hflip", False)
+    assert (flat.state, flat.matched_path, flat.distance) == (DONE, str(grey), 0)
+    assert (flat.transform, flat.low_information) == (None, True)
     return flipped, flat
 
 
@@ -677,7 +758,7 @@ def test_browser_shows_and_filters_the_flags(site: Site, server: Server,
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    flipped, flat = add_flagged_entries(site)
+    flipped, flat = quarantine_flagged(site)
     browser = _chrome(tmp_path)
 
     def listed() -> list[str] | None:
@@ -706,15 +787,51 @@ def test_browser_shows_and_filters_the_flags(site: Site, server: Server,
             browser.find_element(By.CSS_SELECTOR, ".filters button[type=submit]").click()
             wait_for(lambda want=want: listed() == [str(want.id)], 30, f"only the {value} entry")
             assert f"flag={value}" in browser.current_url
+            browser.get(f"{server.url}?flag={value}")  # the same, typed as a URL
+            wait_for(lambda want=want: listed() == [str(want.id)], 30, f"{value} by URL")
     finally:
         browser.quit()
     # The static gallery shows them too.
     out = tmp_path / "gallery"
-    run = subprocess.run(
-        [sys.executable, "-m", "dedupd", "--config", str(site.config), "review", "--json",
-         "--html", str(out), "--cache", str(tmp_path / "cache")],
-        capture_output=True, text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
-    assert run.returncode == 0, run.stderr
+    gallery(site, out)
     html = (out / "index.html").read_text()
     assert html.count('class="flag transform"') == 1 and ">hflip</span>" in html
     assert html.count('class="flag low-information"') == 1
+
+
+def test_gallery_takes_the_live_pages_filters(site: Site, tmp_path: Path) -> None:
+    """`review --html` has an option for each filter of the live page, --flag included,
+    each in --help; a bad value, or a filter without --html, is a one-line usage error
+    (exit 2; JSON under --json)."""
+    flipped, flat = quarantine_flagged(site)
+    done = [e for e in site.entries() if e.state == DONE]
+    for options, want in ((("--flag", "transform"), [flipped]),
+                          (("--flag", "low_information"), [flat]),
+                          (("--flag", "low_information", "--min-distance", "1"), []),
+                          (("--max-distance", "0"), [e for e in done if e.distance == 0])):
+        out = tmp_path / "".join(options)
+        assert gallery(site, out, *options)["entries"] == len(want), options
+        html = (out / "index.html").read_bytes()
+        assert pair_ids(html) == sorted((e.id for e in want), reverse=True), options
+    assert len([e for e in done if e.distance == 0]) == 3  # rocket, grey copies; hflip too
+    helped = review_cli(site, "--help").stdout
+    for text in ("--flag transform|low_information", "(?flag=)", "--root DIR", "(?root=)",
+                 "--policy NAME", "--min-distance N", "(?dmin=)", "--max-distance N",
+                 "(?dmax=)", "--since YYYY-MM-DD", "--until YYYY-MM-DD", "(?until=)"):
+        assert text in helped, text
+    for options, said in (
+            (("--flag", "mirrored"), "argument --flag: 'mirrored' is not a flag"),
+            (("--since", "yesterday"), "argument --since: 'yesterday' is not a day"),
+            (("--flag", "transform", "--html"), "argument --html: expected one argument")):
+        plain = review_cli(site, "--html", str(tmp_path / "bad"), *options, check=2)
+        assert plain.stdout == "" and plain.stderr.startswith(f"dedupd: {said}"), plain.stderr
+        assert len(plain.stderr.splitlines()) == 1, plain.stderr
+    for options in (("--flag", "transform"), ("--limit", "3", "--root", str(site.root))):
+        run = review_cli(site, *options, check=2)
+        assert len(run.stderr.splitlines()) == 1 and "only with --html" in run.stderr
+    as_json = review_cli(site, "--json", "--html", str(tmp_path / "bad"), "--flag",
+                         "mirrored", check=2)
+    error = json.loads(as_json.stdout)
+    assert (error["error"], error["exit_status"]) == ("usage", 2) and as_json.stderr == ""
+    assert "'mirrored' is not a flag" in error["message"]
+    assert not (tmp_path / "bad").exists()

@@ -56,13 +56,15 @@ def write_gallery(review: Review, thumbs: ThumbnailCache, out: Path,
                               review.pending_thumbnail_path(record_id, side))
 
     generated = now_text()
-    # Duplicates still in place because their quarantine failed, as the live /pending.
-    rows, pending_total = review.pending()
+    # Duplicates still in place because their quarantine failed, as the live /pending,
+    # narrowed by the same filters as the pages.
+    rows, pending_total = review.pending(where)
     counts["pending"] = pending_total
     if pending_total:
         (out / PENDING_PAGE).write_text(env.get_template("pending.html").render(
             rows=rows, total=pending_total, css="review.css", back=page_name(1),
-            thumb=pending_thumb, generated=generated), encoding="utf-8")
+            thumb=pending_thumb, generated=generated, filtered=where.narrows),
+            encoding="utf-8")
     pending_link = PENDING_PAGE if pending_total else None
     before, n = None, 1
     while True:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dedupd.config import Config
 from dedupd.quarantine import Quarantine, QuarantineError, restore_and_report
+from dedupd.signature import Signature
 from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError
 from dedupd.store.base import DONE, UNRESOLVED, QuarantineFilter
 
@@ -70,11 +71,20 @@ class PendingRow:
     root: str
     kept: Side
     distance: int | None
+    policy: str = ""
 
     @property
     def when(self) -> str:
         return datetime.fromtimestamp(self.record.first_seen, UTC).strftime(
             "%Y-%m-%d %H:%M:%S")
+
+    def as_entry(self, low_information: bool) -> QuarantineEntry:
+        """The journal entry it would have had, for QuarantineFilter.matches: the same
+        filters, tested the same way. How it matched (transform) is not recorded for an
+        unresolved record, so a transform filter passes none."""
+        return QuarantineEntry(self.record.path, "", self.kept.path, self.distance or 0, "",
+                               self.policy, created=self.record.first_seen, state=DONE,
+                               low_information=low_information)
 
     def short(self, path: str) -> str:
         prefix = self.root.rstrip("/") + "/"
@@ -152,11 +162,36 @@ class Review:
         return Row(entry, str(watch.path) if watch else "", quarantined,
                    side(entry.matched_path, k_rec))
 
-    def pending(self, limit: int = 4 * PAGE_SIZE) -> tuple[list[PendingRow], int]:
+    def pending(self, where: QuarantineFilter | None = None, limit: int = 4 * PAGE_SIZE
+                ) -> tuple[list[PendingRow], int]:
         """The newest unresolved duplicates, each with the copy it duplicates, and how many
-        there are."""
+        there are. With `where`, only those it passes as their journal entry would (root,
+        policy, distance, dates as first seen, flag), and how many pass: a gallery written
+        with filters lists the unresolved ones they select, not the newest of all."""
         records, total = self.store.with_status(UNRESOLVED, limit)
-        return [self.pending_row(r) for r in records], total
+        if where is None or not where.narrows:
+            return [self.pending_row(r) for r in records], total
+        if total > len(records):
+            records, _ = self.store.with_status(UNRESOLVED, total)
+        low = self._low_information(records) if where.flag == "low_information" else set()
+        rows, passed = [], 0
+        by_distance = (where.min_distance, where.max_distance) != (None, None)
+        for record in records:
+            row = self.pending_row(record)
+            if row.distance is None and by_distance:
+                continue  # its copy is gone: no distance to filter by
+            if where.matches(row.as_entry(record.id in low)):
+                passed += 1
+                if len(rows) < limit:
+                    rows.append(row)
+        return rows, passed
+
+    def _low_information(self, records: list[ImageRecord]) -> set[int]:
+        """The ids of those whose stored signature says their hash says little (what
+        made a quarantined one's entry low_information)."""
+        stored = self.store.signatures([r.id for r in records if r.id is not None])
+        return {i for i, data in stored.items()
+                if (sig := Signature.from_bytes(data)) is not None and sig.low_information}
 
     def pending_row(self, record: ImageRecord) -> PendingRow:
         watch = self.config.watch_for(record.path)
@@ -168,7 +203,8 @@ class Review:
                      match.record.file_size, match.record.digest) if match
                 else Side("", False))
         return PendingRow(record, str(watch.path) if watch else "", kept,
-                          match.distance if match else None)
+                          match.distance if match else None,
+                          self.config.policy_for(watch).name if watch else "")
 
     def pending_thumbnail_path(self, record_id: int, side: str) -> str | None:
         """An unresolved record's own file, or the file it duplicates; None otherwise."""

@@ -164,6 +164,11 @@ class QuarantineFilter:
     until: float | None = None  # created before
     flag: str | None = None  # "transform" or "low_information" (FLAGS)
 
+    @property
+    def narrows(self) -> bool:
+        """A filter beyond the states: a review shows a selection, not all there is."""
+        return self != QuarantineFilter(states=self.states)
+
     def matches(self, e: QuarantineEntry) -> bool:
         root = self.root.rstrip("/") + "/" if self.root else None
         return (e.state in self.states and (root is None or e.original_path.startswith(root))
