@@ -410,3 +410,27 @@ def test_beyond_the_threshold_only_a_strict_second_look_confirms(store_url: str)
             ["/d/old.jpg"]
     finally:
         store.close()
+
+
+def test_check_says_a_match_beyond_the_threshold_took_the_strict_second_look(
+        tmp_path: Path, config_file) -> None:
+    """A brightened copy 5 bits from its original is reported beside `max_distance: 4`:
+    `check` marks it as confirmed by the strict second look (--json and text), and a
+    copy within the threshold is not marked."""
+    data = tmp_path / "data"
+    write_image(data / "seven.jpg", photo(7))
+    cfg = str(config_file())
+    dedupd("--config", cfg, "scan", str(data), check=0)
+    probe = tmp_path / "probe"
+    write_image(probe / "brighter.jpg", cv2.convertScaleAbs(photo(7), alpha=1.2))
+    write_image(probe / "q60.jpg", photo(7), quality=60)
+    lines = dedupd("--config", cfg, "check", "--json", str(probe), check=1).stdout
+    rows = {Path(r["path"]).name: r for r in map(json.loads, lines.splitlines())}
+    (far,), (near,) = rows["brighter.jpg"]["matches"], rows["q60.jpg"]["matches"]
+    assert rows["brighter.jpg"]["max_distance"] == 4
+    assert (far["distance"], far["strict_second_look"]) == (5, True)
+    assert near["distance"] <= 4 and near["strict_second_look"] is False
+    text = dedupd("--config", cfg, "check", str(probe / "brighter.jpg"), check=1).stdout
+    assert f"    5  {data / 'seven.jpg'}  (beyond max_distance 4: strict second look)" in text
+    text = dedupd("--config", cfg, "check", str(probe / "q60.jpg"), check=1).stdout
+    assert "strict" not in text
