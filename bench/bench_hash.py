@@ -14,6 +14,8 @@ to CPU 0, hashing the same photo-like JPEGs in the same run:
 bench/ref_recipe.py, the library without the CLI): v1 (no border trimming), v2 (the
 default, what `dedupd hash` runs) and v2 with the second look's signature (what the
 daemon, `scan` and `check` compute); each must stay within 10% of v1's throughput.
+`--against DIR` races another tree's recipes too (`was v1`...), to measure a change in
+one run: `git archive HEAD dedupd bench | tar -x -C DIR` before making it.
 
 Runs are interleaved and repeated; the best of `--repeat` is reported, as images per
 wall-clock second and per CPU second of the process. The machine is shared: a pinned
@@ -70,10 +72,14 @@ def commands() -> dict[str, list[str]]:
         "floor": [PYTHON, str(HERE / "ref_floor.py")],
         # --recipes: dedupd's library on each recipe, side by side (ref_recipe.py)
         **{f"lib {r}": [PYTHON, str(HERE / "ref_recipe.py"), r] for r in RECIPES},
+        # --against DIR: that tree's library (its ref_recipe.py imports its own dedupd)
+        **{f"was {r}": [PYTHON, str(Path(AGAINST[0]) / "bench" / "ref_recipe.py"), r]
+           for r in RECIPES if AGAINST},
     }
 
 
 RECIPES = ("v1", "v2", "v2+look")
+AGAINST: list[str] = []  # --against DIR
 CONTENDERS = ["dedupd", "seed", "imagehash", "floor"]
 
 
@@ -184,6 +190,9 @@ def main() -> int:
     parser.add_argument("--recipes", action="store_true",
                         help="only race dedupd's recipes (v1, v2, v2 with the second look's "
                              "signature) against `dedupd hash` and the floor, 1-2 MP set")
+    parser.add_argument("--against", metavar="DIR",
+                        help="with --recipes: also race the recipes of the dedupd tree in DIR "
+                             "(e.g. the commit before a change, from git archive)")
     parser.add_argument("--sweep", default="60,75,95",
                         help="JPEG qualities to re-save 300 1-2 MP pictures at and race again "
                              "(context; '' skips)")
@@ -195,14 +204,21 @@ def main() -> int:
     results: dict[str, bool] = {}
     if args.recipes:
         print(f"\n1-2 MP set: {describe(small)}", flush=True)
-        names = ["dedupd", *(f"lib {r}" for r in RECIPES), "floor"]
+        if args.against:
+            AGAINST.append(args.against)
+            print(f"against: {args.against} ('was')")
+        trees = ["lib", *(["was"] if args.against else [])]
+        names = ["dedupd", *(f"{t} {r}" for t in trees for r in RECIPES), "floor"]
         rates, cpu = race([str(p) for p in small], args.repeat, names)
         report("1-2 MP JPEGs, dedupd's recipes side by side ('dedupd is' = dedupd hash, v2)",
                rates, cpu)
-        for r in RECIPES[1:]:
-            wall, on_cpu = (x[f"lib {r}"] / x["lib v1"] for x in (rates, cpu))
-            print(f"  {r} vs v1 throughput: wall clock {wall:.3f}x, CPU time {on_cpu:.3f}x")
-            results[f"{r} within 10% of v1's throughput"] = max(wall, on_cpu) >= 0.90
+        for tree in trees:
+            for r in RECIPES[1:]:
+                wall, on_cpu = (x[f"{tree} {r}"] / x[f"{tree} v1"] for x in (rates, cpu))
+                print(f"  {tree} {r} vs {tree} v1 throughput: wall clock {wall:.3f}x, "
+                      f"CPU time {on_cpu:.3f}x")
+                if tree == "lib":
+                    results[f"{r} within 10% of v1's throughput"] = max(wall, on_cpu) >= 0.90
         print("\ntargets")
         for name, ok in results.items():
             print(f"  {verdict(ok)}  {name}")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from dedupd.hashing import ImageHash
+from dedupd.hashing import ImageHash, Recipe
 from dedupd.signature import Signature, confirms, search_radius
-from dedupd.store import Match, Store
+from dedupd.store import ImageRecord, Match, Store
 
 # Candidates within the threshold given a second look, nearest first: enough that a
 # dictionary with many look-alikes (dark frames, blank pages) still finds the real copy.
@@ -72,3 +72,17 @@ def find_duplicates(store: Store, scope: str, hashed: ImageHash, max_distance: i
     if flips and not found:
         found = as_flipped(store, scope, hashed, max_distance, exclude)
     return found[:limit]
+
+
+def duplicates_of_record(store: Store, record: ImageRecord, max_distance: int,
+                         limit: int = 8) -> list[Match]:
+    """The records a stored record duplicates, as the pipeline found them when it decided
+    it: find_duplicates on its stored hash and signature, so a copy the second look
+    confirmed beyond max_distance is found too (a pending duplicate's kept copy). Not as
+    a mirror image or rotation: that needs the decoded image."""
+    stored = store.signatures([record.id]) if record.id is not None else {}
+    hashed = ImageHash(record.hash, Recipe.from_key(record.recipe), record.width,
+                       record.height, record.digest, record.file_size, "",
+                       signature=Signature.from_bytes(stored.get(record.id, b"")))  # type: ignore[arg-type]
+    return find_duplicates(store, record.scope, hashed, max_distance, exclude=record.path,
+                           limit=limit)

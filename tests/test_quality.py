@@ -17,7 +17,7 @@ from conftest import photo, write_image
 
 from dedupd.hashing import Recipe, hamming, hash_bytes, hash_file
 from dedupd.pipeline import find_duplicates
-from dedupd.signature import Signature, confirms
+from dedupd.signature import Signature, confirms, search_radius
 from dedupd.store import ImageRecord, open_store
 
 
@@ -367,3 +367,70 @@ def test_candidates_beyond_the_threshold_need_the_strict_second_look(store_url: 
         assert find_duplicates(store, "s", stranger, 4) == []
     finally:
         store.close()
+
+
+def _watermarked(img: np.ndarray) -> np.ndarray:
+    """A large white word across the picture: the same photo, but its thumbnail changed
+    enough to correlate below CORR_STRICT (about 0.92 for photo(21))."""
+    out = img.copy()
+    h, w = out.shape[:2]
+    cv2.putText(out, "SAMPLE", (w // 6, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 3,
+                (255, 255, 255), 8)
+    return out
+
+
+def test_beyond_the_threshold_only_a_strict_second_look_confirms(store_url: str) -> None:
+    """Real decoded pairs whose 64-bit hashes really are 5 bits apart, with no hash made
+    up: a watermarked copy passes the ordinary second look but not the strict one (so
+    d <= 4 refuses it, while a policy of 5 takes it), and a brightened copy, confirmed
+    strictly, is not found through a record stored without a signature."""
+    original, marked = photo(21), _watermarked(photo(21))
+    a, b = hash_bytes(encode(original)), hash_bytes(encode(marked, quality=85))
+    assert a.signature is not None and b.signature is not None
+    far = hamming(a.hash, b.hash)
+    assert 4 < far <= search_radius(4)
+    assert confirms(a.signature, b.signature, 4, distance=4)  # the same shape, loosely
+    assert not confirms(a.signature, b.signature, 4, distance=far)  # not strictly
+    store = open_store(store_url)
+    try:
+        store.insert(_record("/d/original.jpg", encode(original)))
+        assert find_duplicates(store, "s", b, 4) == []
+        assert [(m.record.path, m.distance) for m in find_duplicates(store, "s", b, far)] == \
+            [("/d/original.jpg", far)]
+        brighter = hash_bytes(encode(cv2.convertScaleAbs(photo(7), alpha=1.2)))
+        assert hamming(brighter.hash, hash_bytes(encode(photo(7))).hash) == 5
+        store.insert(_record("/d/seven.jpg", encode(photo(7))))
+        assert [(m.record.path, m.distance) for m in find_duplicates(store, "s", brighter, 4)] \
+            == [("/d/seven.jpg", 5)]
+        # The same record without a signature: the hash alone, within the threshold only.
+        store.insert(_record("/d/old.jpg", encode(photo(7))).with_(signature=None))
+        store.delete(next(r.id for r in store.iter_records() if r.path == "/d/seven.jpg"))
+        assert find_duplicates(store, "s", brighter, 4) == []
+        assert [m.record.path for m in find_duplicates(store, "s", brighter, 5)] == \
+            ["/d/old.jpg"]
+    finally:
+        store.close()
+
+
+def test_check_says_a_match_beyond_the_threshold_took_the_strict_second_look(
+        tmp_path: Path, config_file) -> None:
+    """A brightened copy 5 bits from its original is reported beside `max_distance: 4`:
+    `check` marks it as confirmed by the strict second look (--json and text), and a
+    copy within the threshold is not marked."""
+    data = tmp_path / "data"
+    write_image(data / "seven.jpg", photo(7))
+    cfg = str(config_file())
+    dedupd("--config", cfg, "scan", str(data), check=0)
+    probe = tmp_path / "probe"
+    write_image(probe / "brighter.jpg", cv2.convertScaleAbs(photo(7), alpha=1.2))
+    write_image(probe / "q60.jpg", photo(7), quality=60)
+    lines = dedupd("--config", cfg, "check", "--json", str(probe), check=1).stdout
+    rows = {Path(r["path"]).name: r for r in map(json.loads, lines.splitlines())}
+    (far,), (near,) = rows["brighter.jpg"]["matches"], rows["q60.jpg"]["matches"]
+    assert rows["brighter.jpg"]["max_distance"] == 4
+    assert (far["distance"], far["strict_second_look"]) == (5, True)
+    assert near["distance"] <= 4 and near["strict_second_look"] is False
+    text = dedupd("--config", cfg, "check", str(probe / "brighter.jpg"), check=1).stdout
+    assert f"    5  {data / 'seven.jpg'}  (beyond max_distance 4: strict second look)" in text
+    text = dedupd("--config", cfg, "check", str(probe / "q60.jpg"), check=1).stdout
+    assert "strict" not in text

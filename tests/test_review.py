@@ -22,10 +22,11 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from conftest import photo, write_image
 from daemonproc import DaemonProcess, wait_for, write_config
 from test_deploy import as_nobody, needs_root
 
-from dedupd.config import parse_config
+from dedupd.config import load_config, parse_config
 from dedupd.quarantine import NOT_A_DUPLICATE, QuarantineError
 from dedupd.review.app import TOKEN_COOKIE, create_app, filter_from
 from dedupd.review.model import Review, shown
@@ -835,3 +836,35 @@ def test_gallery_takes_the_live_pages_filters(site: Site, tmp_path: Path) -> Non
     assert (error["error"], error["exit_status"]) == ("usage", 2) and as_json.stderr == ""
     assert "'mirrored' is not a flag" in error["message"]
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_pending_duplicate_beyond_the_threshold_is_shown_beside_its_copy(
+        tmp_path: Path) -> None:
+    """A copy 5 bits from the kept image, confirmed by the strict second look (beyond
+    max_distance: 4, within the lookup radius), whose quarantine fails: `quarantine list
+    --pending` and the review's pending rows name the copy it duplicates and the real
+    distance, as the pipeline found it (they searched only within max_distance)."""
+    root = tmp_path / "photos"
+    write_image(root / "a.jpg", photo(7))
+    write_image(root / "b.jpg", cv2.convertScaleAbs(photo(7), alpha=1.2))
+    os.utime(root / "a.jpg", (1_000_000_000, 1_000_000_000))  # a arrived first
+    (tmp_path / "not-a-dir").write_bytes(b"")  # the quarantine cannot be made
+    cfg = tmp_path / "dedupd.yaml"
+    db = tmp_path / "state" / "index.sqlite"
+    write_config(cfg, {"index": str(db), "quarantine_dir": str(tmp_path / "not-a-dir" / "q"),
+                       "watches": [{"path": str(root)}]})
+    scan = subprocess.run([sys.executable, "-m", "dedupd", "--config", str(cfg), "scan",
+                           "--json", str(root)], capture_output=True, text=True, timeout=120)
+    assert json.loads(scan.stdout)["duplicates"] == 1, scan.stdout + scan.stderr
+    listed = subprocess.run([sys.executable, "-m", "dedupd", "--config", str(cfg),
+                             "quarantine", "list", "--pending", "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert [(r["path"], r["matched_path"], r["distance"]) for r in json.loads(listed.stdout)] \
+        == [(str(root / "b.jpg"), str(root / "a.jpg"), 5)], listed.stderr
+    store = open_store(str(db))
+    try:
+        rows, total = Review(load_config(cfg), store).pending()
+        assert total == 1 and [(r.record.path, r.kept.path, r.distance) for r in rows] == \
+            [(str(root / "b.jpg"), str(root / "a.jpg"), 5)]
+    finally:
+        store.close()

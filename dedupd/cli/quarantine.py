@@ -22,6 +22,7 @@ from dedupd.cli.output import (
 )
 from dedupd.config import Config
 from dedupd.events import setup_logging
+from dedupd.matching import duplicates_of_record
 from dedupd.quarantine import Quarantine, restore_and_report
 from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreMissing, open_store
 from dedupd.store.base import UNRESOLVED, QuarantineFilter
@@ -108,8 +109,7 @@ def _unresolved(store: Store) -> list[ImageRecord]:
 def _pending_row(store: Store, config: Config, rec: ImageRecord) -> dict[str, Any]:
     watch = config.watch_for(rec.path)
     distance = config.policy_for(watch).max_distance if watch else 0
-    match = next(iter(store.find_matches(rec.scope, rec.recipe, rec.hash, rec.digest,
-                                         distance, limit=1)), None)
+    match = next(iter(duplicates_of_record(store, rec, distance, limit=1)), None)
     return {"path": rec.path, "scope": rec.scope,
             "matched_path": match.record.path if match else None,
             "distance": match.distance if match else None}

@@ -88,8 +88,15 @@ def _warn_decoded(path: str, warnings: Sequence[str]) -> None:
                     f"{'; '.join(warnings)}")
 
 
-def _match_json(m: Match, size: int) -> dict[str, Any]:
+def _strict(m: Match, max_distance: int) -> bool:
+    """A match beyond the threshold (up to matching.lookup_radius): only the strict second
+    look confirmed it, so `check` says so beside a distance above max_distance."""
+    return not m.identical and m.distance > max_distance
+
+
+def _match_json(m: Match, size: int, max_distance: int) -> dict[str, Any]:
     out = {"path": m.record.path, "distance": m.distance, "identical": m.identical,
+           "strict_second_look": _strict(m, max_distance),
            "hash": hash_to_hex(m.record.hash, size), "id": m.record.id,
            "status": m.record.status}
     if m.transform is not None:
@@ -354,7 +361,7 @@ def _check_report(args: argparse.Namespace, path: Path, result: ImageHash, max_d
         print_json({"path": str(path), "hash": result.hex, "max_distance": max_distance,
                      "duplicate": bool(matches), "low_information": low,
                      "warnings": list(result.warnings),
-                     "matches": [_match_json(m, size) for m in matches]})
+                     "matches": [_match_json(m, size, max_distance) for m in matches]})
         return
     note = "  (low_information)" if low else ""
     if not matches:
@@ -362,7 +369,10 @@ def _check_report(args: argparse.Namespace, path: Path, result: ImageHash, max_d
         return
     print_line(f"duplicate  {path}{note}")
     for m in matches:
-        extra = "  (identical)" if m.identical else f"  ({m.transform})" if m.transform else ""
+        notes = ["identical"] if m.identical else [m.transform] if m.transform else []
+        if _strict(m, max_distance):
+            notes.append(f"beyond max_distance {max_distance}: strict second look")
+        extra = f"  ({'; '.join(notes)})" if notes else ""
         print_line(f"  {m.distance:>3}  {m.record.path}{extra}")
 
 

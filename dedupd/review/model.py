@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dedupd.config import Config
+from dedupd.matching import duplicates_of_record
 from dedupd.quarantine import Quarantine, QuarantineError, restore_and_report
 from dedupd.signature import Signature
 from dedupd.store import ImageRecord, QuarantineEntry, Store, StoreError
@@ -196,9 +197,7 @@ class Review:
     def pending_row(self, record: ImageRecord) -> PendingRow:
         watch = self.config.watch_for(record.path)
         distance = self.config.policy_for(watch).max_distance if watch else 0
-        match = next((m for m in self.store.find_matches(
-            record.scope, record.recipe, record.hash, record.digest, distance, limit=2)
-            if m.record.id != record.id), None)
+        match = next(iter(duplicates_of_record(self.store, record, distance, limit=1)), None)
         kept = (Side(match.record.path, True, match.record.width, match.record.height,
                      match.record.file_size, match.record.digest) if match
                 else Side("", False))
