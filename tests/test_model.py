@@ -73,9 +73,7 @@ FILLER = ".model-filler"  # what fills the quarantine's file system up (not an i
 
 # Rules that hit an open defect of issue #12 would be named here (rule -> defect): off in
 # the random machine, each with a scripted sequence below marked xfail(strict=True), which
-# flips to a failure once the defect is fixed. None is open. slow_write, replace_root and
-# fs_full stay off in the random machine unless DEDUPD_MODEL_RULES names them: see
-# DaemonMachine.enabled.
+# flips to a failure once the defect is fixed. None is open: every rule runs.
 KNOWN_DEFECTS: dict[str, str] = {}
 
 SOAK = os.environ.get("DEDUPD_SOAK") == "1"
@@ -398,11 +396,13 @@ subdirs = st.sampled_from(["", "", "a", "a/b", "c"])
 
 
 class DaemonMachine(RuleBasedStateMachine):
-    """Steps of the model test. `enabled` names the KNOWN_DEFECTS rules that run."""
+    """Steps of the model test. `off` names the rules that do not run: those of
+    KNOWN_DEFECTS, unless DEDUPD_MODEL_RULES names them (to check a fix before its xfail
+    goes), and any DEDUPD_MODEL_RULES_OFF names (to narrow down a finding)."""
 
-    # DEDUPD_MODEL_RULES=slow_write,replace_root,... turns known-defect rules on (to check
-    # a fix before its xfail goes).
-    enabled = frozenset(os.environ.get("DEDUPD_MODEL_RULES", "").split(","))
+    off = (frozenset(KNOWN_DEFECTS) - frozenset(os.environ.get("DEDUPD_MODEL_RULES",
+                                                               "").split(","))
+           | frozenset(os.environ.get("DEDUPD_MODEL_RULES_OFF", "").split(",")))
 
     def __init__(self) -> None:
         super().__init__()
@@ -516,19 +516,19 @@ class DaemonMachine(RuleBasedStateMachine):
             conn.close()
         self._ran("store_locked", burst=burst, hold=hold)
 
-    @precondition(lambda self: "slow_write" in self.enabled)
+    @precondition(lambda self: "slow_write" not in self.off)
     @rule(source=sources, cut=st.floats(0.05, 0.9))
     def slow_write(self, source: int, cut: float) -> None:
         self.world.slow_write(image_bytes(source), cut)
         self._ran("slow_write", source=source, cut=cut)
 
-    @precondition(lambda self: "replace_root" in self.enabled)
+    @precondition(lambda self: "replace_root" not in self.off)
     @rule()
     def replace_root(self) -> None:
         self.world.replace_root()
         self._ran("replace_root")
 
-    @precondition(lambda self: "fs_full" in self.enabled and self.world.mounted)
+    @precondition(lambda self: "fs_full" not in self.off and self.world.mounted)
     @rule(full=st.booleans())
     def quarantine_full(self, full: bool) -> None:
         self.world.fill_quarantine(full)
@@ -541,7 +541,7 @@ class DaemonMachine(RuleBasedStateMachine):
 
 
 def test_model_random_steps_against_a_real_daemon() -> None:
-    """The random machine, known-defect rules off (CI profile; DEDUPD_SOAK=1 soaks)."""
+    """The random machine, every rule on (CI profile; DEDUPD_SOAK=1 soaks)."""
     started = time.monotonic()
     FIGURES.clear()
     FAILURES.clear()
