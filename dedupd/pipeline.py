@@ -150,7 +150,7 @@ class Pipeline:
         if admitted is None:
             return None
         watch, st = admitted.selected.watch, admitted.st
-        known = self.store.get_by_path(str(path))
+        known, rejected = self.store.path_state(str(path))
         if self.unchanged(known, st):
             self.actor.report_interrupted(path)  # decided just before an outage
             return None
@@ -167,7 +167,7 @@ class Pipeline:
         intake.hashed(time.monotonic() - started)
         if intake.changed(path, st):
             return None
-        if known is None and self.store.get_rejection(str(path)) is not None:
+        if known is None and rejected:
             self.store.forget_rejection(str(path))  # it was fixed (rewritten)
         arrival, queued = intake.turn(path)
         return self.ingest(path, watch, hashed, st.st_mtime_ns, known, arrival=arrival,

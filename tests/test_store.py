@@ -296,6 +296,26 @@ def test_rejections_are_remembered(store_url: str) -> None:
     again.close()
 
 
+def test_path_state_answers_record_and_rejection_in_one_read(store_url: str) -> None:
+    """A new file's first question (#14: one round trip, not two, to a shared store)
+    gives what get_by_path and get_rejection give, for any bytes a name may hold."""
+    from dedupd.store.base import Rejection
+
+    store = open_store(store_url)
+    try:
+        kept, rejected, both, neither = BYTE_PATHS[:4]
+        store.insert_many([rec(kept, 1, digest="d1"), rec(both, 2, digest="d2")])
+        for p in (rejected, both):
+            store.put_rejection(Rejection(p, 1, 2, "corrupt", "bad"))
+        for p in (kept, rejected, both, neither, "/nowhere/x.jpg"):
+            record, is_rejected = store.path_state(p)
+            assert record == store.get_by_path(p), p
+            assert is_rejected == (store.get_rejection(p) is not None), p
+        assert store.path_state(kept)[0].path == kept and store.path_state(rejected)[1]
+    finally:
+        store.close()
+
+
 def _made_by_an_older_dedupd(db: Path, version: int) -> sqlite3.Connection:
     """A connection to a new store file at schema `version` (its first migrations)."""
     import dedupd.store.sqlite as backend

@@ -264,6 +264,10 @@ class Store(ABC):
         self.get(0)
 
     # -- rejected files
+    def path_state(self, path: str) -> tuple[ImageRecord | None, bool]:
+        """get_by_path(path), and whether a rejection of it is stored."""
+        return self.get_by_path(path), self.get_rejection(path) is not None
+
     @abstractmethod
     def get_rejection(self, path: str) -> Rejection | None: ...
 

@@ -88,6 +88,16 @@ class SQLStore(Store):
                            (path_to_db(path),))
         return self._image(rows[0]) if rows else None
 
+    def path_state(self, path: str) -> tuple[ImageRecord | None, bool]:
+        """One statement for both (a new file's round trips to a shared store)."""
+        m = self.MARK
+        rows = self._query(
+            f"SELECT {self.IMAGE_SELECT}, EXISTS (SELECT 1 FROM rejections "
+            f"WHERE rejections.path = q.p) FROM (SELECT CAST({m} AS TEXT) AS p) AS q "
+            "LEFT JOIN images ON images.path = q.p", (path_to_db(path),))
+        row = rows[0]
+        return (self._image(row[:-1]) if row[0] is not None else None), bool(row[-1])
+
     def _path_range(self, lo: str, hi: str, limit: int, *, inclusive: bool
                     ) -> list[tuple[str, int, int, int, str]]:
         m = self.MARK  # both path columns compare in byte order (PostgreSQL: COLLATE "C")
