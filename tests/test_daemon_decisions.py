@@ -191,6 +191,38 @@ def test_keep_first_for_a_directory_moved_in_whole(setup, tmp_path: Path) -> Non
         assert daemon.stop() == 0
 
 
+def test_keep_first_across_directories_found_by_the_start_up_scan(setup,
+                                                                    tmp_path: Path) -> None:
+    """Copies written while the daemon was down in the root, their originals (older) in
+    subdirectories: the start-up scan walks directory by directory, and a later copy in a
+    directory walked first was accepted, then replaced by its original found later (two
+    decisions; 3 of 3 runs before). A run's files are queued oldest first across its
+    directories."""
+    cfg, root, db, _ = setup()
+    names = []
+    when = 1_600_000_000
+    for i, seed in enumerate(range(41, 49)):
+        img = photo(seed, 320, 240)
+        # The root is listed before its subdirectories: each copy is found first.
+        original = root / f"d{i}" / "original.jpg"
+        copy = root / f"copy_of_{i}.jpg"
+        for path, quality, at in ((original, 92, when), (copy, 60, when + 10_000)):
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(encode(img, quality))  # (before the daemon starts)
+            os.utime(path, (at, at))
+        when += 1
+        names.append((original, copy))
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: sorted(records(db).values()) == ["kept"] * 8 + ["quarantined"] * 8,
+                 60, "every file decided")
+        for original, copy in names:
+            assert original.exists() and not copy.exists(), copy
+            assert f"{copy}: accepted" not in daemon.log(), copy
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_a_slow_writer_is_not_judged_before_it_finishes(setup, tmp_path: Path) -> None:
     """#12-9: a writer pausing far longer than settle_seconds after a few bytes used to
     have its file called corrupt/unsupported and moved to rejected_dir mid-write. Only a

@@ -38,6 +38,11 @@ RACY_NS = 2_000_000_000
 YIELD_EVERY = 128
 # Vanished records held before they are forgotten (waiting for the queue to drain).
 VANISHED_BATCH = 50_000
+# Files to queue, held and sorted by mtime before they go to the queue: a run's new files
+# are decided oldest first across its directories, not directory by directory (a later
+# copy in a directory walked first would be accepted, then replaced by its original
+# found later: two decisions). Bounded: about 10 MB whatever the number of changes.
+QUEUE_BATCH = 50_000
 
 
 class Reconciler:
@@ -85,14 +90,19 @@ class Reconciler:
                  trigger=trigger)
             self.progress[top] = counts
         vanished: list[tuple[int, str]] = []  # (id, path) of records whose file is gone
+        due: list[tuple[int, str, int]] = []  # (mtime_ns, path, size) of files to queue
+        settle = self.daemon.config.settle_seconds if quiet else 0.0
         stack = [top]
         try:
             while stack and not self.daemon.stopping.is_set():
-                self._reconcile_dir(stack.pop(), counts, stack, vanished, live=live,
-                                    recursive=recursive, run=run, since=started,
-                                    settle=self.daemon.config.settle_seconds if quiet else 0.0)
+                self._reconcile_dir(stack.pop(), counts, stack, vanished, due, live=live,
+                                    recursive=recursive, run=run)
+                if len(due) >= QUEUE_BATCH:
+                    self._queue(due, live=live, since=started, settle=settle)
                 if len(vanished) >= VANISHED_BATCH:
+                    self._queue(due, live=live, since=started, settle=settle)
                     self._forget(vanished, counts, live)
+            self._queue(due, live=live, since=started, settle=settle)
             self._forget(vanished, counts, live)
             for rejection in self.daemon.store.rejections(str(top)):
                 if not os.path.lexists(rejection.path):  # said once, until it changes
@@ -119,13 +129,23 @@ class Reconciler:
                  **counts)  # type: ignore[arg-type]
         return counts
 
+    def _queue(self, due: list[tuple[int, str, int]], *, live: bool, since: float,
+               settle: float) -> None:
+        """Queue the files held in `due`, oldest first (see QUEUE_BATCH). Empty files are
+        queued `settle` seconds ahead: a directory that just appeared may hold files
+        created but not yet written (their close event makes them due at once), while a
+        directory moved in whole is complete."""
+        queue = self.daemon.queue
+        for mtime_ns, path, size in sorted(due):
+            queue.put(Path(path), 0.0 if size else settle, block=True,
+                      background=not live, arrival=mtime_ns / 1e9, since=since)
+        due.clear()
+
     def _reconcile_dir(self, directory: Path, counts: dict[str, int], stack: list[Path],
-                       vanished: list[tuple[int, str]], *, live: bool, recursive: bool,
-                       run: int, settle: float, since: float | None = None) -> None:
-        """Compare one directory with its records; push its subdirectories on `stack`.
-        Empty files are queued `settle` seconds ahead: a directory that just appeared may
-        hold files created but not yet written (their close event makes them due at once),
-        while a directory moved in whole is complete."""
+                       vanished: list[tuple[int, str]], due: list[tuple[int, str, int]], *,
+                       live: bool, recursive: bool, run: int) -> None:
+        """Compare one directory with its records; push its subdirectories on `stack`,
+        and the files to decide (new or changed) on `due`."""
         config = self.daemon.config
         watch = config.watch_for(directory)
         if watch is None:
@@ -154,7 +174,6 @@ class Reconciler:
         prefix = name[len(root) + 1:] + "/" if name != root else ""
         walked: set[str] = set()
         seen = 0
-        due: list[tuple[int, str, int]] = []  # (mtime_ns, name, size) of files to queue
         with listing:
             for n, entry in enumerate(listing):
                 if not live and n % YIELD_EVERY == 0:
@@ -187,14 +206,8 @@ class Reconciler:
                     continue  # unresolved duplicates are decided again
                 if known is None and known_reject(Path(entry.path), est):
                     continue
-                due.append((est.st_mtime_ns, entry_name, est.st_size))
-        # Queued oldest first, not in the listing's (hash) order: the workers then decide
-        # a directory's files in arrival order, and keep: first never has to replace a
-        # copy it accepted a moment before with an older one found later (two decisions).
-        for mtime_ns, entry_name, size in sorted(due):
-            queue.put(directory / entry_name, 0.0 if size else settle, block=True,
-                      background=not live, arrival=mtime_ns / 1e9, since=since)
-            counts["queued"] += 1
+                due.append((est.st_mtime_ns, entry.path, est.st_size))
+                counts["queued"] += 1
         counts["seen"] += seen
         self._left_over(directory, files, store_subdirs if recursive else [], walked,
                         vanished)
