@@ -201,6 +201,10 @@ class World:
                                     env={"NOTIFY_SOCKET": self.notify.address}).start()
         self.expected: Counter[str] = Counter()  # digest -> copies that must exist
         self.arrivals: set[str] = set()  # paths that must be decided, exactly once
+        # A file moved within the root is the same arrival at its new path (decided there
+        # if it was not yet): new path -> arrival path, and arrival -> where it is now.
+        self.alias: dict[str, str] = {}
+        self.now_at: dict[str, str] = {}
         self.in_flight_at_kill: set[str] = set()  # decided at most once (event may be lost)
         self.full = False  # the quarantine's file system is full: duplicates stay unresolved
         self.names = 0
@@ -292,7 +296,16 @@ class World:
                  "config_reloaded")
 
     def decisions(self) -> Counter[str]:
-        return Counter(e.get("path") for e in self.log.read() if is_decision(e))
+        """Decisions logged per arrival (those logged at a moved file's new path count
+        for the arrival it was)."""
+        return Counter(self.alias.get(e.get("path"), e.get("path")) for e in self.log.read()
+                       if is_decision(e))
+
+    def moved(self, src: Path, dst: Path) -> None:
+        arrival = self.alias.get(str(src), str(src))
+        if arrival in self.arrivals:
+            self.alias[str(dst)] = arrival
+            self.now_at[arrival] = str(dst)
 
     def index(self) -> list[tuple[str, str, str, int]]:
         """(path, status, digest, hash) of every record, read straight from the store."""
@@ -356,7 +369,8 @@ class World:
             # A duplicate the full quarantine cannot take stays unresolved, undecided
             # (its quarantine_failed line is no decision) until room is made: then the
             # daemon's retry must decide it.
-            waiting = self.full and by_path.get(path, ("",))[0] == "unresolved"
+            waiting = self.full and \
+                by_path.get(self.now_at.get(path, path), ("",))[0] == "unresolved"
             if n > 1 or (n == 0 and path not in self.in_flight_at_kill and not waiting):
                 kinds = [f"{e['event']} ({e.get('kind') or e.get('action') or ''})"
                          for e in self.log.events if e.get("path") == path
@@ -477,6 +491,7 @@ class DaemonMachine(RuleBasedStateMachine):
         dst = w.new_path("moved", sub)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)  # not an arrival: the record follows the file, no new decision
+        w.moved(src, dst)
         self._ran("move_within", src=src.name, dst=str(dst.relative_to(w.root)))
 
     @rule(index=st.integers(0, 10_000))
