@@ -150,6 +150,7 @@ class Actor:
                                        outcome)
             if loser.id is not None:
                 self.store.delete(loser.id)
+            self._resolved(loser.path)
             emit(Event.DUPLICATE_DELETED, f"{what}; deleted", **fields)  # type: ignore[arg-type]
         else:
             loser_watch = self.config.watch_for(loser.path)
@@ -174,9 +175,6 @@ class Actor:
         that stays full does not repeat its line per file every half minute."""
         with self._counts_lock:
             said = self._said_unresolved.get(loser.path) == why
-            self._said_unresolved[loser.path] = why
-            while len(self._said_unresolved) > DECIDED_MEMORY:
-                self._said_unresolved.popitem(last=False)
         if said:
             log.debug("%s: still unresolved: %s", loser.path, why)
             self.keep(loser, status=UNRESOLVED)
@@ -185,12 +183,22 @@ class Actor:
                               "left in place, unresolved (retried)", dict(
                                   path=loser.path, reason=why, kind="quarantine_failed",
                                   root=str(watch.path))), status=UNRESOLVED)
+            with self._counts_lock:  # said (keep() emitted it, or holds it for a retry)
+                self._said_unresolved[loser.path] = why
+                while len(self._said_unresolved) > DECIDED_MEMORY:
+                    self._said_unresolved.popitem(last=False)
         return replace(outcome, action="log")
+
+    def _resolved(self, path: str) -> None:
+        """path is no longer an unresolved duplicate: a later failure is said again."""
+        with self._counts_lock:
+            self._said_unresolved.pop(path, None)
 
     def report_quarantined(self, entry: QuarantineEntry, **fields: object) -> None:
         """Count and log a finished quarantine move: one just made, or one an outage
         interrupted and Quarantine.finish_moves() completed later."""
         self.count("quarantined")
+        self._resolved(entry.original_path)
         emit(Event.DUPLICATE_QUARANTINED, f"{entry.original_path}: duplicate of "
              f"{entry.matched_path} (distance {entry.distance}); moved to "
              f"{entry.quarantine_path}", path=entry.original_path, match=entry.matched_path,
@@ -206,6 +214,7 @@ class Actor:
         if report is not None:
             self._unreported[record.path] = report
         if status == KEPT:
+            self._resolved(record.path)
             with self._counts_lock:
                 self._decided[record.path] = time.monotonic()
                 self._decided.move_to_end(record.path)

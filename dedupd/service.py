@@ -74,8 +74,7 @@ class Notifier:
     def _run(self) -> None:
         assert self.socket is not None
         address = "\0" + self.socket[1:] if self.socket.startswith("@") else self.socket
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(SEND_TIMEOUT)
+        sock: socket.socket | None = None
         failing = False
         while True:
             with self._cond:
@@ -83,11 +82,20 @@ class Notifier:
                     self._cond.wait()
                 lines, self._sending = self._outbox.pop(0), True
             try:
-                sock.sendto("\n".join(lines).encode(), address)
+                if sock is None:  # connected: a send that waits sleeps (unconnected, the
+                    # socket polls writable and sendto spins on EAGAIN at a whole core)
+                    sock = socket.socket(socket.AF_UNIX,
+                                         socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    sock.settimeout(SEND_TIMEOUT)
+                    sock.connect(address)
+                sock.send("\n".join(lines).encode())
                 if failing:
                     log.info("sd_notify works again")
                 failing = False
             except OSError as exc:  # not read, or the manager went away: keep running
+                if not isinstance(exc, TimeoutError) and sock is not None:
+                    sock.close()  # gone or replaced: connect afresh for the next one
+                    sock = None
                 if not failing:
                     log.warning("sd_notify failed (said once until it works again): %s",
                                 exc or "timed out")

@@ -635,9 +635,10 @@ def test_model_room_made_in_a_full_quarantine_is_used_without_a_reload(world) ->
     w.create(image_bytes(1), "original")
     w.settle()
     w.fill_quarantine(True)
-    w.create(image_bytes(1), "copy", sub="new")
+    copy = w.create(image_bytes(1), "copy", sub="new")
     w.settle()
-    time.sleep(1.0)  # the copy's own events are done with: only a retry can decide it now
+    wait_for(lambda: any(e.get("kind") == "quarantine_failed" and e["path"] == str(copy)
+                         for e in w.log.read()), 20, "the copy left unresolved")
     w.fill_quarantine(False)
     w.settle(30)
 

@@ -206,15 +206,22 @@ def test_a_full_notify_socket_does_not_stop_the_other_threads(notify, monkeypatc
     address = notify.address
     address = "\0" + address[1:] if address.startswith("@") else address
     filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    filler.setblocking(False)
-    with contextlib.suppress(BlockingIOError):
-        for _ in range(1000):  # fill the receiver's queue
-            filler.sendto(b"STATUS=filler", address)
-    n = Notifier()
-    n.ready("blocked")  # its send now waits for room
-    ticks = 0
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:  # pure Python: needs the GIL
-        ticks += 1
-    assert ticks > 10_000, ticks
-    filler.close()
+    try:
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(1000):  # fill the receiver's queue
+                filler.sendto(b"STATUS=filler", address)
+        n = Notifier()
+        n.ready("blocked")  # its send now waits for room
+        ticks = 0
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:  # pure Python: needs the GIL
+            ticks += 1
+        assert ticks > 10_000, ticks
+        cpu = time.process_time()
+        time.sleep(1.0)  # the send still waits: asleep, not spinning on EAGAIN
+        assert time.process_time() - cpu < 0.3
+    finally:
+        filler.close()
+        while notify.recv(0.2) is not None:  # room: the waiting send goes, the thread rests
+            pass

@@ -137,16 +137,6 @@ def test_a_modification_postpones_and_a_close_makes_due_now() -> None:
     assert q.get(0) == Path("/a")
 
 
-def test_a_retry_keeps_its_place_ahead_of_later_files() -> None:
-    q = WorkQueue(10)
-    q.put(Path("/first"))
-    assert q.get(0) == Path("/first")
-    q.put(Path("/later"))
-    q.put(Path("/first"), keep_place=True)  # the store failed: back in the queue
-    q.done(Path("/first"))
-    assert q.get(0) == Path("/first")
-
-
 def test_wait_turn_follows_arrival_not_hashing_speed() -> None:
     """keep: first: a file that arrived later waits while an earlier one is in a
     worker's hands, and goes on once that one is done (or at its timeout)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from dedupd.events import Event, emit
 from dedupd.store import StoreError
-from dedupd.store.base import UNRESOLVED
+from dedupd.store.base import UNRESOLVED, RecordGone
 
 if TYPE_CHECKING:
     from dedupd.daemon.core import Daemon
@@ -34,6 +34,14 @@ MOVED_AWAY_MAX = 120.0
 # How many duplicates left unresolved (a quarantine full, read-only or unwritable) one
 # retry queues (config unresolved_retry_seconds says how often).
 RETRY_UNRESOLVED_BATCH = 1000
+# A path retried and still unresolved waits twice as long before the next retry (a
+# quarantine that stays full costs no decode per file every half minute), up to this.
+RETRY_UNRESOLVED_MAX = 3600.0
+# A file the store refuses this many times in a row while it answers pings is let go.
+FILE_STRIKES = 5
+# How long the main loop spends on deferred forgets per pass (a mass move out of the
+# roots is forgotten over several passes; the watchdog's tick must not wait).
+FORGET_PASS_SECONDS = 0.5
 
 
 class Intake:
@@ -48,10 +56,20 @@ class Intake:
         # MOVED_AWAY_GRACE.
         self.moved_away: dict[Path, float] = {}
         self._lock = threading.Lock()
+        # Unresolved duplicates retried: path -> (not before, back-off) in monotonic time.
+        self._retried: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------ watcher sink
 
+    def _arrived_again(self, path: Path) -> None:
+        """A path moved away has a file again: its deferred forget is off (the record
+        is looked at with the new file)."""
+        if self.moved_away:
+            with self._lock:
+                self.moved_away.pop(path, None)
+
     def file_ready(self, path: Path) -> None:
+        self._arrived_again(path)
         if self.daemon.queue.put(path):
             self.closed[path] = time.time()
         else:
@@ -63,6 +81,7 @@ class Intake:
             self._queue_full(path)
 
     def file_changing(self, path: Path) -> None:
+        self._arrived_again(path)
         if not self.daemon.queue.put(path, self.daemon.config.settle_seconds):
             self._queue_full(path)
 
@@ -71,6 +90,7 @@ class Intake:
         not arrive now but when it was written, as for a file a scan finds (keep: first
         goes by its mtime). Listing order is no arrival order: a later copy listed first
         would otherwise be decided first, then replaced by its original."""
+        self._arrived_again(path)
         try:
             written = min(path.lstat().st_mtime, time.time())
         except OSError:
@@ -95,6 +115,11 @@ class Intake:
     def file_deleted(self, path: Path) -> None:
         self.daemon.queue.discard(path)
         self.closed.pop(path, None)
+        self._forget_record(path)
+
+    def _forget_record(self, path: Path) -> None:
+        """Drop path's record and rejection if its file is still gone (checked under the
+        scope's lock: a new file at the path keeps the record, for its own decision)."""
         watch = self.daemon.config.watch_for(path)
         if watch is None:
             return
@@ -118,35 +143,49 @@ class Intake:
         """(Main loop.) Forget the files moved away that did not turn up elsewhere:
         past the grace once no live work is left (a directory's scan, files due or in
         a worker), or past MOVED_AWAY_MAX whatever the live work."""
-        if not self.moved_away:
-            return
-        d, now = self.daemon, time.monotonic()
+        d = self.daemon
+        if not self.moved_away or d.health.store_down is not None:
+            return  # an outage's rescan (store error) settles them once it is back
+        now = time.monotonic()
         idle = not d.queue.live_due() and not d.scanner.live_pending()
         with self._lock:
             due = [p for p, when in self.moved_away.items() if now - when >= MOVED_AWAY_MAX
                    or (idle and now - when >= MOVED_AWAY_GRACE)]
-            for path in due:
-                del self.moved_away[path]
         for path in due:
-            self.file_deleted(path)  # only if still gone; a record moved meanwhile stays
+            with self._lock:
+                if self.moved_away.pop(path, None) is None:
+                    continue  # a file arrived at the path meanwhile
+            self._forget_record(path)  # only if still gone; a record moved meanwhile stays
+            if time.monotonic() - now > FORGET_PASS_SECONDS or d.health.store_down:
+                return  # the rest at the next pass
 
     def retry_unresolved(self) -> None:
-        """(Main loop.) Queue the duplicates left in place because their removal failed,
-        as background work, oldest arrival first; not those of a root whose circuit
-        breaker is open (they wait for the reload that closes it)."""
+        """(Main loop.) Queue the duplicates left in place because their removal failed
+        (the newest RETRY_UNRESOLVED_BATCH; older ones at the next rescan), as background
+        work, by arrival; each path backs off (doubling) while it stays unresolved. Not
+        those of a root whose circuit breaker is open (they wait for the reload that
+        closes it), nor while the store is down."""
         d = self.daemon
+        if d.health.store_down is not None:
+            return
         try:
             records, _ = d.store.with_status(UNRESOLVED, RETRY_UNRESOLVED_BATCH)
         except StoreError as exc:
             d.health.store_failed(exc)
             return
+        now, base = time.monotonic(), d.config.unresolved_retry_seconds
+        current = {rec.path for rec in records}
+        self._retried = {p: v for p, v in self._retried.items() if p in current}
         for rec in sorted(records, key=lambda r: r.first_seen):
             watch = d.config.watch_for(rec.path)
             breaker = d.pipeline.breakers.get(watch.path) if watch is not None else None
-            if watch is None or (breaker is not None and breaker.open):
+            not_before, wait = self._retried.get(rec.path, (0.0, base / 2))
+            if watch is None or (breaker is not None and breaker.open) or now < not_before:
                 continue
             if not d.queue.put(Path(rec.path), background=True, arrival=rec.first_seen):
                 return  # full: the next round (or the reconcile) takes the rest
+            wait = min(2 * wait, RETRY_UNRESOLVED_MAX)
+            self._retried[rec.path] = (now + wait - 1.0, wait)
 
     def file_moved(self, src: Path, dst: Path) -> None:
         old, new = self.daemon.config.watch_for(src), self.daemon.config.watch_for(dst)
@@ -188,7 +227,8 @@ class Intake:
 
     def work(self) -> None:
         """A worker thread: paths from the queue along the pipeline, until the daemon
-        stops; while the store is down, files wait in the queue."""
+        stops; while the store is down, files wait in the queue (and the one each worker
+        holds, in its hands: see _decide)."""
         me = threading.get_ident()
         d = self.daemon
         queue, health, stopping = d.queue, d.health, d.stopping
@@ -213,15 +253,21 @@ class Intake:
         the decision is in the store already (process() starts by asking the store about
         the path). Held, not queued again: a later copy another worker hashed meanwhile
         waits for its turn behind it (keep: first), where a file back in the queue would
-        let that copy be decided first, and then be replaced by it."""
+        let that copy be decided first, and then be replaced by it. A file the store
+        keeps refusing while it answers otherwise (a path too long for its index, a
+        record gone under it) is let go after FILE_STRIKES: the safety net retries it."""
         d, health = self.daemon, self.daemon.health
-        delay = 0.05
+        delay, strikes = 0.05, 0
         while True:
             health.busy[me] = time.monotonic()
+            answered = health.store_down is None  # the store answered since the last try
             try:
                 self.process(path)
                 return
+            except RecordGone as exc:  # not an outage: a record vanished mid-decision
+                failure: StoreError = exc
             except StoreError as exc:
+                failure = exc
                 health.store_failed(exc, path=str(path))
             except Exception:
                 log.exception("processing %s failed; it stays where it is", path)
@@ -229,6 +275,13 @@ class Intake:
                 return
             finally:
                 health.busy.pop(me, None)  # waiting for the store is not a wedged worker
+            strikes += answered
+            if strikes >= FILE_STRIKES:
+                log.error("%s: the store refused it %d times while answering otherwise "
+                          "(%s); left where it is, retried at the next rescan", path,
+                          strikes, failure)
+                d.scanner.reconciler.forget_mark(path.parent)
+                return
             # Until the main loop's ping sees the store answer again (bounded back-off if
             # the failure was too short for it to notice).
             while health.store_down is not None and not d.stopping.is_set():

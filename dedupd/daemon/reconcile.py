@@ -67,8 +67,10 @@ class Reconciler:
         whose files were found at a new path. Runs while watching, so nothing is missed.
 
         One pass, a directory at a time: one listing, one bulk store query for its
-        children, filters on names; memory follows the largest directory, never the
-        number of changed files (the queue's bound holds the walk back). The periodic
+        children, filters on names; the files to decide are held up to QUEUE_BATCH and
+        queued oldest first, so memory follows that bound and the largest directory,
+        never the number of changed files (the queue's bound holds the walk back). The
+        periodic
         safety net (trigger "interval") only lists directories whose mtime is unchanged
         since their last full comparison (no file was added, removed or renamed there;
         inotify reports writes in place while the daemon runs), except a rolling
@@ -94,15 +96,21 @@ class Reconciler:
         settle = self.daemon.config.settle_seconds if quiet else 0.0
         stack = [top]
         try:
-            while stack and not self.daemon.stopping.is_set():
-                self._reconcile_dir(stack.pop(), counts, stack, vanished, due, live=live,
-                                    recursive=recursive, run=run)
-                if len(due) >= QUEUE_BATCH:
-                    self._queue(due, live=live, since=started, settle=settle)
-                if len(vanished) >= VANISHED_BATCH:
-                    self._queue(due, live=live, since=started, settle=settle)
-                    self._forget(vanished, counts, live)
-            self._queue(due, live=live, since=started, settle=settle)
+            try:
+                while stack and not self.daemon.stopping.is_set():
+                    self._reconcile_dir(stack.pop(), counts, stack, vanished, due,
+                                        live=live, recursive=recursive, run=run)
+                    if len(due) >= QUEUE_BATCH:
+                        self._queue(due, live=live, since=started, settle=settle)
+                    if len(vanished) >= VANISHED_BATCH:
+                        self._queue(due, live=live, since=started, settle=settle)
+                        self._forget(vanished, counts, live)
+                self._queue(due, live=live, since=started, settle=settle)
+            finally:
+                # Files held but not queued (a store error, a stop): their directories
+                # are compared in full next time, not taken as "nothing changed".
+                for _, path, _ in due:
+                    self.dir_marks.pop(os.path.dirname(path), None)
             self._forget(vanished, counts, live)
             for rejection in self.daemon.store.rejections(str(top)):
                 if not os.path.lexists(rejection.path):  # said once, until it changes

@@ -1,7 +1,8 @@
 """The daemon's queue of paths waiting to be hashed (see WorkQueue).
 
-WorkQueue is a little over 200 lines on purpose: its two classes, holds, arrival order and
-backpressure share one condition variable, and splitting it would split that lock.
+WorkQueue is over 200 lines on purpose: its two classes, timers and arrival-ordered ready
+heaps, holds and backpressure share one condition variable, and splitting it would split
+that lock.
 """
 
 from __future__ import annotations
@@ -57,11 +58,10 @@ class WorkQueue:
 
     def put(self, path: Path, delay: float = 0.0, *, block: bool = False,
             background: bool = False, arrival: float | None = None,
-            since: float | None = None, keep_place: bool = False) -> bool:
+            since: float | None = None) -> bool:
         """Queue path (a live event unless `background`); False if refused (full or
         closed). A live event for a path waiting as background work promotes it; a
-        background put for a path already waiting changes nothing. keep_place (a retry
-        after a store outage): due as of its first queuing, ahead of later files."""
+        background put for a path already waiting changes nothing."""
         with self._cond:
             while True:
                 old = self._due.get(path)
@@ -84,8 +84,6 @@ class WorkQueue:
                     self._waiting[0] += 1
                 # A close/rename makes a file due now; a modification postpones it.
                 due = now + delay if delay > 0 else min(old[0], now)
-            if keep_place and path in self._arrived:
-                due = min(due, self._arrived[path])
             self._due[path] = (due, background)
             if path not in self._arrived:
                 self._arrived[path] = now
