@@ -248,6 +248,27 @@ def test_moves_into_and_out_of_a_root_act_at_once(setup, tmp_path: Path) -> None
         assert daemon.stop() == 0
 
 
+def test_a_new_file_at_a_moved_away_path_is_decided(setup, tmp_path: Path) -> None:
+    """A file moved out of the roots keeps its record for a grace; a new file at its
+    path meanwhile (a hard link: only IN_CREATE, so it settles) cancels that forget. The
+    forget used to take the new file's queue entry with it: never decided."""
+    cfg, root, db, _ = setup(settle_seconds=3)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    write_image(root / "a.jpg", photo(2, 320, 240))
+    other = write_image(outside / "b.jpg", photo(3, 320, 240))
+    daemon = DaemonProcess(cfg, cfg.parent / "daemon.log").start()
+    try:
+        wait_for(lambda: records(db).get(str(root / "a.jpg")) == "kept", 20, "a.jpg kept")
+        os.rename(root / "a.jpg", outside / "a.jpg")
+        os.link(other, root / "a.jpg")  # settles 3 s: longer than the 2 s grace
+        wait_for(lambda: daemon.log().count(f"{root / 'a.jpg'}: accepted") == 2, 30,
+                 "the new a.jpg decided")
+        assert records(db) == {str(root / "a.jpg"): "kept"}
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_bad_input_is_logged_and_daemon_stays_healthy(setup, tmp_path: Path) -> None:
     cfg, root, db, _ = setup(rejected_dir=str(tmp_path / "rejected"))
     # Without CAP_DAC_OVERRIDE even root obeys file modes, as the unprivileged service does.
