@@ -269,6 +269,26 @@ def test_a_new_file_at_a_moved_away_path_is_decided(setup, tmp_path: Path) -> No
         assert daemon.stop() == 0
 
 
+def test_a_file_renamed_over_another_leaves_no_stale_record(setup, tmp_path: Path) -> None:
+    """The newcomer trial: `mv a.jpg b.jpg` over an indexed b.jpg kept a's record, so a
+    later byte copy of a was taken for a.jpg moved, and kept beside b.jpg, unlogged."""
+    cfg, root, db, quarantine = setup()
+    a = write_image(root / "a.jpg", photo(4, 320, 240))
+    write_image(root / "b.jpg", photo(5, 320, 240))
+    daemon = DaemonProcess(cfg, cfg.parent / "daemon.log").start()
+    try:
+        wait_for(lambda: len(records(db)) == 2, 20, "a and b kept")
+        data = a.read_bytes()
+        os.rename(a, root / "b.jpg")
+        wait_for(lambda: set(records(db)) == {str(root / "b.jpg")}, 20, "one record left")
+        (root / "c.jpg").write_bytes(data)
+        wait_for(lambda: records(db).get(str(root / "c.jpg")) is None
+                 and not (root / "c.jpg").exists(), 20, "c.jpg quarantined")
+        assert "c.jpg: duplicate of " in daemon.log()
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_bad_input_is_logged_and_daemon_stays_healthy(setup, tmp_path: Path) -> None:
     cfg, root, db, _ = setup(rejected_dir=str(tmp_path / "rejected"))
     # Without CAP_DAC_OVERRIDE even root obeys file modes, as the unprivileged service does.

@@ -390,13 +390,18 @@ def test_forget_deletes_only_a_gone_file_under_the_lock(store_url: str) -> None:
         store.close()
 
 
-def test_repath_moves_a_record_unless_the_target_has_one(store_url: str) -> None:
+def test_repath_moves_a_record_and_replaces_the_targets(store_url: str) -> None:
+    """`mv a b` over an indexed b: b's record goes with its file, a's moves to b (the
+    newcomer trial: a's stale record made a later copy of a "moved", and kept)."""
     store = open_store(store_url)
     try:
         a = store.insert(rec("/d/a.jpg", 1))
         b = store.insert(rec("/d/b.jpg", 2))
-        assert store.repath("s", "/d/a.jpg", "/d/b.jpg") is None  # b keeps its record
-        assert store.get(a.id) == a and store.get(b.id) == b
+        assert store.repath("s", "/d/a.jpg", "/d/b.jpg") == a.with_(path="/d/b.jpg")
+        assert store.get(b.id) is None and store.get_by_path("/d/b.jpg") == \
+            a.with_(path="/d/b.jpg")
+        assert store.get_by_path("/d/a.jpg") is None
+        store.repath("s", "/d/b.jpg", "/d/a.jpg")  # and back
         moved = store.repath("s", "/d/a.jpg", "/e/a.jpg")
         assert moved == a.with_(path="/e/a.jpg") == store.get_by_path("/e/a.jpg")
         assert store.get_by_path("/d/a.jpg") is None

@@ -37,6 +37,9 @@ RETRY_UNRESOLVED_BATCH = 1000
 # A path retried and still unresolved waits twice as long before the next retry (a
 # quarantine that stays full costs no decode per file every half minute), up to this.
 RETRY_UNRESOLVED_MAX = 3600.0
+# A file a moved-in directory's listing named waits this long before it is due, unless
+# the directory's scan (which queues its files oldest first, due at once) comes first.
+FOUND_FALLBACK_SECONDS = 3.0
 # A file the store refuses this many times in a row while it answers pings is let go.
 FILE_STRIKES = 5
 # How long the main loop spends on deferred forgets per pass (a mass move out of the
@@ -95,8 +98,10 @@ class Intake:
             written = min(path.lstat().st_mtime, time.time())
         except OSError:
             return  # gone again, or its directory unreadable: the scan of it says why
-        if not self.daemon.queue.put(path, self.daemon.config.settle_seconds,
-                                     arrival=written):
+        # The directory's own scan (dir_arrived) normally queues it first, due at once
+        # and with its siblings oldest first; this is the fallback, later.
+        if not self.daemon.queue.put(path, max(self.daemon.config.settle_seconds,
+                                               FOUND_FALLBACK_SECONDS), arrival=written):
             self._queue_full(path)
 
     def _queue_full(self, path: Path) -> None:

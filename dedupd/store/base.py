@@ -200,12 +200,18 @@ class Store(ABC):
             return rec
 
     def repath(self, scope: str, src: str, dst: str) -> ImageRecord | None:
-        """Move the record of `src` to `dst` (a rename seen by the watcher), unless `dst`
-        already has one. Returns the moved record, or None."""
+        """Move the record of `src` to `dst` (a rename seen by the watcher). A record
+        `dst` already has goes: the rename replaced its file (kept, it stood for content
+        no longer there, and `src`'s stale record then stood beside it: a later copy of
+        `src`'s content was taken for that file moved, and kept). Returns the moved
+        record, or None."""
         with self.locked(scope):
             rec = self.get_by_path(src)
-            if rec is None or self.get_by_path(dst) is not None:
+            if rec is None:
                 return None
+            replaced = self.get_by_path(dst)
+            if replaced is not None:
+                self.delete(replaced.id)  # type: ignore[arg-type]
             moved = rec.with_(path=dst)
             self.update(moved)
             return moved
