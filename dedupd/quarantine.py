@@ -180,6 +180,8 @@ class Quarantine:
         self.directory = Path(directory)
         self._unfinished: list[tuple[QuarantineEntry, ImageRecord | None]] = []
         self._unfinished_lock = threading.Lock()
+        # Moves the last start-up repair completed (see reconcile).
+        self.repaired: list[QuarantineEntry] = []
 
     # -- naming
     def target_for(self, original: Path, root: Path | None) -> Path:
@@ -299,8 +301,10 @@ class Quarantine:
                   ) -> dict[str, int]:
         """Finish or undo every half-done move; `record_for` rehashes an entry's file.
         Never raises for one entry's file-system trouble: that entry is logged and left
-        for the next start, the others are repaired."""
+        for the next start, the others are repaired. The moves it completed (a crash
+        came before their report) are in self.repaired, for the caller to report."""
         counts = {"completed": 0, "rolled_back": 0, "restored": 0, "purged": 0, "failed": 0}
+        self.repaired = []
         if self.directory.exists():
             for leftover in self.directory.glob(f"{PARTIAL_PREFIX}*"):
                 leftover.unlink(missing_ok=True)  # our own partial copies; sources intact
@@ -333,7 +337,7 @@ class Quarantine:
                 os.unlink(src)
             if dst_there:
                 record = None if entry.image_id is not None else record_for(entry)
-                self._complete(entry, record)
+                self.repaired.append(self._complete(entry, record))
                 return "completed"
             self.store.update_quarantine(replace(entry, state=ROLLED_BACK))
             return "rolled_back"

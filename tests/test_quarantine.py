@@ -151,6 +151,8 @@ def test_reconcile_completes_a_finished_rename(env) -> None:
     os.rename(src, dst)  # the crash came after the rename, before the journal said DONE
     rebuilt = record(dst)
     assert q.reconcile(lambda e: rebuilt)["completed"] == 1
+    # Handed back for its report: the crash came before duplicate_quarantined was said.
+    assert [e.id for e in q.repaired] == [entry.id] and q.repaired[0].state == DONE
     assert store.get_quarantine(entry.id).state == DONE
     assert store.get_by_path(str(dst)).status == QUARANTINED
     assert dst.with_name("x.jpg.json").exists()

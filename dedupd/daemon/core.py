@@ -116,6 +116,8 @@ class Daemon:
         done = self.quarantine.reconcile(self.pipeline.rehash_entry)
         if any(done.values()):
             log.warning("quarantine journal repaired after an unclean stop: %s", done)
+        for entry in self.quarantine.repaired:  # moved in before a crash, never reported
+            self.pipeline.actor.report_quarantined(entry, repaired=True)
         for scope in {w.scope for w in self.config.watches}:
             self.store.warm(scope, self.config.recipe.key)  # the first file must not wait
         release_free_heap()  # what loading a big index left behind
