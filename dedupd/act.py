@@ -179,8 +179,9 @@ class Actor:
             log.debug("%s: still unresolved: %s", loser.path, why)
             self.keep(loser, status=UNRESOLVED)
         else:
-            self.keep(loser, (Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but {why}; "
-                              "left in place, unresolved (retried)", dict(
+            said_why = why.removeprefix(f"{loser.path}: ")  # the path once per line
+            self.keep(loser, (Event.IMAGE_REJECTED, f"{loser.path}: duplicate, but "
+                              f"{said_why}; left in place, unresolved (retried)", dict(
                                   path=loser.path, reason=why, kind="quarantine_failed",
                                   root=str(watch.path))), status=UNRESOLVED)
             with self._counts_lock:  # said (keep() emitted it, or holds it for a retry)
