@@ -65,6 +65,7 @@ class Sink(Protocol):
     def dir_arrived(self, path: Path) -> None: ...
     def dir_moved(self, src: Path, dst: Path) -> None: ...
     def dir_deleted(self, path: Path) -> None: ...
+    def dir_moved_away(self, path: Path) -> None: ...
     def overflow(self) -> None: ...
 
 
@@ -108,6 +109,8 @@ class _Handler(FileSystemEventHandler):
                 self.sink.dir_moved(src, dst)
             elif dst is not None:
                 self.sink.dir_arrived(dst)
+            elif src is not None and not event.dest_path:  # to where no watch sees it
+                self.sink.dir_moved_away(src)
             elif src is not None:
                 self.sink.dir_deleted(src)
         elif src is None:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -219,6 +220,37 @@ def test_keep_first_across_directories_found_by_the_start_up_scan(setup,
         for original, copy in names:
             assert original.exists() and not copy.exists(), copy
             assert f"{copy}: accepted" not in daemon.log(), copy
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_directory_moved_out_and_back_keeps_its_records(setup, tmp_path: Path) -> None:
+    """The newcomer trial: `mv root/n /tmp/n; mv /tmp/n root/n` within a second decided
+    every file again (a second "accepted", a new id) and quarantined a restored file
+    anew, undoing the operator's restore. Its records now get a moved-away file's grace."""
+    cfg, root, db, _ = setup()
+    sub, outside = root / "n", tmp_path / "parked"
+    original = write_image(root / "original.jpg", photo(51, 320, 240))
+    daemon = DaemonProcess(cfg, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: records(db).get(str(original)) == "kept", 20, "original kept")
+        sub.mkdir()
+        write_image(sub / "other.jpg", photo(52, 320, 240))
+        (sub / "dup.jpg").write_bytes(encode(photo(51, 320, 240), 60))
+        wait_for(lambda: records(db).get(str(sub / "other.jpg")) == "kept"
+                 and not (sub / "dup.jpg").exists(), 20, "other kept, dup quarantined")
+        assert cli(cfg, "restore", str(sub / "dup.jpg")).returncode == 0
+        wait_for(lambda: records(db).get(str(sub / "dup.jpg")) == "allowed", 20, "allowed")
+        said = daemon.log().count(": accepted")
+        ids = dict(sqlite3.connect(db).execute("SELECT path, id FROM images"))
+        sub.rename(outside)
+        time.sleep(0.8)  # parked elsewhere for a moment (the fault, not a sync point)
+        outside.rename(sub)
+        time.sleep(4.0)  # past the grace: a forget or a new decision would have come
+        wait_for(lambda: records(db).get(str(sub / "dup.jpg")) == "allowed", 20,
+                 "the restore kept")
+        assert (sub / "dup.jpg").exists() and daemon.log().count(": accepted") == said
+        assert dict(sqlite3.connect(db).execute("SELECT path, id FROM images")) == ids
     finally:
         assert daemon.stop() == 0
 

@@ -221,6 +221,27 @@ class Intake:
             self.daemon.roots.lost(path)
         self.daemon.scanner.request(path, trigger="directory")
 
+    def dir_moved_away(self, path: Path) -> None:
+        """A directory moved to where no watch sees it: its files' records get the grace
+        a file moved away gets (moved out and back, or into a directory not watched yet,
+        they keep their records, an allowed one its restore); a root is lost."""
+        d = self.daemon
+        if path in d.roots.ids or d.config.watch_for(path) is None:
+            self.dir_deleted(path)
+            return
+        try:
+            paths = [Path(r.path) for r in d.store.iter_records(prefix=str(path))]
+        except StoreError as exc:
+            self._store_call_failed(exc, path)
+            return
+        now = time.monotonic()
+        for p in paths:
+            d.queue.discard(p)
+            self.closed.pop(p, None)
+        with self._lock:
+            for p in paths:
+                self.moved_away.setdefault(p, now)
+
     def overflow(self) -> None:
         roots = [w.path for w in self.daemon.config.watches]
         emit(Event.OVERFLOW_RESCAN, "inotify queue overflowed: events were lost; rescanning "
