@@ -226,3 +226,12 @@ def test_live_due_ignores_files_still_settling() -> None:
     assert q.live_due()  # in a worker
     q.done(Path("/now"))
     assert not q.live_due()
+
+
+def test_a_fallback_put_never_postpones_a_path_already_due() -> None:
+    """A moved-in directory's scan queues its files due at once; the watcher's listing of
+    it comes with a fallback delay, which must not push them back (a 60 s settle did)."""
+    q = WorkQueue(10)
+    q.put(Path("/d/deep.jpg"))  # the directory's scan
+    q.put(Path("/d/deep.jpg"), 60.0, postpone=False)  # the watcher's synthetic event
+    assert q.get(0) == Path("/d/deep.jpg")

@@ -101,7 +101,8 @@ class Intake:
         # The directory's own scan (dir_arrived) normally queues it first, due at once
         # and with its siblings oldest first; this is the fallback, later.
         if not self.daemon.queue.put(path, max(self.daemon.config.settle_seconds,
-                                               FOUND_FALLBACK_SECONDS), arrival=written):
+                                               FOUND_FALLBACK_SECONDS), arrival=written,
+                                     postpone=False):  # never later than the scan put it
             self._queue_full(path)
 
     def _queue_full(self, path: Path) -> None:

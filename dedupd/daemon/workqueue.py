@@ -58,10 +58,11 @@ class WorkQueue:
 
     def put(self, path: Path, delay: float = 0.0, *, block: bool = False,
             background: bool = False, arrival: float | None = None,
-            since: float | None = None) -> bool:
+            since: float | None = None, postpone: bool = True) -> bool:
         """Queue path (a live event unless `background`); False if refused (full or
         closed). A live event for a path waiting as background work promotes it; a
-        background put for a path already waiting changes nothing."""
+        background put for a path already waiting changes nothing. A delay postpones a
+        path already waiting (it was modified again) unless `postpone` is False."""
         with self._cond:
             while True:
                 old = self._due.get(path)
@@ -83,7 +84,7 @@ class WorkQueue:
                     self._waiting[1] -= 1
                     self._waiting[0] += 1
                 # A close/rename makes a file due now; a modification postpones it.
-                due = now + delay if delay > 0 else min(old[0], now)
+                due = now + delay if delay > 0 and postpone else min(old[0], now + delay)
             self._due[path] = (due, background)
             if path not in self._arrived:
                 self._arrived[path] = now
