@@ -49,8 +49,8 @@ class Notifier:
         if not self.enabled:
             return
         with self._cond:
-            if len(lines) == 1 and lines[0].split("=", 1)[0] in ("STATUS", "WATCHDOG"):
-                key = lines[0].split("=", 1)[0] + "="
+            key = lines[0].split("=", 1)[0] + "="
+            if len(lines) == 1 and key in ("STATUS=", "WATCHDOG="):
                 self._outbox = [m for m in self._outbox
                                 if not (len(m) == 1 and m[0].startswith(key))]
             self._outbox.append(lines)
@@ -62,14 +62,8 @@ class Notifier:
 
     def flush(self, timeout: float = 2.0) -> bool:
         """Wait (bounded) until every queued message is sent: at stop, and for tests."""
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while self._outbox or self._sending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+            return self._cond.wait_for(lambda: not (self._outbox or self._sending), timeout)
 
     def _run(self) -> None:
         assert self.socket is not None
@@ -78,8 +72,7 @@ class Notifier:
         failing = False
         while True:
             with self._cond:
-                while not self._outbox:
-                    self._cond.wait()
+                self._cond.wait_for(lambda: self._outbox)
                 lines, self._sending = self._outbox.pop(0), True
             try:
                 if sock is None:  # connected: a send that waits sleeps (unconnected, the

@@ -139,11 +139,22 @@ class Intake:
     def file_moved_away(self, path: Path) -> None:
         """Moved to where no watch sees it: forgotten later (forget_moved_away), unless
         the file turns up at a new path in a root meanwhile."""
-        self.daemon.queue.discard(path)
-        self.closed.pop(path, None)
-        if self.daemon.config.watch_for(path) is not None:
-            with self._lock:
-                self.moved_away[path] = time.monotonic()
+        if self.daemon.config.watch_for(path) is None:
+            self.daemon.queue.discard(path)
+            self.closed.pop(path, None)
+        else:
+            self._defer_forget([path])
+
+    def _defer_forget(self, paths: list[Path]) -> None:
+        """Out of the queue now; their records forgotten after the grace (see
+        MOVED_AWAY_GRACE), a path already waiting keeping its first time."""
+        now = time.monotonic()
+        for p in paths:
+            self.daemon.queue.discard(p)
+            self.closed.pop(p, None)
+        with self._lock:
+            for p in paths:
+                self.moved_away.setdefault(p, now)
 
     def forget_moved_away(self) -> None:
         """(Main loop.) Forget the files moved away that did not turn up elsewhere:
@@ -235,13 +246,7 @@ class Intake:
         except StoreError as exc:
             self._store_call_failed(exc, path)
             return
-        now = time.monotonic()
-        for p in paths:
-            d.queue.discard(p)
-            self.closed.pop(p, None)
-        with self._lock:
-            for p in paths:
-                self.moved_away.setdefault(p, now)
+        self._defer_forget(paths)
 
     def overflow(self) -> None:
         roots = [w.path for w in self.daemon.config.watches]

@@ -75,15 +75,9 @@ class Flusher:
         """Wait until every report handed in so far has been said (or lost); bounded,
         for a stop while the database is away must still end within systemd's
         TimeoutStopSec."""
-        deadline = time.monotonic() + timeout
         with self._cond:
             self._cond.notify_all()
-            while self._pending or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+            return self._cond.wait_for(lambda: not (self._pending or self._busy), timeout)
 
     def close(self) -> None:
         """Flush what is pending (a few tries), then stop."""

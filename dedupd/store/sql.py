@@ -95,7 +95,7 @@ class SQLStore(Store):
             f"SELECT {self.IMAGE_SELECT}, EXISTS (SELECT 1 FROM rejections "
             f"WHERE rejections.path = q.p) FROM (SELECT CAST({m} AS TEXT) AS p) AS q "
             "LEFT JOIN images ON images.path = q.p", (path_to_db(path),))
-        row = rows[0]
+        row = rows[0]  # one row; the image's columns NULL (id first) when it has none
         return (self._image(row[:-1]) if row[0] is not None else None), bool(row[-1])
 
     def _path_range(self, lo: str, hi: str, limit: int, *, inclusive: bool
